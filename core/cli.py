@@ -1,0 +1,48 @@
+"""The ``flowforge`` command: ``run``, ``plugins``, and the subcommands other modules add.
+
+Each subcommand is a module in ``core.commands`` exposing ``NAME``, ``HELP``,
+``add_arguments(parser)`` and ``main(args) -> int``; it is imported only when
+it runs, so ``flowforge plugins`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("core.commands.run", "train and evaluate an experiment file"),
+    "plugins": ("core.commands.plugins", "list installed plugins and their components"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowforge", description="flowforge: plugin-based generative modelling")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            modules[name] = module
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from registry import ConfigError
+
+    try:
+        return int(modules[args.command].main(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Experiment files: TOML -> validated, defaults-filled configuration.
+
+An experiment file has core sections (``[experiment]``, ``[trainer]``,
+``[eval]``) whose schema lives here, and component sections (``[data]``,
+``[backbone]``, ...) whose ``plugin`` key names a registered component and
+whose other keys are that component's options. Everything is validated before
+anything is built; every error names the file, the key path, what was expected
+and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+import registry
+from registry import ConfigError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: Component sections and the registry kind each one builds.
+COMPONENT_SECTIONS: dict[str, str] = {
+    "data": "data",
+    "backbone": "backbone",
+    "scheduler": "scheduler",
+    "path": "path",
+    "objective": "objective",
+    "solver": "solver",
+    "launcher": "launcher",
+}
+REQUIRED_SECTIONS = ("data", "backbone", "objective")
+#: A list of tables, each a ``metric`` component: ``[[metrics]] plugin = "..."``.
+LIST_SECTIONS: dict[str, str] = {"metrics": "metric"}
+
+
+@attrs.define
+class ExperimentConfig:
+    """``[experiment]``: what the run is called and its seed."""
+
+    name: str = "experiment"
+    seed: int = 0
+    description: str = ""
+
+
+@attrs.define
+class TrainerConfig:
+    """``[trainer]``: optimisation, precision, checkpointing and logging.
+
+    ``batch_size`` is the global batch per optimizer step, split over processes
+    and accumulation micro-steps: per-process micro-batch =
+    ``batch_size / (processes * grad_accum)``.
+    Learning rate: linear warmup over ``warmup_steps`` from 0 to ``lr``, then
+    ``lr_schedule`` (constant, cosine or linear decay to ``min_lr_ratio * lr``).
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+    ema_decay: float = 0.999
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+    def __attrs_post_init__(self) -> None:
+        checks = [
+            (self.steps >= 0, "steps", "a non-negative integer"),
+            (self.batch_size > 0, "batch_size", "a positive integer"),
+            (self.grad_accum > 0, "grad_accum", "a positive integer"),
+            (self.lr >= 0, "lr", "a non-negative number"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1) (0 disables EMA)"),
+            (self.grad_clip >= 0, "grad_clip", "a non-negative number (0 disables clipping)"),
+            (self.warmup_steps >= 0, "warmup_steps", "a non-negative integer"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "a non-negative integer (0: only at the end)"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "a positive integer"),
+            (self.log_every > 0, "log_every", "a positive integer"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ConfigError(f"expected {expected}, got {getattr(self, key)!r}", (key,))
+
+
+@attrs.define
+class EvalConfig:
+    """``[eval]``: when and how the trained model is evaluated and sampled.
+
+    ``every``/``samples_every``: evaluate metrics / write sample pictures every
+    N steps (0: only at the end). ``num_samples`` generated examples feed the
+    metrics; ``num_pictures`` go into each picture. ``untrained`` and ``floor``
+    add the untrained model's metrics and the data-vs-data floor to summary.json.
+    """
+
+    every: int = 0
+    samples_every: int = 0
+    num_samples: int = 1000
+    num_pictures: int = 64
+    batch_size: int = 1000
+    guidance_scale: float = 0.0
+    use_ema: bool = True
+    untrained: bool = True
+    floor: bool = True
+
+
+CORE_SECTIONS: dict[str, type] = {"experiment": ExperimentConfig, "trainer": TrainerConfig, "eval": EvalConfig}
+
+
+@attrs.define
+class Experiment:
+    """A validated experiment: core sections as objects, component sections as resolved mappings."""
+
+    experiment: ExperimentConfig
+    trainer: TrainerConfig
+    eval: EvalConfig
+    components: dict[str, dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    file: str | None = None
+
+    def section(self, name: str) -> dict[str, Any] | None:
+        """The resolved mapping of a component section, or None when absent."""
+        return self.components.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (every default filled in)."""
+        out: dict[str, Any] = {}
+        for name in CORE_SECTIONS:
+            out[name] = registry.unstructure(getattr(self, name))
+        for name in COMPONENT_SECTIONS:
+            if name in self.components:
+                out[name] = copy.deepcopy(self.components[name])
+        if self.metrics:
+            out["metrics"] = copy.deepcopy(self.metrics)
+        return out
+
+
+# --------------------------------------------------------------------------- reading
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; ConfigError (naming the file and line) when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"trainer.lr=3e-4"`` -> (["trainer", "lr"], 3e-4). Values are TOML; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. trainer.steps=100), got {text!r}")
+    key, _, raw = text.partition("=")
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set: empty key in {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `raw` with each ``a.b.c=value`` override applied (validated later)."""
+    out = copy.deepcopy(dict(raw))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth + 1])} is not a table")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
+    """Validate `raw` (a parsed experiment file) and fill in every default.
+
+    Raises:
+        ConfigError: located at the file and key path of the first problem.
+    """
+    known = [*CORE_SECTIONS, *COMPONENT_SECTIONS, *LIST_SECTIONS]
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown section{did_you_mean(key, known)}; valid sections: {', '.join(known)}", (key,), file)
+        if key in LIST_SECTIONS:
+            if not isinstance(value, list):
+                raise ConfigError(f"expected a list of tables ([[{key}]]), got {value!r}", (key,), file)
+        elif not isinstance(value, Mapping):
+            raise ConfigError(f"expected a table ([{key}]), got {value!r}", (key,), file)
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise ConfigError(f"missing required section [{name}] (with a plugin key; installed: "
+                              f"{', '.join(registry.available(COMPONENT_SECTIONS[name])) or 'none'})", (name,), file)
+    core: dict[str, Any] = {}
+    for name, cls in CORE_SECTIONS.items():
+        try:
+            core[name] = registry.structure(raw.get(name, {}), cls)
+        except ConfigError as exc:
+            raise exc.within(name, file=file) from None
+    components: dict[str, dict[str, Any]] = {}
+    sections = dict(raw)
+    sections.setdefault("launcher", {"plugin": "local"})
+    for name, kind in COMPONENT_SECTIONS.items():
+        if name not in sections:
+            continue
+        try:
+            components[name] = registry.resolved(kind, sections[name])
+        except ConfigError as exc:
+            raise exc.within(name, file=file) from None
+    metrics = []
+    for name, kind in LIST_SECTIONS.items():
+        for index, item in enumerate(raw.get(name, [])):
+            try:
+                metrics.append(registry.resolved(kind, item))
+            except ConfigError as exc:
+                raise exc.within(f"{name}[{index}]", file=file) from None
+    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file)
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """Read, override and resolve an experiment file."""
+    raw = read_toml(path)
+    try:
+        raw = apply_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise exc.within(file=str(path)) from None
+    return resolve(raw, file=str(path))
+
+
+def dumps(experiment: Experiment) -> str:
+    """The resolved experiment as TOML text (None-valued keys omitted: they are defaults)."""
+    import tomli_w
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return tomli_w.dumps(clean(experiment.to_dict()))

@@ -1,0 +1,132 @@
+"""Generation and evaluation: the loops shared by the trainer and the CLI.
+
+``generate`` draws ``x_0 ~ p_0`` from the path, and integrates the objective's
+sampling field (optionally guided) with the solver. ``evaluate`` feeds
+generated and held-out examples to the experiment's metrics; under several
+processes each rank generates its own share (no padded duplicates) and the
+metrics (torchmetrics) gather their states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from .data import generator as make_generator
+from .guidance import guided
+from .interfaces import Batch, DataSource, DataSpec, Objective, Path, SampleMetric, Solver
+
+
+@attrs.define
+class Components:
+    """Everything built from an experiment file (the runner's working set)."""
+
+    spec: DataSpec
+    data: DataSource
+    model: nn.Module
+    objective: Objective
+    scheduler: Any = None
+    path: Path | None = None
+    solver: Solver | None = None
+    metrics: dict[str, Any] = attrs.Factory(dict)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.solver is not None and self.path is not None
+
+
+@torch.no_grad()
+def generate(components: Components, model: nn.Module, n: int, generator: torch.Generator, *,
+             labels: Tensor | None = None, guidance_scale: float = 0.0, batch_size: int = 1000,
+             device: torch.device | str = "cpu") -> tuple[Batch, int]:
+    """Generate `n` examples with ``model``.
+
+    Returns ({"x": (n, ...), "y": (n,) when class-conditional}, model evaluations per batch).
+    Class labels are drawn uniformly with `generator` unless `labels` are given.
+    """
+    spec, path, solver = components.spec, components.path, components.solver
+    if solver is None or path is None:
+        raise ValueError("this experiment has no [solver] and [path]: it cannot generate")
+    was_training = model.training
+    model.eval()
+    if spec.num_classes > 0 and labels is None:
+        labels = torch.randint(spec.num_classes, (n,), generator=generator)
+    field = components.objective.sampling_model(guided(model, guidance_scale, spec.num_classes))
+    xs, nfe = [], 0
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        x0 = path.sample_source((stop - start, *spec.shape), generator=generator).to(device)
+        y = labels[start:stop].to(device) if labels is not None else None
+        result = solver.sample(field, x0, y=y, generator=generator)
+        xs.append(result.x.cpu())
+        nfe = result.nfe
+    model.train(was_training)
+    out: dict[str, Tensor] = {"x": torch.cat(xs) if xs else torch.empty(0, *spec.shape)}
+    if labels is not None:
+        out["y"] = labels
+    return out, nfe
+
+
+def _share(n: int, rank: int, world_size: int) -> int:
+    return n // world_size + (1 if rank < n % world_size else 0)
+
+
+def _to_floats(name: str, value: Any) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        return {f"{name}/{k}": float(v) for k, v in value.items()}
+    return {name: float(value)}
+
+
+def _compute_sample_metrics(metrics: Mapping[str, SampleMetric], real: Tensor, fake: Tensor) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, metric in metrics.items():
+        metric.reset()
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        out.update(_to_floats(name, metric.compute()))
+        metric.reset()
+    return out
+
+
+def evaluate(components: Components, model: nn.Module, n: int, seed: int, *, rank: int = 0, world_size: int = 1,
+             guidance_scale: float = 0.0, batch_size: int = 1000, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every metric of the experiment for `model`: generated vs held-out (sample metrics) and model metrics."""
+    out: dict[str, float] = {}
+    sample_metrics = {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
+    if sample_metrics and components.can_generate:
+        share = _share(n, rank, world_size)
+        fake, _ = generate(components, model, share, make_generator(seed, "eval-generate", rank),
+                           guidance_scale=guidance_scale, batch_size=batch_size, device=device)
+        real = components.data.reference(share, make_generator(seed, "eval-reference", rank))
+        out.update(_compute_sample_metrics(sample_metrics, real["x"], fake["x"]))
+    for name, metric in components.metrics.items():
+        if hasattr(metric, "evaluate"):
+            out.update(_to_floats(name, metric.evaluate(model, components.data, make_generator(seed, "eval-model", rank))))
+    return out
+
+
+def floor(components: Components, n: int, seed: int, *, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Sample metrics between two independent held-out samples of size `n`: the best a model can score."""
+    sample_metrics = {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
+    if not sample_metrics:
+        return {}
+    share = _share(n, rank, world_size)
+    a = components.data.reference(share, make_generator(seed, "floor-a", rank))
+    b = components.data.reference(share, make_generator(seed, "floor-b", rank))
+    return _compute_sample_metrics(sample_metrics, a["x"], b["x"])
+
+
+def metric_names(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Summary keys for ``[[metrics]]`` entries: the plugin name, made unique with a suffix."""
+    names: list[str] = []
+    for entry in metrics:
+        base = entry.get("name") or entry["plugin"]
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names

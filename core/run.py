@@ -1,0 +1,95 @@
+"""Run an experiment: ``python -m core.run FILE.toml [--set k=v ...] [--out DIR] [--resume]``.
+
+Validates the whole file first (errors exit with status 2 and no traceback),
+writes the run directory's config.toml and env.json, and hands the training
+entry point to the experiment's launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import registry
+from registry import ConfigError
+
+PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="experiment TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. --set trainer.steps=100 (repeatable; values are TOML)")
+    parser.add_argument("--out", help="run directory (default: runs/<experiment.name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the run directory")
+
+
+def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None,
+        resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Validate, prepare the run directory and launch training; return the summary."""
+    from . import config
+    from .rundir import RunDir
+    from .trainer import train_entry
+
+    exp = config.load(file, overrides)
+    out = Path(out) if out else Path("runs") / exp.experiment.name
+    run_dir = RunDir(out)
+    run_dir.prepare(resume=resume, overwrite=overwrite)
+    text = config.dumps(exp)
+    run_dir.write_config(text)
+    run_dir.write_env()
+    launcher = registry.build("launcher", exp.components["launcher"])
+    accelerator_kwargs = {"mixed_precision": PRECISION_TO_ACCELERATE[exp.trainer.precision]}
+    return launcher.launch(train_entry, exp.to_dict(), exp.file, str(out), resume, accelerator_kwargs=accelerator_kwargs)
+
+
+def report(exc: BaseException) -> int:
+    """Print a user-facing error and return the exit status."""
+    from .trainer import NonFiniteLossError
+
+    if isinstance(exc, ConfigError):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, NonFiniteLossError):
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted; continue with --resume (steps since the last checkpoint are lost)", file=sys.stderr)
+        return 130
+    raise exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.run", description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        summary = run(args.file, args.overrides, args.out, args.resume, args.overwrite)
+    except (ConfigError, KeyboardInterrupt) as exc:
+        return report(exc)
+    except Exception as exc:  # noqa: BLE001
+        from .trainer import NonFiniteLossError
+
+        if isinstance(exc, NonFiniteLossError):
+            return report(exc)
+        raise
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if not summary:
+        return
+    print(f"done: {summary.get('steps')} steps in {summary.get('train_wall_time_s')} s")
+    for group in ("metrics", "untrained", "floor"):
+        values = summary.get(group) or {}
+        if values:
+            print(f"  {group:9s} " + "  ".join(f"{k}={v:.5g}" for k, v in values.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

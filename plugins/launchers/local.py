@@ -1,0 +1,38 @@
+"""The `local` launcher: one process, one device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+from core.interfaces import Launcher
+
+
+@attrs.define
+class LocalConfig:
+    """Options of the local launcher.
+
+    Attributes:
+        device: "auto" (a GPU when one is visible, else the CPU), "cpu" or "cuda".
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LocalLauncher(Launcher):
+    """Runs ``entry(accelerator, *args)`` in this process with an `accelerate.Accelerator`."""
+
+    def __init__(self, config: LocalConfig | None = None):
+        self.config = config or LocalConfig()
+
+    def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
+        import torch
+        from accelerate import Accelerator
+
+        kwargs = dict(accelerator_kwargs)
+        if self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available()):
+            kwargs["cpu"] = True
+        accelerator = Accelerator(**kwargs)
+        return entry(accelerator, *args)

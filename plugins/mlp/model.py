@@ -1,0 +1,108 @@
+"""A time-conditioned MLP: ``model(x, t, y=None)``.
+
+Continuous data ``x (B, *shape)`` is flattened to ``(B, D)``; discrete data
+``x (B, *shape)`` of token ids is embedded to ``(B, D * token_dim)``. The time
+embedding ``sinusoid(time_scale * t)`` (and a class embedding of ``y``, with
+``num_classes`` as the null label) is concatenated to the input of every
+hidden layer:
+
+    h_0 = x,  h_{k+1} = act(W_k [h_k, c] + b_k),  out = W_L [h_L, c] + b_L
+
+where ``c = [emb(t), emb(y)]``. Output: ``(B, *shape)`` (continuous, times
+``out_channels_mult`` along the first data axis for learned variances) or
+``(B, *shape, V)`` logits (discrete).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from core.interfaces import DataSpec
+from core.nn import expand_t, timestep_embedding
+
+
+@attrs.define
+class MLPConfig:
+    """Options of the MLP backbone.
+
+    Attributes:
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        time_dim: size of the sinusoidal time embedding.
+        time_scale: t is multiplied by this before the sinusoids.
+        activation: silu, gelu or relu.
+        token_dim: embedding size per token for discrete data.
+        out_channels_mult: 2 makes the output twice the data's channels (learned variances).
+    """
+
+    hidden: int = 512
+    depth: int = 4
+    time_dim: int = 64
+    time_scale: float = 1000.0
+    activation: Literal["silu", "gelu", "relu"] = "silu"
+    token_dim: int = 16
+    out_channels_mult: int = 1
+
+
+_ACT = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class MLP(nn.Module):
+    """See the module docstring."""
+
+    def __init__(self, config: MLPConfig, spec: DataSpec):
+        super().__init__()
+        self.config, self.spec = config, spec
+        self.discrete = spec.kind == "discrete"
+        numel = 1
+        for s in spec.shape:
+            numel *= s
+        self.numel = numel
+        in_dim = numel * config.token_dim if self.discrete else numel
+        if self.discrete:
+            self.token_embed = nn.Embedding(spec.vocab_size, config.token_dim)
+            out_dim = numel * spec.vocab_size
+        else:
+            out_dim = numel * config.out_channels_mult
+        cond_dim = config.time_dim
+        self.label_embed = None
+        if spec.num_classes > 0:
+            self.label_embed = nn.Embedding(spec.num_classes + 1, config.time_dim)
+            cond_dim += config.time_dim
+        act = _ACT[config.activation]
+        self.layers = nn.ModuleList()
+        dim = in_dim
+        for _ in range(config.depth):
+            self.layers.append(nn.Linear(dim + cond_dim, config.hidden))
+            dim = config.hidden
+        self.act = act()
+        self.out = nn.Linear(dim + cond_dim, out_dim)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        batch = x.shape[0]
+        t = expand_t(t, batch, device=x.device)
+        h = self.token_embed(x).reshape(batch, -1) if self.discrete else x.reshape(batch, -1)
+        cond = [timestep_embedding(t, self.config.time_dim, self.config.time_scale).to(h.dtype)]
+        if self.label_embed is not None:
+            if y is None:
+                y = torch.full((batch,), self.spec.num_classes, device=x.device, dtype=torch.long)
+            cond.append(self.label_embed(y).to(h.dtype))
+        c = torch.cat(cond, dim=-1)
+        for layer in self.layers:
+            h = self.act(layer(torch.cat([h, c], dim=-1)))
+        out = self.out(torch.cat([h, c], dim=-1))
+        if self.discrete:
+            return out.reshape(batch, *self.spec.shape, self.spec.vocab_size)
+        if self.config.out_channels_mult != 1:
+            shape = self.spec.shape
+            return out.reshape(batch, shape[0] * self.config.out_channels_mult, *shape[1:])
+        return out.reshape(batch, *self.spec.shape)
+
+
+def build(config: MLPConfig, spec: DataSpec) -> MLP:
+    """Backbone factory: an `MLP` sized for `spec`."""
+    return MLP(config, spec)

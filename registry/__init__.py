@@ -1,0 +1,72 @@
+"""flowforge's ground floor: plugin hooks, the plugin manager, component lookup and building.
+
+Public API::
+
+    registry.build(kind, mapping, **context)   # mapping["plugin"] names the component
+    registry.available(kind)                   # names of installed components of a kind
+    registry.plugins()                         # loaded plugin modules and what they provide
+    registry.get(kind, name)                   # the Component record (factory, config class)
+    registry.temporary_plugin(obj)             # context manager, for tests
+    ConfigError                                # the user-facing error type (exit status 2)
+
+The registry is kind-agnostic: kinds are plain names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .convert import structure, unstructure
+from .errors import ConfigError, PluginError, closest, did_you_mean, format_path
+from .hookspecs import API_VERSION, hookimpl, hookspec
+from .manager import ENTRY_POINT_GROUP, ENV_VAR, Component, PluginInfo, Registry
+
+#: The process-wide registry used by the runner and the CLI.
+default = Registry()
+
+
+def build(kind: str, mapping: Any, /, **context: Any) -> Any:
+    """Build a component; see `Registry.build`."""
+    return default.build(kind, mapping, **context)
+
+
+def configure(kind: str, mapping: Any) -> tuple[Component, Any]:
+    """Validate a component mapping; see `Registry.configure`."""
+    return default.configure(kind, mapping)
+
+
+def resolved(kind: str, mapping: Any) -> dict[str, Any]:
+    """A component mapping with its defaults filled in; see `Registry.resolved`."""
+    return default.resolved(kind, mapping)
+
+
+def available(kind: str) -> list[str]:
+    """Names of the installed components of `kind`."""
+    return default.available(kind)
+
+
+def kinds() -> list[str]:
+    """Every kind some loaded plugin provides."""
+    return default.kinds()
+
+
+def plugins() -> list[PluginInfo]:
+    """Every plugin module seen (loaded or failed) with its components."""
+    return default.plugins()
+
+
+def get(kind: str, name: str) -> Component:
+    """The registered component `name` of `kind`."""
+    return default.get(kind, name)
+
+
+def temporary_plugin(plugin: Any, name: str | None = None, distribution: str = "(test)"):
+    """Register a plugin object for the duration of a with-block."""
+    return default.temporary_plugin(plugin, name=name, distribution=distribution)
+
+
+__all__ = [
+    "API_VERSION", "ENTRY_POINT_GROUP", "ENV_VAR", "Component", "ConfigError", "PluginError", "PluginInfo",
+    "Registry", "available", "build", "closest", "configure", "default", "did_you_mean", "format_path", "get",
+    "hookimpl", "hookspec", "kinds", "plugins", "resolved", "structure", "temporary_plugin", "unstructure",
+]
