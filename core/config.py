@@ -39,6 +39,9 @@ COMPONENT_SECTIONS: dict[str, str] = {
 REQUIRED_SECTIONS = ("data", "backbone", "objective")
 #: A list of tables, each a ``metric`` component: ``[[metrics]] plugin = "..."``.
 LIST_SECTIONS: dict[str, str] = {"metrics": "metric"}
+#: ``[[stages]]``: a run of several trainings, each the base file plus overrides (see `split_stages`).
+STAGES_KEY = "stages"
+PREVIOUS = "{previous}"
 
 
 @attrs.define
@@ -179,9 +182,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of `raw` with each ``a.b.c=value`` override applied (validated later)."""
+    return set_keys(raw, [parse_override(text) + (text,) for text in overrides])
+
+
+def set_keys(raw: Mapping[str, Any], items: Sequence[tuple[list[str], Any, str]]) -> dict[str, Any]:
+    """A copy of `raw` with each (key path, value, text for messages) set."""
     out = copy.deepcopy(dict(raw))
-    for text in overrides:
-        keys, value = parse_override(text)
+    for keys, value, text in items:
         node = out
         for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
@@ -237,6 +244,54 @@ def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
             except ConfigError as exc:
                 raise exc.within(f"{name}[{index}]", file=file) from None
     return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file)
+
+
+@attrs.define
+class Stage:
+    """One entry of ``[[stages]]``: a name and dotted-key overrides applied to the base file.
+
+    The string ``"{previous}"`` inside an override value is replaced by the
+    previous stage's run directory (e.g. to initialise from its weights).
+    """
+
+    name: str
+    set: dict[str, Any] = attrs.Factory(dict)
+
+
+def split_stages(raw: Mapping[str, Any], file: str | None = None) -> tuple[dict[str, Any], list[Stage]]:
+    """(the file without ``[[stages]]``, the validated stages) ."""
+    base = dict(raw)
+    entries = base.pop(STAGES_KEY, [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"expected a list of tables ([[{STAGES_KEY}]]), got {entries!r}", (STAGES_KEY,), file)
+    stages = []
+    for index, entry in enumerate(entries):
+        try:
+            stage = registry.structure(entry, Stage)
+        except ConfigError as exc:
+            raise exc.within(f"{STAGES_KEY}[{index}]", file=file) from None
+        if not stage.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"expected a name of letters, digits, '-' and '_', got {stage.name!r}",
+                              (f"{STAGES_KEY}[{index}]", "name"), file)
+        stages.append(stage)
+    return base, stages
+
+
+def stage_config(base: Mapping[str, Any], stage: Stage, previous: str | None) -> dict[str, Any]:
+    """The base config with the stage's overrides, ``{previous}`` substituted."""
+    def subst(value: Any) -> Any:
+        if isinstance(value, str) and PREVIOUS in value:
+            if previous is None:
+                raise ConfigError(f"stage {stage.name!r} refers to {PREVIOUS} but it is the first stage", (STAGES_KEY,))
+            return value.replace(PREVIOUS, previous)
+        if isinstance(value, list):
+            return [subst(v) for v in value]
+        if isinstance(value, dict):
+            return {k: subst(v) for k, v in value.items()}
+        return value
+
+    items = [([k.strip() for k in key.split(".")], subst(value), f"{stage.name}: {key}") for key, value in stage.set.items()]
+    return set_keys(base, items)
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:

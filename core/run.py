@@ -30,12 +30,51 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None,
         resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Validate, prepare the run directory and launch training; return the summary."""
+    """Validate, prepare the run directory and launch training; return the summary.
+
+    A file with ``[[stages]]`` runs each stage in ``OUT/<k>-<name>/`` (base file
+    plus the stage's overrides, ``{previous}`` = the previous stage's directory)
+    and returns ``{"stages": [summary, ...]}``; with ``--resume``, finished
+    stages are skipped and an interrupted one continues.
+    """
+    from . import config
+
+    raw = config.read_toml(file)
+    try:
+        raw = config.apply_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise exc.within(file=str(file)) from None
+    base, stages = config.split_stages(raw, str(file))
+    if not stages:
+        return run_config(config.resolve(base, file=str(file)), out, resume, overwrite)
+    for stage in stages:  # validate every stage before running any
+        config.resolve(config.stage_config(base, stage, "{previous}"), file=str(file))
+    first = config.resolve(config.stage_config(base, stages[0], None), file=str(file))
+    root = Path(out) if out else Path("runs") / first.experiment.name
+    if root.exists() and any(root.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"run directory {root} already holds a run; pass --resume, --overwrite or --out DIR")
+    summaries, previous = [], None
+    for index, stage in enumerate(stages):
+        stage_dir = root / f"{index}-{stage.name}"
+        exp = config.resolve(config.stage_config(base, stage, previous), file=str(file))
+        if resume and (stage_dir / "summary.json").exists():
+            import json
+
+            summaries.append(json.loads((stage_dir / "summary.json").read_text()))
+        else:
+            print(f"stage {index} ({stage.name}) -> {stage_dir}")
+            has_run = (stage_dir / "config.toml").exists()
+            summaries.append(run_config(exp, stage_dir, resume=resume and has_run, overwrite=overwrite or not has_run))
+        previous = str(stage_dir)
+    return {"stages": summaries}
+
+
+def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run one validated `core.config.Experiment`."""
     from . import config
     from .rundir import RunDir
     from .trainer import train_entry
 
-    exp = config.load(file, overrides)
     out = Path(out) if out else Path("runs") / exp.experiment.name
     run_dir = RunDir(out)
     run_dir.prepare(resume=resume, overwrite=overwrite)
@@ -83,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     if not summary:
+        return
+    if "stages" in summary:
+        for stage in summary["stages"]:
+            _print_summary(stage)
         return
     print(f"done: {summary.get('steps')} steps in {summary.get('train_wall_time_s')} s")
     for group in ("metrics", "untrained", "floor"):

@@ -162,6 +162,8 @@ def _messages(exc: BaseException, cls: Any, path: tuple[str, ...]) -> list[tuple
         for key in sorted(exc.extra_fields):
             out.append(((*path, key), f"unknown key{did_you_mean(key, valid)}; valid keys: {', '.join(valid) or '(none)'}"))
         return out
+    if isinstance(exc, ConfigError):
+        return [((*path, *exc.path), exc.message)]
     if isinstance(exc, _Mismatch):
         return [(path, str(exc))]
     if isinstance(exc, (TypeError, ValueError)):

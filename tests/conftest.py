@@ -1,0 +1,34 @@
+"""Shared fixtures: small experiment files and a temporary-plugin helper."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RF2D = ROOT / "experiments" / "rectified_flow_2d.toml"
+
+# Small, fast settings for end-to-end runs of the 2D experiment.
+TINY_RF2D = [
+    "trainer.steps=20", "trainer.batch_size=64", "trainer.log_every=5", "trainer.warmup_steps=0",
+    "backbone.hidden=32", "backbone.depth=2", "eval.num_samples=64", "eval.num_pictures=64",
+    "eval.batch_size=64", "solver.steps=4",
+]
+
+
+@pytest.fixture
+def tiny_rf2d() -> list[str]:
+    """Overrides that make experiments/rectified_flow_2d.toml run in about a second."""
+    return list(TINY_RF2D)
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run ``python -m core.run ARGS`` in a subprocess; return the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
