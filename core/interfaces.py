@@ -277,7 +277,9 @@ class Launcher(abc.ABC):
     The entry point is a picklable top-level function called as
     ``entry(accelerator, *args)`` on every process, where ``accelerator`` is an
     ``accelerate.Accelerator`` built from ``accelerator_kwargs``. The launcher
-    returns rank 0's return value.
+    returns rank 0's return value. The entry point's last positional argument
+    is its ``resume`` flag: a launcher that restarts work (a job requeued after
+    preemption) calls it again with that argument set to True.
     """
 
     @abc.abstractmethod

@@ -19,7 +19,7 @@ from typing import Any
 from .convert import structure, unstructure
 from .errors import ConfigError, PluginError, closest, did_you_mean, format_path
 from .hookspecs import API_VERSION, hookimpl, hookspec
-from .manager import ENTRY_POINT_GROUP, ENV_VAR, Component, PluginInfo, Registry
+from .manager import ENTRY_POINT_GROUP, ENV_VAR, MODULES_ENV_VAR, Component, PluginInfo, Registry
 
 #: The process-wide registry used by the runner and the CLI.
 default = Registry()
@@ -66,7 +66,7 @@ def temporary_plugin(plugin: Any, name: str | None = None, distribution: str = "
 
 
 __all__ = [
-    "API_VERSION", "ENTRY_POINT_GROUP", "ENV_VAR", "Component", "ConfigError", "PluginError", "PluginInfo",
+    "API_VERSION", "ENTRY_POINT_GROUP", "ENV_VAR", "MODULES_ENV_VAR", "Component", "ConfigError", "PluginError", "PluginInfo",
     "Registry", "available", "build", "closest", "configure", "default", "did_you_mean", "format_path", "get",
     "hookimpl", "hookspec", "kinds", "plugins", "resolved", "structure", "temporary_plugin", "unstructure",
 ]

@@ -27,6 +27,9 @@ ENTRY_POINT_GROUP = "flowforge.plugins"
 #: Comma-separated entry-point or distribution names of third-party plugins to
 #: load. Unset: load all. Empty: load none beyond the first-party ones.
 ENV_VAR = "FLOWFORGE_PLUGINS"
+#: Comma-separated importable module names loaded as extra plugins (like PYTEST_PLUGINS):
+#: for tests and for trying a plugin without packaging it. Inherited by spawned processes.
+MODULES_ENV_VAR = "FLOWFORGE_PLUGIN_MODULES"
 #: The distribution that ships flowforge itself; its plugins always load.
 HOME_DISTRIBUTION = "flowforge"
 
@@ -123,6 +126,19 @@ class Registry:
                 )
                 continue
             self.add_plugin(module, name=ep.name, distribution=dist, version=version)
+        for module_name in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV_VAR, "").split(","))):
+            if module_name in self._plugins:
+                continue
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as exc:  # noqa: BLE001
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                self._plugins[module_name] = PluginInfo(module_name, f"({MODULES_ENV_VAR})", "", module_name,
+                                                        error=f"failed to import: {detail}")
+                print(f"flowforge: warning: plugin module {module_name!r} from {MODULES_ENV_VAR} failed to import "
+                      f"({detail})", file=sys.stderr)
+                continue
+            self.add_plugin(module, name=module_name, distribution=f"({MODULES_ENV_VAR})")
 
     def add_plugin(self, plugin: Any, name: str | None = None, distribution: str = "(local)", version: str = "") -> PluginInfo:
         """Register a hook-implementing object (a module or any object) and its components.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import attrs
 import pytest
 import torch
 
@@ -14,7 +13,6 @@ from core import checkpoint as ckpt
 from core.config import TrainerConfig
 from core.run import main, run
 from core.trainer import lr_factor
-from registry import hookimpl
 
 from .conftest import RF2D
 
@@ -27,78 +25,20 @@ def final_params(run_dir) -> dict[str, torch.Tensor]:
     return ckpt.load(ckpt.latest(run_dir / "checkpoints"))["model"]
 
 
-class FlakyObjective:
-    """Wraps velocity_mse; raises KeyboardInterrupt or returns NaN at a chosen step (once)."""
-
-    interrupt_at: int | None = None
-    nan_at: int | None = None
-
-    def __init__(self, spec, path):
-        self.inner = registry.build("objective", {"plugin": "velocity_mse"}, spec=spec, path=path)
-
-    def loss(self, models, batch, step):
-        if FlakyObjective.interrupt_at == step:
-            FlakyObjective.interrupt_at = None
-            raise KeyboardInterrupt
-        loss, logs = self.inner.loss(models, batch, step)
-        if FlakyObjective.nan_at == step:
-            loss = loss * float("nan")
-        return loss, logs
-
-    def sampling_model(self, model):
-        return model
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-@attrs.define
-class RegressionConfig:
-    """Options.
-
-    Attributes:
-        scale: target = scale * x.
-    """
-
-    scale: float = 2.0
-
-
-class Regression:
-    """A deterministic objective: || model(x, 1/2) - scale x ||^2 (no random draws)."""
-
-    def __init__(self, config: RegressionConfig):
-        self.config = config
-
-    def loss(self, models, batch, step):
-        x = batch["x"]
-        pred = models["model"](x, torch.full((x.shape[0],), 0.5))
-        return (pred - self.config.scale * x).pow(2).mean(), {"scale": self.config.scale}
-
-    def sampling_model(self, model):
-        return model
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class TestPlugin:
-    @hookimpl
-    def flowforge_register(self, register):
-        register("objective", "flaky", FlakyObjective, None)
-        register("objective", "regression", Regression, RegressionConfig)
-
-
 @pytest.fixture
 def test_plugin():
-    with registry.temporary_plugin(TestPlugin(), name="trainer_test_plugin"):
+    from . import plugin_fixtures
+
+    with registry.temporary_plugin(plugin_fixtures, name="tests.plugin_fixtures"):
         yield
-    FlakyObjective.interrupt_at = FlakyObjective.nan_at = None
+
+
+def flaky(**options) -> str:
+    return "objective={" + ", ".join([f"plugin='flaky'"] + [f"{k}={v!r}" for k, v in options.items()]) + "}"
+
+
+def as_args(overrides) -> list[str]:
+    return sum((["--set", o] for o in overrides), [])
 
 
 def test_same_seed_same_loss_curve(tmp_path, tiny_rf2d):
@@ -112,16 +52,13 @@ def test_same_seed_same_loss_curve(tmp_path, tiny_rf2d):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_rf2d, test_plugin):
-    overrides = [*tiny_rf2d, "objective.plugin=flaky", "trainer.steps=30", "trainer.checkpoint_every=10",
-                 "trainer.lr_schedule=cosine", "trainer.warmup_steps=5", "objective.time_sampler=uniform"]
-    # objective.time_sampler is not an option of "flaky": drop it again
-    overrides = [o for o in overrides if not o.startswith("objective.time_sampler")]
-    raw_overrides = overrides + ["objective={plugin='flaky'}"]
-    run(RF2D, raw_overrides, out=tmp_path / "straight")
-    FlakyObjective.interrupt_at = 25
-    assert main([str(RF2D), *sum((["--set", o] for o in raw_overrides), []), "--out", str(tmp_path / "cut")]) == 130
+    common = [*tiny_rf2d, "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.lr_schedule=cosine",
+              "trainer.warmup_steps=5"]
+    run(RF2D, [*common, flaky()], out=tmp_path / "straight")
+    cut = [*common, flaky(interrupt_at=25, marker=str(tmp_path / "marker"))]
+    assert main([str(RF2D), *as_args(cut), "--out", str(tmp_path / "cut")]) == 130
     assert ckpt.latest(tmp_path / "cut" / "checkpoints").name == "step-00000020.pt"
-    assert main([str(RF2D), *sum((["--set", o] for o in raw_overrides), []), "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert main([str(RF2D), *as_args(cut), "--out", str(tmp_path / "cut"), "--resume"]) == 0
     straight, resumed = final_params(tmp_path / "straight"), final_params(tmp_path / "cut")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -131,9 +68,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_rf2d, test_
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_rf2d, test_plugin, capsys):
-    FlakyObjective.nan_at = 13
-    args = [str(RF2D), *sum((["--set", o] for o in [*tiny_rf2d, "objective={plugin='flaky'}", "trainer.checkpoint_every=5"]), []),
-            "--out", str(tmp_path / "nan")]
+    args = [str(RF2D), *as_args([*tiny_rf2d, flaky(nan_at=13), "trainer.checkpoint_every=5"]), "--out", str(tmp_path / "nan")]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 13" in err and "Traceback" not in err

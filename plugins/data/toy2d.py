@@ -1,8 +1,9 @@
 """Toy 2D distributions, sampled fresh from seeded generators (an endless data set).
 
-Training batches for step ``s`` on rank ``r`` are drawn with a generator seeded
-from ``(seed, s, r)``; held-out samples use the caller's generator, so they are
-independent of the training draws.
+The global batch of step ``s`` is drawn with a generator seeded from
+``(seed, s)`` and rank ``r`` of ``W`` takes its ``r``-th contiguous slice, so
+the union over ranks is the batch one process would see whatever ``W`` is.
+Held-out samples use the caller's generator, independent of training draws.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class Toy2D(DataSource):
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         step = start_step
         while True:
-            g = make_generator(seed, "toy2d-train", step, rank, world_size)
-            yield {"x": sample_toy2d(self.config.dataset, batch_size, g, self.config.noise)}
+            g = make_generator(seed, "toy2d-train", step)
+            full = sample_toy2d(self.config.dataset, batch_size * world_size, g, self.config.noise)
+            yield {"x": full[rank * batch_size:(rank + 1) * batch_size]}
             step += 1
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:

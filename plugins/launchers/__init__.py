@@ -9,3 +9,8 @@ FLOWFORGE_API = 1
 def flowforge_register(register):
     register("launcher", "local", "plugins.launchers.local:LocalLauncher", "plugins.launchers.local:LocalConfig",
              doc="one process on this machine (CPU or one GPU)")
+    register("launcher", "accelerate", "plugins.launchers.accelerate_launcher:AccelerateLauncher",
+             "plugins.launchers.accelerate_launcher:AccelerateConfig",
+             doc="N processes per machine on M machines (gloo on CPU, NCCL on GPUs); works under torchrun too")
+    register("launcher", "slurm", "plugins.launchers.slurm:SlurmLauncher", "plugins.launchers.slurm:SlurmConfig",
+             doc="a Slurm job through submitit (one task per GPU), requeued and resumed on preemption")

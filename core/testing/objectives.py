@@ -1,0 +1,206 @@
+"""Conformance checks for objectives: ``loss(models, batch, step) -> (scalar loss, dict of floats)``.
+
+Give the kit the objective (or a factory making fresh ones), the models and
+one batch::
+
+    from core.testing.objectives import check_objective
+    check_objective(lambda: registry.build("objective", {"plugin": "mine"}, spec=spec, path=path),
+                    {"model": model}, {"x": x}, name="mine")
+
+The invariants, each named in the ``AssertionError`` that reports it:
+
+``returns (loss, logs)``
+    ``loss`` returns a 2-tuple of a Tensor and a mapping.
+``scalar loss`` / ``finite loss``
+    The loss is a 0-d floating tensor, finite.
+``logged values are floats``
+    Every logged value is a finite Python ``float`` (or ``int``), keyed by a
+    string: tensors would force a device sync per step and do not serialise.
+``gradients reach the model``
+    ``loss.backward()`` gives ``models["model"]`` finite gradients, not all zero.
+``batch is not modified``
+    The batch tensors are unchanged after the call (no in-place edits).
+``same seed, same loss``
+    Under the same torch seed (and objective state) the loss is the same: all
+    randomness comes from the trainer's seeded RNG.
+``state_dict round trip``
+    ``state_dict()`` is a mapping that survives ``torch.save`` /
+    ``torch.load(weights_only=True)`` (a checkpoint is data, never code);
+    after ``load_state_dict`` of a saved state the objective computes the
+    same loss as it did right after the state was taken (on a fresh objective
+    too, when a factory is given).
+``sampling_model``
+    ``sampling_model(model)`` is callable as ``field(x, t, y)``; for continuous
+    data (``"x"`` a float tensor) it returns a tensor shaped like ``x``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _require(ok: bool, component: str, invariant: str, detail: str) -> None:
+    if not ok:
+        raise AssertionError(f"{component} violates '{invariant}': {detail}")
+
+
+@contextlib.contextmanager
+def _checking(component: str, invariant: str) -> Iterator[None]:
+    try:
+        yield
+    except AssertionError:
+        raise
+    except Exception as exc:
+        exc.add_note(f"(raised by {component} while the conformance kit checked '{invariant}')")
+        raise
+
+
+def _clone_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in batch.items()}
+
+
+def _same_batch(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    changed = []
+    for key, value in a.items():
+        other = b.get(key)
+        if isinstance(value, Tensor):
+            if not isinstance(other, Tensor) or other.shape != value.shape or not torch.equal(other, value):
+                changed.append(key)
+    return changed
+
+
+def _roundtrip(state: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _equal_states(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return set(a) == set(b) and all(_equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal_states(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _model(models: Mapping[str, nn.Module] | nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
+    if isinstance(models, nn.Module):
+        return {"model": models}, models
+    return dict(models), models["model"]
+
+
+def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module, batch: Mapping[str, Any], *,
+                    name: str | None = None, step: int = 0, seed: int = 0,
+                    sampling: bool | None = None) -> None:
+    """Run every objective check (see the module docstring).
+
+    Args:
+        objective: an Objective, or a factory ``() -> Objective`` (then the state
+            round trip is also checked on a fresh objective).
+        models: ``{"model": module, ...}`` as the trainer passes it (or the module alone).
+        batch: one batch as the data source yields it.
+        name: the component's name, for messages.
+        step: the step number passed to ``loss``.
+        seed: the torch seed used for the reproducibility checks.
+        sampling: check ``sampling_model`` on ``batch["x"]``; default: when
+            ``batch["x"]`` is a floating tensor.
+    """
+    make: Callable[[], Any] | None = None
+    if not hasattr(objective, "loss") and callable(objective):
+        make = objective
+        objective = make()
+    who = f"objective {name or type(objective).__name__!r}"
+    models, model = _model(models)
+    _require(hasattr(objective, "loss"), who, "returns (loss, logs)", f"{type(objective).__name__} has no loss method")
+    before = _clone_batch(batch)
+
+    def compute(obj: Any, invariant: str) -> tuple[Tensor, Mapping[str, Any]]:
+        with torch.random.fork_rng(devices=[]), _checking(who, invariant):
+            torch.manual_seed(seed)
+            out = obj.loss(models, batch, step)
+        _require(isinstance(out, tuple) and len(out) == 2, who, "returns (loss, logs)",
+                 f"loss() returned {type(out).__name__}, expected a (Tensor, dict) pair")
+        loss, logs = out
+        _require(isinstance(loss, Tensor), who, "returns (loss, logs)", f"the loss is a {type(loss).__name__}, not a Tensor")
+        _require(isinstance(logs, Mapping), who, "returns (loss, logs)", f"the logs are a {type(logs).__name__}, not a dict")
+        return loss, logs
+
+    # state before the first call, so the reproducibility checks can rewind
+    with _checking(who, "state_dict round trip"):
+        state = objective.state_dict()
+    _require(isinstance(state, Mapping), who, "state_dict round trip",
+             f"state_dict() returned {type(state).__name__}, expected a dict")
+    try:
+        saved = _roundtrip(copy.deepcopy(dict(state)))
+    except Exception as exc:  # noqa: BLE001
+        raise AssertionError(f"{who} violates 'state_dict round trip': state_dict() does not survive torch.save / "
+                             f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                             f"keep it to tensors, numbers, strings, lists and dicts") from None
+    _require(_equal_states(dict(state), saved), who, "state_dict round trip",
+             "state_dict() changes when saved and loaded with torch.save / torch.load(weights_only=True)")
+
+    model.zero_grad(set_to_none=True)
+    loss, logs = compute(objective, "scalar loss")
+    _require(loss.ndim == 0, who, "scalar loss", f"the loss has shape {tuple(loss.shape)}, expected a 0-d tensor")
+    _require(loss.dtype.is_floating_point, who, "scalar loss", f"the loss has dtype {loss.dtype}")
+    _require(bool(torch.isfinite(loss)), who, "finite loss", f"the loss is {loss.item()}")
+    for key, value in logs.items():
+        _require(isinstance(key, str), who, "logged values are floats", f"log key {key!r} is not a string")
+        _require(isinstance(value, numbers.Real) and not isinstance(value, bool), who, "logged values are floats",
+                 f"logs[{key!r}] is a {type(value).__name__}; log Python floats (e.g. value.item())")
+        _require(math.isfinite(float(value)), who, "logged values are floats", f"logs[{key!r}] = {value}")
+    _require(loss.requires_grad, who, "gradients reach the model", "the loss does not require grad")
+    with _checking(who, "gradients reach the model"):
+        loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    _require(bool(grads), who, "gradients reach the model", "no parameter of models['model'] received a gradient")
+    _require(all(bool(torch.isfinite(g).all()) for g in grads), who, "gradients reach the model",
+             "some gradients are not finite")
+    _require(any(bool((g != 0).any()) for g in grads), who, "gradients reach the model", "every gradient is zero")
+    model.zero_grad(set_to_none=True)
+    changed = _same_batch(before, batch)
+    if changed:
+        raise AssertionError(f"{who} violates 'batch is not modified': batch[{changed[0]!r}] was modified in place")
+
+    # reproducibility: rewind the state, same seed -> same loss
+    with _checking(who, "same seed, same loss"):
+        objective.load_state_dict(copy.deepcopy(saved))
+    again, _ = compute(objective, "same seed, same loss")
+    _require(torch.equal(again.detach(), loss.detach()), who, "same seed, same loss",
+             f"the loss is {again.item()!r} then {loss.item()!r} under the same seed and state "
+             f"(draw randomness from torch's global RNG or a generator, and keep all state in state_dict)")
+    if make is not None:
+        fresh = make()
+        with _checking(who, "state_dict round trip"):
+            fresh.load_state_dict(copy.deepcopy(saved))
+        other, _ = compute(fresh, "state_dict round trip")
+        _require(torch.equal(other.detach(), loss.detach()), who, "state_dict round trip",
+                 f"a fresh objective loaded with the saved state computes {other.item()!r}, not {loss.item()!r}")
+
+    x = batch.get("x")
+    if sampling is None:
+        sampling = isinstance(x, Tensor) and x.dtype.is_floating_point
+    if sampling:
+        with _checking(who, "sampling_model"):
+            field = objective.sampling_model(model)
+        _require(callable(field), who, "sampling_model", f"sampling_model returned {type(field).__name__}, not a callable")
+        t = torch.full((x.shape[0],), 0.5, device=x.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), _checking(who, "sampling_model"):
+            out = field(x, t, batch.get("y"))
+        model.train(was_training)
+        _require(isinstance(out, Tensor) and out.shape == x.shape, who, "sampling_model",
+                 f"field(x, t, y) returned shape {tuple(getattr(out, 'shape', ()))} for x of shape {tuple(x.shape)}")
