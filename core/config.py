@@ -57,42 +57,94 @@ class ExperimentConfig:
 class TrainerConfig:
     """``[trainer]``: optimisation, precision, checkpointing and logging.
 
-    ``batch_size`` is the global batch per optimizer step, split over processes
-    and accumulation micro-steps: per-process micro-batch =
-    ``batch_size / (processes * grad_accum)``.
-    Learning rate: linear warmup over ``warmup_steps`` from 0 to ``lr``, then
-    ``lr_schedule`` (constant, cosine or linear decay to ``min_lr_ratio * lr``).
+    Attributes:
+        steps: optimizer steps of the run (ignored when ``epochs`` > 0).
+        epochs: run length in passes over the training set (0: use ``steps``); needs a finite data set.
+        batch_size: the global batch of one optimizer step, split over processes and micro-batches.
+        grad_accum: micro-batches per step on each process (guided-diffusion's micro-batching):
+            per-process micro-batch = batch_size / (processes * grad_accum).
+        microbatch: alternative to grad_accum: the per-process micro-batch size (0: unused).
+        lr: peak learning rate (before the scaling rule).
+        lr_scaling: "none", or scale lr by (batch_size / base_batch_size) ("linear") or its square root ("sqrt").
+        base_batch_size: the batch size at which ``lr`` was tuned (for lr_scaling).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        fused: use the fused AdamW kernel (GPU) — "auto" picks it on CUDA, foreach elsewhere.
+        warmup_steps: linear warmup from 0 to lr over this many steps.
+        warmup_epochs: the same in epochs (used when > 0).
+        lr_schedule: after warmup: constant, cosine or linear decay to min_lr_ratio * lr.
+        min_lr_ratio: final learning rate as a fraction of lr.
+        grad_clip: clip the global gradient norm to this value (0: no clipping).
+        ema_decay: EMA decay rate, or a list of rates kept at once (the first is used for evaluation); 0: no EMA.
+        precision: fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scale; skipped steps are logged).
+        gradient_checkpointing: recompute activations in backward (backbones that support it).
+        sync_batchnorm: convert BatchNorm layers to SyncBatchNorm when running on several GPUs.
+        checkpoint_every: write a checkpoint every N steps (0: only at the end).
+        keep_checkpoints: how many periodic checkpoints to keep (the best one is kept apart).
+        monitor: an evaluation metric (a summary key such as "energy_distance") that selects the best checkpoint.
+        monitor_mode: "min", "max", or "auto" (from the metric's higher_is_better; min when unknown).
+        early_stopping_patience: stop after this many evaluations without improvement of ``monitor`` (0: never).
+        log_every: log the mean loss every N steps.
+        progress: "auto" (a bar on a terminal, lines otherwise), "bar", "lines" or "off".
     """
 
     steps: int = 1000
+    epochs: int = 0
     batch_size: int = 256
     grad_accum: int = 1
+    microbatch: int = 0
     lr: float = 1e-3
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: int = 256
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    fused: Literal["auto", "on", "off"] = "auto"
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
-    ema_decay: float = 0.999
+    ema_decay: float | list[float] = 0.999
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    sync_batchnorm: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    monitor: str = ""
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    early_stopping_patience: int = 0
     log_every: int = 50
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
 
+    @property
+    def ema_decays(self) -> list[float]:
+        """The EMA rates as a list (empty when EMA is off)."""
+        rates = self.ema_decay if isinstance(self.ema_decay, list) else [self.ema_decay]
+        return [r for r in rates if r > 0]
+
     def __attrs_post_init__(self) -> None:
+        rates = self.ema_decay if isinstance(self.ema_decay, list) else [self.ema_decay]
         checks = [
             (self.steps >= 0, "steps", "a non-negative integer"),
+            (self.epochs >= 0, "epochs", "a non-negative integer"),
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.grad_accum > 0, "grad_accum", "a positive integer"),
+            (self.microbatch >= 0, "microbatch", "a non-negative integer"),
+            (not (self.microbatch and self.grad_accum != 1), "microbatch", "either microbatch or grad_accum, not both"),
+            (self.base_batch_size > 0, "base_batch_size", "a positive integer"),
             (self.lr >= 0, "lr", "a non-negative number"),
-            (0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1) (0 disables EMA)"),
+            (all(0.0 <= r < 1.0 for r in rates) and len(rates) > 0, "ema_decay",
+             "a number in [0, 1) or a list of them (0 disables EMA)"),
             (self.grad_clip >= 0, "grad_clip", "a non-negative number (0 disables clipping)"),
             (self.warmup_steps >= 0, "warmup_steps", "a non-negative integer"),
+            (self.warmup_epochs >= 0, "warmup_epochs", "a non-negative number"),
             (self.checkpoint_every >= 0, "checkpoint_every", "a non-negative integer (0: only at the end)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "a positive integer"),
+            (self.early_stopping_patience >= 0, "early_stopping_patience", "a non-negative integer"),
+            (not (self.early_stopping_patience and not self.monitor), "early_stopping_patience",
+             "a monitor metric too (set trainer.monitor)"),
             (self.log_every > 0, "log_every", "a positive integer"),
         ]
         for ok, key, expected in checks:
@@ -104,10 +156,16 @@ class TrainerConfig:
 class EvalConfig:
     """``[eval]``: when and how the trained model is evaluated and sampled.
 
-    ``every``/``samples_every``: evaluate metrics / write sample pictures every
-    N steps (0: only at the end). ``num_samples`` generated examples feed the
-    metrics; ``num_pictures`` go into each picture. ``untrained`` and ``floor``
-    add the untrained model's metrics and the data-vs-data floor to summary.json.
+    Attributes:
+        every: evaluate the metrics every N steps (0: only at the end).
+        samples_every: write sample pictures every N steps (0: only at the end).
+        num_samples: generated examples that feed the sample metrics.
+        num_pictures: examples drawn into each picture.
+        batch_size: generation batch size.
+        guidance_scale: classifier-free guidance scale w: (1 + w) cond - w uncond.
+        use_ema: evaluate and sample the EMA weights (the first rate) rather than the raw ones.
+        untrained: also evaluate the untrained model (summary.json "untrained").
+        floor: also compute the data-vs-data floor (summary.json "floor").
     """
 
     every: int = 0

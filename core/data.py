@@ -81,6 +81,11 @@ class TensorDataSource(DataSource):
         self.spec = spec
         self._n = len(next(iter(self.train.values())))
 
+    @property
+    def num_examples(self) -> int:
+        """Size of the training split (an epoch is this many examples)."""
+        return self._n
+
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         for idx in StepBatchSampler(self._n, batch_size, seed, start_step, rank, world_size):

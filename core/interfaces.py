@@ -215,6 +215,8 @@ class DataSource(abc.ABC):
     """
 
     spec: DataSpec
+    #: Size of the training split, or None for an endless source (epochs need it).
+    num_examples: int | None = None
 
     @abc.abstractmethod
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,

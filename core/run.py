@@ -16,9 +16,6 @@ from typing import Any
 import registry
 from registry import ConfigError
 
-PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="experiment TOML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,7 +79,9 @@ def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, ov
     run_dir.write_config(text)
     run_dir.write_env()
     launcher = registry.build("launcher", exp.components["launcher"])
-    accelerator_kwargs = {"mixed_precision": PRECISION_TO_ACCELERATE[exp.trainer.precision]}
+    # Precision (autocast, fp16 loss scaling) is the trainer's business: one Accelerator
+    # configuration per process, whatever the experiment (accelerate's state is a singleton).
+    accelerator_kwargs: dict[str, Any] = {}
     return launcher.launch(train_entry, exp.to_dict(), exp.file, str(out), resume, accelerator_kwargs=accelerator_kwargs)
 
 

@@ -85,9 +85,26 @@ class RunDir:
                 pass
         self.env.write_text(json.dumps(info, indent=2) + "\n")
 
+    #: TensorBoard writer: None until the first log, False when tensorboard is not installed.
+    _tensorboard: Any = None
+
     def log(self, record: dict[str, Any]) -> None:
+        """Append `record` to metrics.jsonl; mirror its numbers to ``tensorboard/`` when tensorboard is installed."""
         with self.metrics.open("a") as fh:
             fh.write(json.dumps(_jsonable(record)) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+            else:
+                self._tensorboard = SummaryWriter(str(self.root / "tensorboard"))
+        if self._tensorboard:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.summary.with_suffix(".json.tmp")

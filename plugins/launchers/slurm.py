@@ -44,7 +44,6 @@ class SlurmConfig:
         max_requeues: how many times a job may be requeued.
         executor: "slurm", or "local" (submitit's local executor, for testing).
         wait: block until the job ends and return its summary (default: only for the local executor).
-        mixed_precision: "inherit" follows trainer.precision; otherwise no, bf16 or fp16.
     """
 
     nodes: int = 1
@@ -62,7 +61,6 @@ class SlurmConfig:
     max_requeues: int = 10
     executor: Literal["slurm", "local"] = "slurm"
     wait: bool | None = None
-    mixed_precision: Literal["inherit", "no", "bf16", "fp16"] = "inherit"
 
     def __attrs_post_init__(self) -> None:
         for key in ("nodes", "cpus_per_task", "time_min"):
@@ -133,8 +131,6 @@ class SlurmLauncher(Launcher):
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         kwargs = dict(accelerator_kwargs)
-        if self.config.mixed_precision != "inherit":
-            kwargs["mixed_precision"] = self.config.mixed_precision
         device = "cpu" if self.config.gpus_per_node == 0 else "auto"
         job = self.executor().submit(TrainJob(entry, args, kwargs, device))
         print(f"flowforge: submitted job {job.job_id} (logs in {self.config.folder.replace('%j', str(job.job_id))})")
