@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("core.commands.run", "train and evaluate an experiment file"),
     "plugins": ("core.commands.plugins", "list installed plugins and their components"),
+    "new-plugin": ("core.commands.new_plugin", "write a ready-to-install plugin package (component, tests, experiment)"),
     "sample": ("core.commands.sample", "draw samples from a run's checkpoint (picture, optional .npz)"),
     "eval": ("core.commands.eval", "a run's metrics over solvers, evaluation counts and guidance (table, plot)"),
     "compare": ("core.commands.compare", "compare runs: differing config keys and summaries, loss curves"),

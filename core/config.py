@@ -79,6 +79,8 @@ class TrainerConfig:
         ema_decay: EMA decay rate, or a list of rates kept at once (the first is used for evaluation); 0: no EMA.
         precision: fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scale; skipped steps are logged).
         gradient_checkpointing: recompute activations in backward (backbones that support it).
+        compile: wrap the backbone in torch.compile for training (evaluation uses the EMA copy, uncompiled).
+        channels_last: store 4D activations channels-last (helps convolutional backbones on GPU).
         sync_batchnorm: convert BatchNorm layers to SyncBatchNorm when running on several GPUs.
         checkpoint_every: write a checkpoint every N steps (0: only at the end).
         keep_checkpoints: how many periodic checkpoints to keep (the best one is kept apart).
@@ -109,6 +111,8 @@ class TrainerConfig:
     ema_decay: float | list[float] = 0.999
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    channels_last: bool = False
     sync_batchnorm: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2

@@ -165,7 +165,12 @@ class Trainer:
         fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps,
                                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.raw_model = self.model  # the plain module (shares parameters with the DDP / compiled wrappers)
         self.model = self.acc.prepare_model(self.model)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.step = 0
@@ -189,7 +194,7 @@ class Trainer:
             return self.emas[rate].model
         if self.ema is not None and self.exp.eval.use_ema:
             return self.ema.model
-        return self.acc.unwrap_model(self.model)
+        return self.raw_model
 
     def checkpoint_state(self) -> dict[str, Any]:
         rng = [ckpt.rng_state()]
@@ -199,7 +204,7 @@ class Trainer:
             rng = gather_object(rng)
         state = {
             "step": self.step,
-            "model": self.acc.unwrap_model(self.model).state_dict(),
+            "model": self.raw_model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "ema_rates": {str(rate): e.state_dict() for rate, e in self.emas.items()},
             "optimizer": self.optimizer.state_dict(),
@@ -228,7 +233,7 @@ class Trainer:
             return False
         state = ckpt.load(path)
         try:
-            self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+            self.raw_model.load_state_dict(state["model"])
             for rate, e in self.emas.items():
                 saved = state.get("ema_rates", {}).get(str(rate))
                 if saved is None and e is self.ema:
@@ -314,9 +319,14 @@ class Trainer:
         last_loss, skipped_in_window, consecutive_skips = float("nan"), 0, 0
         t_log = time.perf_counter()
         stopped_early = False
+        data_wait = 0.0
         self.model.train()
+        t_loop = time.perf_counter()
         while self.step < total:
-            micro = self._split(next(batches))
+            t_data = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t_data
+            micro = self._split(batch)
             step_loss = torch.zeros((), device=self.device)
             for i, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
@@ -360,7 +370,7 @@ class Trainer:
                                              f"the loss scale is {self.scaler.get_scale():.3g}. Try bf16 or a lower lr")
             else:
                 consecutive_skips = 0
-                unwrapped = self.acc.unwrap_model(self.model)
+                unwrapped = self.raw_model
                 for ema in self.emas.values():
                     ema.update(unwrapped)
                 loss_sum += step_loss
@@ -391,6 +401,7 @@ class Trainer:
                 self.write_samples(f"step-{self.step:08d}")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
                 self.save_checkpoint()
+        loop_time = time.perf_counter() - t_loop
         progress.close()
         final = self.evaluate(self.eval_model()) if has_metrics else {}
         if final and self._monitor_improved(final):
@@ -409,7 +420,9 @@ class Trainer:
             "epochs": round(self.step / self.steps_per_epoch, 3) if self.steps_per_epoch else None,
             "processes": self.world,
             "train_wall_time_s": round(wall, 3),
-            "steps_per_s": round((self.step - start_step) / wall, 3) if wall > 0 else None,
+            "steps_per_s": round((self.step - start_step) / loop_time, 3) if loop_time > 0 else None,
+            "loop_time_s": round(loop_time, 4),
+            "data_wait_fraction": round(data_wait / loop_time, 4) if loop_time > 0 else None,
             "final_loss": last_loss,
             "metrics": final,
             "untrained": self.state.get("untrained", {}),
@@ -431,6 +444,9 @@ class Trainer:
 
     def _split(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if self.cfg.channels_last:
+            moved = {k: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.ndim == 4 else v
+                     for k, v in moved.items()}
         if self.accum == 1:
             return [moved]
         parts = {k: v.chunk(self.accum) if isinstance(v, torch.Tensor) else [v] * self.accum for k, v in moved.items()}

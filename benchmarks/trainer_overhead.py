@@ -1,0 +1,170 @@
+"""Time and memory per optimizer step: flowforge's trainer against a plain PyTorch loop doing the same work.
+
+    python benchmarks/trainer_overhead.py [--steps 200] [--repeats 3] [--json]
+
+Same model (built through the registry with the same seed), same batch, AdamW, EMA (foreach lerp),
+warmup + cosine LR, the same velocity_mse objective with logit-normal times, data already in memory.
+Timing: flowforge's loop time (summary "loop_time_s") against the plain loop's, interleaved A/B runs in
+this process, the median of the per-pair ratios. Memory: peak RSS increase over the training loop, each
+variant in its own subprocess (fresh allocator). The flowforge run's data-wait fraction (the share of
+the loop spent waiting for the next batch) is reported too. Goal: time ratio <= 1.03, memory <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repo on sys.path)
+from _common import PeakRSS, emit, table
+
+import torch
+
+MODELS = {
+    "mlp-2d": {"data": "toy2d", "backbone": {"plugin": "mlp", "hidden": 256, "depth": 4, "time_dim": 32}, "batch": 1024},
+    "dit-digits": {"data": "digits", "backbone": {"plugin": "dit", "depth": 4, "hidden_size": 128, "num_heads": 4,
+                                                   "patch_size": 2}, "batch": 128},
+}
+
+
+def memory_data(name: str, steps: int, batch: int):
+    """Pre-generated training data (steps x batch examples) and a spec, held in memory."""
+    import registry
+
+    if name == "toy2d":
+        from plugins.data.toy2d import sample_toy2d
+
+        x = sample_toy2d("checkerboard", steps * batch, torch.Generator().manual_seed(0))
+        return {"x": x}, registry.build("data", {"plugin": "toy2d"}).spec
+    source = registry.build("data", {"plugin": "digits", "conditional": False})
+    idx = torch.randint(len(source.train["x"]), (steps * batch,), generator=torch.Generator().manual_seed(0))
+    return {"x": source.train["x"][idx]}, source.spec
+
+
+def flowforge_run(model_name: str, steps: int, out: Path) -> dict:
+    """One flowforge run on in-memory data; returns its summary."""
+    import registry
+    from core.data import TensorDataSource
+    from core.run import run
+    from registry import hookimpl
+
+    spec_cfg = MODELS[model_name]
+    tensors, spec = memory_data(spec_cfg["data"], steps, spec_cfg["batch"])
+
+    class MemoryPlugin:
+        @hookimpl
+        def flowforge_register(self, register):
+            register("data", "memory", lambda: TensorDataSource(tensors, tensors, spec), None)
+
+    backbone = "backbone={" + ", ".join(f"{k}={v!r}" for k, v in spec_cfg["backbone"].items()) + "}"
+    overrides = ["data={plugin='memory'}", backbone, f"trainer.steps={steps}", f"trainer.batch_size={spec_cfg['batch']}",
+                 "trainer.progress='off'", f"trainer.log_every={steps}", "metrics=[]", "eval.num_pictures=0",
+                 "eval.untrained=false", "eval.floor=false", "trainer.warmup_steps=10"]
+    with registry.temporary_plugin(MemoryPlugin(), name="benchmark_memory_data"):
+        return run(_common.ROOT / "experiments" / "rectified_flow_2d.toml", overrides, out=out, overwrite=True)
+
+
+def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
+    """The same training written as a plain PyTorch loop; returns the loop's wall time."""
+    import time
+
+    import registry
+    from core.data import derive_seed
+
+    spec_cfg = MODELS[model_name]
+    tensors, spec = memory_data(spec_cfg["data"], steps, spec_cfg["batch"])
+    batch = spec_cfg["batch"]
+    batches = [tensors["x"][i * batch:(i + 1) * batch] for i in range(steps)]
+    torch.manual_seed(derive_seed(seed, "init"))
+    model = registry.build("backbone", spec_cfg["backbone"], spec=spec)
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999))
+    torch.manual_seed(derive_seed(seed, "train", 0))
+    t0 = time.perf_counter()
+    for step, x1 in enumerate(batches):
+        x0 = torch.randn_like(x1)
+        t = torch.sigmoid(torch.randn(x1.shape[0]))
+        tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
+        xt = tb * x1 + (1 - tb) * x0
+        loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
+        loss.backward()
+        lr = 2e-3 * ((step + 1) / 10 if step < 10 else 0.5 * (1 + math.cos(math.pi * (step - 10) / (steps - 10))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.995)
+        if (step + 1) % steps == 0:
+            loss.item()
+    return time.perf_counter() - t0
+
+
+def memory_worker(variant: str, model_name: str, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        with PeakRSS() as peak:
+            if variant == "flowforge":
+                flowforge_run(model_name, steps, Path(tmp) / "run")
+            else:
+                plain_loop(model_name, steps)
+    print(json.dumps({"increase": peak.increase}))
+
+
+def measure_memory(variant: str, model_name: str, steps: int) -> int:
+    proc = subprocess.run([sys.executable, __file__, "--memory-worker", variant, "--model", model_name,
+                           "--steps", str(steps)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["increase"]
+
+
+def available_models() -> list[str]:
+    import registry
+
+    return [m for m, c in MODELS.items() if c["backbone"]["plugin"] in registry.available("backbone")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-worker", default=None)
+    parser.add_argument("--model", default="mlp-2d")
+    args = parser.parse_args()
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.model, args.steps)
+        return
+    rows, figures = [], {}
+    for name in args.models or available_models():
+        ratios, waits, ff_times, base_times = [], [], [], []
+        plain_loop(name, 10)  # warm-up (threads, allocator)
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.repeats):
+                summary = flowforge_run(name, args.steps, Path(tmp) / f"r{r}")
+                base = plain_loop(name, args.steps)
+                ff_times.append(summary["loop_time_s"])
+                base_times.append(base)
+                ratios.append(summary["loop_time_s"] / base)
+                waits.append(summary["data_wait_fraction"])
+        mem = None
+        if not args.no_memory:
+            mem = measure_memory("flowforge", name, args.steps) / max(1, measure_memory("plain", name, args.steps))
+        ratio = statistics.median(ratios)
+        figures[name] = {"time_ratio": ratio, "flowforge_ms_per_step": 1000 * statistics.median(ff_times) / args.steps,
+                         "plain_ms_per_step": 1000 * statistics.median(base_times) / args.steps,
+                         "data_wait_fraction": statistics.median(waits), "memory_ratio": mem}
+        rows.append([name, figures[name]["plain_ms_per_step"], figures[name]["flowforge_ms_per_step"], ratio,
+                     mem if mem is not None else "-", figures[name]["data_wait_fraction"]])
+    text = table(["model", "plain ms/step", "flowforge ms/step", "time ratio", "peak-memory ratio", "data wait"], rows)
+    emit(figures, f"trainer overhead ({args.steps} steps, median of {args.repeats} interleaved pairs)\n" + text, args.json)
+
+
+if __name__ == "__main__":
+    main()
