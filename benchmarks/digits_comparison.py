@@ -1,9 +1,9 @@
 """Rectified flow vs DDPM vs discrete flow matching on the 8x8 digits, at equal training steps.
 
-    python benchmarks/digits_comparison.py                  # full: about 1-2 hours on 2 busy CPU cores
+    python benchmarks/digits_comparison.py                  # full: under an hour on one CPU core
     python benchmarks/digits_comparison.py --quick          # a smoke test of the whole pipeline (minutes)
 
-Each model is the same class-conditional MLP backbone (512 wide, 3 hidden
+Each model is the same class-conditional MLP backbone (256 wide, 3 hidden
 layers, 10% label dropout) trained for the same number of steps with the same
 optimiser, batch and EMA, on the same 1437 training digits:
 
@@ -65,8 +65,8 @@ NAMES = ["frechet_distance", "kid", "precision_recall"]
 
 def common(steps: int) -> dict[str, Any]:
     return {
-        "backbone": {"plugin": "mlp", "hidden": 512, "depth": 3, "time_dim": 128},
-        "trainer": {"steps": steps, "batch_size": 256, "lr": 1e-3, "warmup_steps": min(200, steps // 10),
+        "backbone": {"plugin": "mlp", "hidden": 256, "depth": 3, "time_dim": 64},
+        "trainer": {"steps": steps, "batch_size": 128, "lr": 1e-3, "warmup_steps": min(200, steps // 10),
                     "lr_schedule": "cosine", "ema_decay": 0.999, "log_every": max(1, steps // 40),
                     "progress": "lines"},
         "eval": {"num_samples": 360, "num_pictures": 100, "batch_size": 500, "untrained": False, "floor": False},
@@ -92,10 +92,10 @@ def experiments(steps: int) -> dict[str, dict[str, Any]]:
                    "path": {"plugin": "gaussian_diffusion", "schedule": "cosine", "steps": 1000,
                             "prediction": "epsilon", "variance": "learned_range"},
                    "objective": {"plugin": "ddpm", "loss_type": "rescaled_mse", "label_dropout": 0.1},
-                   "solver": {"plugin": "ddim", "respacing": "ddim32"}},
+                   "solver": {"plugin": "ddim", "respacing": "32"}},
         "needs": [("path", "gaussian_diffusion"), ("objective", "ddpm"), ("solver", "ddim"),
                   ("solver", "ddpm_ancestral")],
-        "sweeps": [("ddim", {"respacing": ["ddim4", "ddim8", "ddim16", "ddim32", "ddim64"]}),
+        "sweeps": [("ddim", {"respacing": ["4", "8", "16", "32", "64"]}),
                    ("ddpm_ancestral", {"respacing": ["1000"]})],
     }
     out["discrete_flow"] = {
@@ -128,7 +128,11 @@ def evaluate_run(name: str, out: Path, spec: dict[str, Any], n: int, seeds: int)
     run = load_run(out, device="cpu")
     rows = []
     for solver, axes in spec["sweeps"]:
-        per_seed = [sweep(run, axes, [solver], [0.0], n, seed, 500, log=lambda *_: None) for seed in range(seeds)]
+        try:
+            per_seed = [sweep(run, axes, [solver], [0.0], n, seed, 500, log=lambda *_: None) for seed in range(seeds)]
+        except Exception as exc:  # noqa: BLE001 - one sampler failing must not hide the others
+            print(f"  {name} {solver}: failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
         for points in zip(*per_seed):
             first = points[0]
             row = {"model": name, "sampler": solver, **{k: first[k] for k in axes}, "nfe": first["nfe"],
@@ -188,7 +192,8 @@ def plot(rows: list[dict[str, Any]], floor_row: dict[str, Any], path: Path, subt
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000, help="training steps of every model (default 3000)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps of every model (default 2000)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--num", type=int, default=360, help="generated digits per evaluation (default 360)")
     parser.add_argument("--seeds", type=int, default=3, help="generation seeds per point (default 3)")
     parser.add_argument("--out", default="runs/digits_comparison", help="run directories")
@@ -197,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="evaluate existing runs in --out instead of training")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 60 steps, 100 digits, one seed")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:  # also a quickly trained feature network (cached apart from the real one)
         args.steps, args.num, args.seeds = 60, 100, 1
         for m in METRICS:

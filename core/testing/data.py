@@ -9,7 +9,7 @@ The invariants, each named in the ``AssertionError`` that reports it:
 
 ``spec``
     ``data.spec`` is a `DataSpec` with a tuple shape and kind ``continuous``
-    or ``discrete``.
+    or ``discrete``; ``num_examples`` is a positive int or None (endless).
 ``shapes match spec``
     Every batch is a mapping of tensors with ``batch_size`` rows;
     ``batch["x"]`` is ``(B, *spec.shape)``, floating for continuous data and
@@ -131,6 +131,9 @@ def check_data_source(data: Any, *, name: str | None = None, batch_size: int = 4
     _require(spec.kind in ("continuous", "discrete"), who, "spec", f"spec.kind is {spec.kind!r}")
     if spec.kind == "discrete":
         _require(spec.vocab_size > 0, who, "spec", "discrete data needs spec.vocab_size > 0")
+    count = getattr(data, "num_examples", None)
+    _require(count is None or (isinstance(count, int) and count > 0), who, "spec",
+             f"num_examples is {count!r}: the size of the training split (a positive int) or None for an endless source")
 
     inv = "deterministic in (seed, step, rank)"
     with _checking(who, inv), torch.random.fork_rng(devices=[]):

@@ -1,4 +1,23 @@
-"""flowforge plugin family `ddpm` (components are added by its issue's work)."""
+"""DDPM with guided-diffusion parity: the gaussian_diffusion path, the ddpm objective, ancestral and DDIM
+solvers with timestep respacing, importance sampling of steps, and the bits-per-dimension metric.
+
+DDPM step ``k`` (0 = least noisy, T-1 = pure noise) is flowforge time ``t = 1 - (k + 1) / T``; see
+`plugins.ddpm.diffusion`. Coming from guided-diffusion's flags:
+
+====================================  ==========================================================
+guided-diffusion                      flowforge
+====================================  ==========================================================
+``noise_schedule``, ``diffusion_steps``  ``[path] schedule``, ``steps``
+``predict_xstart``                    ``[path] prediction = "x_start"`` (also ``"v"``)
+``learn_sigma`` / ``sigma_small``     ``[path] variance = "learned_range"`` / ``"fixed_small"``
+                                      (default ``"fixed_large"``); learned: backbone 2x channels
+``use_kl``, ``rescale_learned_sigmas``  ``[objective] loss_type = "kl"`` / ``"rescaled_mse"``
+``schedule_sampler``                  ``[objective] schedule_sampler`` (``history_per_term``, ``uniform_prob``)
+``timestep_respacing``, ``use_ddim``  ``[solver] respacing``, ``plugin = "ddim"`` (``eta``)
+``clip_denoised``                     ``[solver] clip_denoised``
+``image_nll.py`` (``calc_bpd_loop``)  ``[[metrics]] plugin = "ddpm_bpd"``
+====================================  ==========================================================
+"""
 
 from registry import hookimpl
 
@@ -8,3 +27,13 @@ FLOWFORGE_API = 1
 @hookimpl
 def flowforge_register(register):
     """Register this family's components."""
+    register("path", "gaussian_diffusion", "plugins.ddpm.path:build_path", "plugins.ddpm.path:DiffusionConfig",
+             doc="DDPM's discrete Gaussian process (linear/cosine betas; epsilon, x_start or v; fixed or learned variance)")
+    register("objective", "ddpm", "plugins.ddpm.objective:DDPMObjective", "plugins.ddpm.objective:DDPMConfig",
+             doc="guided-diffusion's losses (mse, rescaled_mse hybrid, kl, rescaled_kl) with importance-sampled steps")
+    register("solver", "ddpm_ancestral", "plugins.ddpm.solvers:AncestralSolver", "plugins.ddpm.solvers:AncestralConfig",
+             doc="ancestral DDPM sampling p(x_{k-1} | x_k), optionally over respaced steps")
+    register("solver", "ddim", "plugins.ddpm.solvers:DDIMSolver", "plugins.ddpm.solvers:DDIMConfig",
+             doc="DDIM sampling with eta over respaced steps (e.g. respacing = \"ddim50\")")
+    register("metric", "ddpm_bpd", "plugins.ddpm.metrics:make_bpd", "plugins.ddpm.metrics:BpdConfig",
+             doc="variational bound in bits per dimension over every diffusion step; lower is better")

@@ -1,18 +1,44 @@
-"""Continuous flow matching: schedulers, the affine path, objectives and ODE solvers."""
+"""Continuous flow matching: schedulers, the affine path, objectives, ODE solvers, likelihoods.
+
+Components (``flowforge plugins --options NAME`` lists each one's options):
+
+* schedulers ``cond_ot``, ``polynomial``, ``cosine``, ``vp``, ``linear_vp`` (schedulers.py)
+* path ``affine`` with velocity / epsilon / x_1 conversions (paths.py)
+* objectives ``flow_matching`` and its older name ``velocity_mse`` (objectives.py)
+* solver ``ode``: euler, midpoint, heun, rk4, dopri5, dopri8; uniform, EDM or explicit grids;
+  sampling under another scheduler (solvers.py, transforms.py)
+* metrics ``likelihood`` (NLL / bits per dim, likelihood.py) and ``few_step`` (a sample
+  metric under another solver, e.g. one step; metrics.py)
+"""
 
 from registry import hookimpl
 
 FLOWFORGE_API = 1
 
+_M = "plugins.flow_matching."
+
 
 @hookimpl
 def flowforge_register(register):
-    register("scheduler", "cond_ot", "plugins.flow_matching.schedulers:CondOTScheduler", None,
+    register("scheduler", "cond_ot", _M + "schedulers:CondOTScheduler", None,
              doc="rectified flow / conditional OT: alpha_t = t, sigma_t = 1 - t")
-    register("path", "affine", "plugins.flow_matching.paths:build_affine", None,
-             doc="x_t = alpha_t x_1 + sigma_t x_0 over any scheduler, Gaussian source")
-    register("objective", "velocity_mse", "plugins.flow_matching.objectives:VelocityMSE",
-             "plugins.flow_matching.objectives:VelocityMSEConfig",
-             doc="flow matching: E || u_theta(x_t, t) - (d_alpha x_1 + d_sigma x_0) ||^2")
-    register("solver", "ode", "plugins.flow_matching.solvers:ODESolver", "plugins.flow_matching.solvers:ODEConfig",
-             doc="fixed-step ODE solver: euler, midpoint, heun, rk4")
+    register("scheduler", "polynomial", _M + "schedulers:build_polynomial", _M + "schedulers:PolynomialConfig",
+             doc="polynomial convex: alpha_t = t^n, sigma_t = 1 - t^n")
+    register("scheduler", "cosine", _M + "schedulers:CosineScheduler", None,
+             doc="cosine: alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)")
+    register("scheduler", "vp", _M + "schedulers:build_vp", _M + "schedulers:VPConfig",
+             doc="variance preserving SDE schedule with linear beta(beta_min, beta_max)")
+    register("scheduler", "linear_vp", _M + "schedulers:LinearVPScheduler", None,
+             doc="linear variance preserving: alpha_t = t, sigma_t = sqrt(1 - t^2)")
+    register("path", "affine", _M + "paths:build_affine", None,
+             doc="x_t = alpha_t x_1 + sigma_t x_0 over any scheduler, Gaussian source; prediction conversions")
+    register("objective", "flow_matching", _M + "objectives:FlowMatching", _M + "objectives:FlowMatchingConfig",
+             doc="flow matching with a velocity, epsilon or x1 target, loss weighting and time samplers")
+    register("objective", "velocity_mse", _M + "objectives:VelocityMSE", _M + "objectives:VelocityMSEConfig",
+             doc="flow matching: E || u_theta(x_t, t) - (d_alpha x_1 + d_sigma x_0) ||^2 (same as flow_matching)")
+    register("solver", "ode", _M + "solvers:build_ode", _M + "solvers:ODEConfig",
+             doc="ODE solver: euler, midpoint, heun, rk4 (fixed steps), dopri5, dopri8 (adaptive)")
+    register("metric", "likelihood", _M + "likelihood:build_likelihood", _M + "likelihood:LikelihoodConfig",
+             doc="negative log-likelihood / bits per dim of held-out data (exact or Hutchinson divergence)")
+    register("metric", "few_step", _M + "metrics:build_few_step", _M + "metrics:FewStepConfig",
+             doc="a sample metric of the model under its own solver (default: one euler step)")

@@ -1,17 +1,54 @@
-"""Flow-matching objectives.
+"""Flow-matching objectives (``flow_matching``; ``velocity_mse`` is the same objective under its older name).
 
-``velocity_mse``: draw ``x_0 ~ p_0`` from the path, ``t`` from a time sampler,
-``x_t`` and the target velocity from the path, and regress
+Draw ``x_0 ~ p_0`` from the path (or take ``batch["x0"]`` when the data gives
+couplings, as reflow does), ``t`` from a time sampler, ``x_t`` from the path,
+and regress the model on the target of its prediction type:
 
-    L = E_{t, x_0, x_1} || u_theta(x_t, t, y) - (d_alpha_t x_1 + d_sigma_t x_0) ||^2
+    velocity:  d alpha_t x_1 + d sigma_t x_0        epsilon:  x_0        x1:  x_1
 
-(the mean over batch and data dimensions). With ``label_dropout = p`` each
-label is replaced by the null label ``num_classes`` with probability ``p``,
-which trains the unconditional model used by classifier-free guidance.
+    L = E_t [ w(t) * mean_over_dims (f_theta(x_t, t, y) - target)^2 ]
+
+Loss weighting ``w(t)`` (``loss_weighting``), written with the path's
+``alpha, sigma, d alpha, d sigma`` at ``t``, ``SNR = alpha^2 / sigma^2`` and
+``D = sigma d alpha - alpha d sigma``. At fixed ``x_t`` the three errors are
+proportional to the x_1 error: ``|err_v| = |D / sigma| |err_x1|``,
+``|err_eps| = (alpha / sigma) |err_x1|``. So:
+
+* ``none``: ``w = 1``.
+* ``velocity``: ``w`` makes the loss equal to the velocity MSE of the converted
+  prediction (``(D/alpha)^2`` for epsilon, ``(D/sigma)^2`` for x1, 1 for
+  velocity), capped at ``max_weight``.
+* ``min_snr``: Min-SNR-gamma (Hang et al. 2023): the x_1-space weight is
+  ``min(SNR, gamma)``, i.e. ``min(1, gamma/SNR)`` for epsilon,
+  ``min(SNR, gamma)`` for x1 and ``min(alpha^2, gamma sigma^2) / D^2`` for velocity.
+
+Time samplers (``time_sampler``), all in the t=0-noise convention:
+
+* ``uniform``: ``t ~ U[0, 1]``.
+* ``logit_normal``: ``t = sigmoid(mean + std n)``, ``n ~ N(0, 1)`` (SD3 / minRF; positive mean favours data).
+* ``log_normal``: EDM's noise levels ``ln sigma ~ N(p_mean, p_std^2)`` mapped to times by the
+  scheduler, ``t = snr_inverse(1 / sigma)`` (``p_mean = -1.2, p_std = 1.2`` in EDM).
+* ``mode``: SD3's mode sampling ``t = 1 - f(u)``, ``f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)``,
+  ``u ~ U[0, 1]``, ``s = mode_scale`` in ``[-1, 2 / (pi - 2)]`` (s = 0 is uniform; s > 0 favours mid times).
+
+With ``label_dropout = p`` each label is replaced by the null label
+``num_classes`` with probability ``p`` (trains the unconditional model of
+classifier-free guidance).
+
+Logged: ``loss_bin/k`` for ``k < loss_bins``, the mean per-sample loss of the
+examples with ``t`` in ``[k / K, (k + 1) / K)`` (as minRF does). A bin with
+no example in a batch repeats its last logged value (the batch loss before
+the first), so the trainer's averages stay comparable.
+
+`sampling_model` returns the model itself for velocity prediction, and a
+converting wrapper (`transforms.PredictionToVelocity`) otherwise; the wrapper
+evaluates an epsilon model at ``t >= sampling_eps`` and an x1 model at
+``t <= 1 - sampling_eps``, where the conversion is finite.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -19,32 +56,99 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from core.interfaces import Batch, DataSpec, Objective, Path
+from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
+
+from .paths import AffinePath
 
 
 @attrs.define
-class VelocityMSEConfig:
-    """Options of the velocity_mse objective.
+class FlowMatchingConfig:
+    """Options of the flow_matching (alias velocity_mse) objective.
 
     Attributes:
-        time_sampler: "uniform" (t ~ U[0, 1]) or "logit_normal" (t = sigmoid(n), n ~ N(mean, std^2)).
+        prediction: what the model predicts: "velocity", "epsilon" (the source x_0) or "x1" (the data).
+        loss_weighting: "none", "velocity" (the MSE of the prediction converted to a velocity) or "min_snr".
+        min_snr_gamma: gamma of min_snr weighting.
+        max_weight: cap on the velocity weighting (it is unbounded at one end of time).
+        time_sampler: "uniform", "logit_normal", "log_normal" (EDM) or "mode" (SD3).
         mean: mean of the logit-normal sampler.
         std: standard deviation of the logit-normal sampler.
+        p_mean: mean of ln(sigma) of the log-normal (EDM) sampler.
+        p_std: standard deviation of ln(sigma) of the log-normal (EDM) sampler.
+        mode_scale: the scale s of mode sampling, in [-1, 2 / (pi - 2)].
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+        loss_bins: number of equal bins of t whose mean loss is logged as loss_bin/k (0: none).
+        sampling_eps: how far from the singular end an epsilon or x1 model is evaluated when sampling.
     """
 
-    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    prediction: Literal["velocity", "epsilon", "x1"] = "velocity"
+    loss_weighting: Literal["none", "velocity", "min_snr"] = "none"
+    min_snr_gamma: float = 5.0
+    max_weight: float = 1e4
+    time_sampler: Literal["uniform", "logit_normal", "log_normal", "mode"] = "uniform"
     mean: float = 0.0
     std: float = 1.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    mode_scale: float = 1.29
     label_dropout: float = 0.0
+    loss_bins: int = 4
+    sampling_eps: float = 1e-3
+
+    def __attrs_post_init__(self) -> None:
+        checks = [
+            (self.std > 0, "std", "a positive number"),
+            (self.p_std > 0, "p_std", "a positive number"),
+            (-1.0 <= self.mode_scale <= 2.0 / (math.pi - 2.0), "mode_scale",
+             f"a number in [-1, {2.0 / (math.pi - 2.0):.4f}] (mode sampling is monotone only there)"),
+            (0.0 <= self.label_dropout <= 1.0, "label_dropout", "a probability in [0, 1]"),
+            (self.loss_bins >= 0, "loss_bins", "a non-negative integer"),
+            (0.0 <= self.sampling_eps < 0.5, "sampling_eps", "a number in [0, 0.5)"),
+            (self.min_snr_gamma > 0, "min_snr_gamma", "a positive number"),
+            (self.max_weight > 0, "max_weight", "a positive number"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ConfigError(f"expected {expected}, got {getattr(self, key)!r}", (key,))
 
 
-def sample_times(config: VelocityMSEConfig, n: int, device: torch.device) -> Tensor:
-    """``n`` times in [0, 1] from the configured sampler (torch's global RNG)."""
-    if config.time_sampler == "uniform":
-        return torch.rand(n, device=device)
-    return torch.sigmoid(config.mean + config.std * torch.randn(n, device=device))
+#: The older name of the same options (``velocity_mse``).
+VelocityMSEConfig = FlowMatchingConfig
+
+
+def sample_times(config: FlowMatchingConfig, n: int, device: torch.device | str | None = None, *,
+                 scheduler: Scheduler | None = None, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """``n`` times ``(n,)`` in [0, 1] from the configured sampler.
+
+    Draws from `generator` when given (on its device), else from torch's global RNG
+    (the trainer's seeded state). ``log_normal`` maps noise levels to times with
+    `scheduler` (the cond_ot map ``1 / (1 + sigma)`` without one).
+    """
+    kind = config.time_sampler
+    gdev = generator.device if generator is not None else device
+
+    def rand() -> Tensor:
+        return torch.rand(n, device=gdev, generator=generator, dtype=dtype).to(device)
+
+    def randn() -> Tensor:
+        return torch.randn(n, device=gdev, generator=generator, dtype=dtype).to(device)
+
+    if kind == "uniform":
+        return rand()
+    if kind == "logit_normal":
+        return torch.sigmoid(config.mean + config.std * randn())
+    if kind == "log_normal":
+        snr = torch.exp(-(config.p_mean + config.p_std * randn()))
+        t = scheduler.snr_inverse(snr) if scheduler is not None else snr / (1.0 + snr)
+        return t.clamp(0.0, 1.0)
+    if kind == "mode":
+        u = rand()
+        s = config.mode_scale
+        noise_level = 1.0 - u - s * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
+        return (1.0 - noise_level).clamp(0.0, 1.0)
+    raise ValueError(f"unknown time sampler {kind!r}")
 
 
 def drop_labels(y: Tensor, p: float, null_label: int) -> Tensor:
@@ -55,21 +159,92 @@ def drop_labels(y: Tensor, p: float, null_label: int) -> Tensor:
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
-class VelocityMSE(Objective):
+def loss_weights(kind: str, prediction: str, path: AffinePath, t: Tensor, *, gamma: float = 5.0,
+                 max_weight: float = 1e4) -> Tensor:
+    """Per-sample weights ``w(t)`` ``(B,)`` of the module docstring (float32 or t's dtype)."""
+    if kind == "none":
+        return torch.ones_like(t)
+    s = path.scheduler(t)
+    a, b, da, db = s.alpha_t, s.sigma_t, s.d_alpha_t, s.d_sigma_t
+    d2 = (b * da - a * db) ** 2
+    if kind == "velocity":
+        if prediction == "velocity":
+            return torch.ones_like(t)
+        w = d2 / (a * a) if prediction == "epsilon" else d2 / (b * b)
+        return w.clamp(max=max_weight)
+    if kind == "min_snr":
+        if prediction == "epsilon":
+            return torch.clamp(gamma * b * b / (a * a), max=1.0)
+        if prediction == "x1":
+            return torch.clamp((a * a) / (b * b), max=gamma)
+        return torch.minimum(a * a, gamma * b * b) / d2
+    raise ValueError(f"unknown loss weighting {kind!r}")
+
+
+class FlowMatching(Objective):
     """See the module docstring."""
 
-    def __init__(self, config: VelocityMSEConfig, spec: DataSpec, path: Path | None = None):
+    def __init__(self, config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None):
         if path is None:
-            raise ConfigError("velocity_mse needs a [path] section (e.g. plugin = \"affine\")")
+            raise ConfigError("this objective needs a [path] section (e.g. plugin = \"affine\")")
+        affine = isinstance(path, AffinePath)
+        if not affine and config.prediction != "velocity":
+            raise ConfigError(f"prediction {config.prediction!r} needs an affine path (it converts through "
+                              f"alpha_t and sigma_t); this experiment's path is {type(path).__name__}", ("prediction",))
+        if not affine and config.loss_weighting != "none":
+            raise ConfigError("loss weighting needs an affine path", ("loss_weighting",))
         self.config, self.spec, self.path = config, spec, path
+        self._last_bins: list[float | None] = [None] * config.loss_bins
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return getattr(self.path, "scheduler", None)
 
     def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        c = self.config
         x_1 = batch["x"]
-        x_0 = torch.randn_like(x_1)
-        t = sample_times(self.config, x_1.shape[0], x_1.device)
+        x_0 = batch.get("x0")
+        if x_0 is None:
+            x_0 = torch.randn_like(x_1)
+        t_dtype = torch.float64 if x_1.dtype == torch.float64 else torch.float32
+        t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype)
         ps = self.path.sample(x_0, x_1, t)
         y = batch.get("y")
         if y is not None:
-            y = drop_labels(y, self.config.label_dropout, self.spec.num_classes)
+            y = drop_labels(y, c.label_dropout, self.spec.num_classes)
         pred = models["model"](ps.x_t, t, y)
-        return (pred.float() - ps.target.float()).pow(2).mean(), {}
+        target = ps.target if c.prediction == "velocity" else self.path.target(ps, c.prediction)
+        dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)  # >= float32
+        per_sample = (pred.to(dtype) - target.to(dtype)).pow(2).reshape(x_1.shape[0], -1).mean(1)
+        if c.loss_weighting != "none":
+            per_sample = per_sample * loss_weights(c.loss_weighting, c.prediction, self.path, t.to(dtype),
+                                                   gamma=c.min_snr_gamma, max_weight=c.max_weight).detach()
+        loss = per_sample.mean()
+        return loss, self._bin_logs(per_sample.detach(), t.detach(), loss.detach())
+
+    def _bin_logs(self, per_sample: Tensor, t: Tensor, loss: Tensor) -> dict[str, float]:
+        k = self.config.loss_bins
+        if k == 0:
+            return {}
+        idx = (t.float() * k).long().clamp(0, k - 1)
+        sums = torch.zeros(k + 1, device=t.device).index_add_(0, idx, per_sample.float())
+        counts = torch.zeros(k + 1, device=t.device).index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float))
+        sums[k], counts[k] = loss.float(), 1.0
+        values = torch.stack([sums, counts]).tolist()  # one device sync
+        logs = {}
+        for i in range(k):
+            if values[1][i] > 0:
+                self._last_bins[i] = values[0][i] / values[1][i]
+            logs[f"loss_bin/{i}"] = self._last_bins[i] if self._last_bins[i] is not None else values[0][k]
+        return logs
+
+    def sampling_model(self, model: nn.Module) -> Field:
+        if self.config.prediction == "velocity":
+            return model
+        from .transforms import PredictionToVelocity
+
+        return PredictionToVelocity(model, self.path, self.config.prediction, self.config.sampling_eps)
+
+
+#: The older name (``velocity_mse``): the same objective, velocity prediction by default.
+VelocityMSE = FlowMatching

@@ -1,25 +1,46 @@
-"""Fixed-step explicit Runge-Kutta solvers for ``dx/dt = u(x, t)`` from t=0 to t=1.
+"""ODE solvers for ``dx/dt = u(x, t)``, by default from t=0 (noise) to t=1 (data).
 
-With ``h = t_{k+1} - t_k`` and ``f(x, t) = u(x, t, y)``:
+Fixed-step explicit Runge-Kutta methods on a time grid ``t_0 < t_1 < ... < t_N``
+with ``h = t_{k+1} - t_k`` and ``f(x, t) = u(x, t, y)``:
 
 * euler (order 1, 1 evaluation/step):   ``x + h f(x, t)``
 * midpoint (order 2, 2 evaluations):    ``x + h f(x + h/2 f(x, t), t + h/2)``
 * heun (order 2, 2 evaluations):        ``x + h/2 (k1 + k2)``, ``k2 = f(x + h k1, t + h)``
 * rk4 (order 4, 4 evaluations):         the classical ``(k1 + 2 k2 + 2 k3 + k4) / 6``
+
+Adaptive Dormand-Prince methods (dopri5, dopri8; torchdiffeq) control the
+local error to ``atol + rtol |x|``; their evaluation count depends on the field.
+
+The time grid is uniform (``steps`` intervals from ``t0`` to ``t1``), EDM's rho
+schedule (``grid = "edm"``: Karras et al. 2022, eq. 5, noise levels
+``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+mapped to times by the scheduler's ``snr_inverse(1 / sigma_i)``, with the ends
+pinned to ``t0`` and ``t1``), or any explicit list ``times``.
+
+``sampling_scheduler`` samples a velocity model trained under the experiment's
+``[scheduler]`` along another scheduler's path, without retraining
+(`transforms.ScheduleTransformedModel`).
+
+The fixed-step loop is kept to one fused ``x + h k`` update per evaluation:
+every time tensor is precomputed as a view, step sizes are Python floats.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import attrs
 import torch
 from torch import Tensor
 
-from core.interfaces import Field, Solver, SolverResult
+from core.interfaces import Field, Scheduler, Solver, SolverResult
+from registry import ConfigError
 
 STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dopri5": 5, "dopri8": 8}
+ADAPTIVE = ("dopri5", "dopri8")
+METHODS = (*STAGES, *ADAPTIVE)
 
 
 @attrs.define
@@ -27,26 +48,150 @@ class ODEConfig:
     """Options of the ode solver.
 
     Attributes:
-        method: euler, midpoint, heun or rk4.
-        steps: number of uniform steps from t0 to t1 (evaluations = steps x stages).
+        method: euler, midpoint, heun, rk4 (fixed steps) or dopri5, dopri8 (adaptive, atol/rtol).
+        steps: number of grid intervals (model evaluations = steps x stages for fixed-step methods;
+            for adaptive methods only the number of states returned with intermediates).
         t0: start time (0: the source).
         t1: end time (1: the data).
+        grid: "uniform" or "edm" (Karras et al.'s rho schedule of noise levels, mapped to times).
+        times: an explicit strictly monotone time grid; overrides grid, steps, t0 and t1.
+        rho: exponent of the edm grid (7 in EDM; larger puts more steps near the data).
+        sigma_min: smallest noise level (sigma_t / alpha_t) of the edm grid.
+        sigma_max: largest noise level of the edm grid.
+        atol: absolute tolerance of adaptive methods.
+        rtol: relative tolerance of adaptive methods.
+        sampling_scheduler: sample along this scheduler's path instead of the training one: a
+            scheduler plugin name (e.g. "cosine") or a table (e.g. {plugin = "polynomial", n = 2}).
     """
 
-    method: Literal["euler", "midpoint", "heun", "rk4"] = "midpoint"
+    method: Literal["euler", "midpoint", "heun", "rk4", "dopri5", "dopri8"] = "midpoint"
     steps: int = 20
     t0: float = 0.0
     t1: float = 1.0
+    grid: Literal["uniform", "edm"] = "uniform"
+    times: list[float] | None = None
+    rho: float = 7.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    sampling_scheduler: str | dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.steps < 1:
-            from registry import ConfigError
-
             raise ConfigError(f"expected a positive integer, got {self.steps}", ("steps",))
+        if self.times is not None:
+            ts = list(self.times)
+            diffs = [b - a for a, b in zip(ts, ts[1:])]
+            if len(ts) < 2 or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+                raise ConfigError(f"expected at least two strictly increasing (or decreasing) times, got {ts}",
+                                  ("times",))
+        elif self.t0 == self.t1:
+            raise ConfigError(f"t1 must differ from t0 = {self.t0}", ("t1",))
+        if self.grid == "edm":
+            if not 0 < self.sigma_min < self.sigma_max:
+                raise ConfigError(f"expected 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                                  f"sigma_max={self.sigma_max}", ("sigma_min",))
+            if self.rho <= 0:
+                raise ConfigError(f"expected a positive number, got {self.rho}", ("rho",))
+            if self.times is None and self.t1 < self.t0:
+                raise ConfigError("the edm grid runs forward in time (t0 < t1)", ("grid",))
+        if self.atol <= 0 or self.rtol <= 0:
+            raise ConfigError("tolerances must be positive", ("atol" if self.atol <= 0 else "rtol",))
+
+    @property
+    def num_intervals(self) -> int:
+        return len(self.times) - 1 if self.times is not None else self.steps
+
+
+# --------------------------------------------------------------------------- grids
+def uniform_grid(t0: float, t1: float, steps: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """``steps + 1`` equally spaced times from `t0` to `t1`."""
+    return torch.linspace(t0, t1, steps + 1, device=device, dtype=dtype)
+
+
+def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """EDM's ``steps`` noise levels (float64), from `sigma_max` down to `sigma_min` (Karras et al. eq. 5)."""
+    i = torch.arange(steps, dtype=torch.float64)
+    frac = i / max(steps - 1, 1)
+    hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (hi + frac * (lo - hi)) ** rho
+
+
+def edm_grid(steps: int, scheduler: Scheduler | None, t0: float = 0.0, t1: float = 1.0, *, sigma_min: float = 0.002,
+             sigma_max: float = 80.0, rho: float = 7.0, device=None, dtype=torch.float32) -> Tensor:
+    """``steps + 1`` times: ``t0``, then ``snr_inverse(1 / sigma_i)`` for the EDM levels ``i = 1 .. steps - 1``, then ``t1``.
+
+    The noise level of an affine path is ``sigma_t / alpha_t`` (``1 / snr``);
+    without a scheduler the cond_ot map ``t = 1 / (1 + sigma)`` is used.
+    """
+    sig = edm_sigmas(steps, sigma_min, sigma_max, rho)[1:]
+    snr = 1.0 / sig
+    inner = scheduler.snr_inverse(snr) if scheduler is not None else snr / (1.0 + snr)
+    inner = inner.clamp(min(t0, t1), max(t0, t1))
+    grid = torch.cat([torch.tensor([t0], dtype=torch.float64), inner, torch.tensor([t1], dtype=torch.float64)])
+    return grid.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- integration
+def integrate_fixed(f: Field, x: Tensor, grid: Tensor, method: str, y: Tensor | None = None,
+                    intermediates: bool = False) -> tuple[Tensor, list[Tensor] | None]:
+    """Integrate ``dx/dt = f(x, t, y)`` along `grid` ``(N+1,)`` with a fixed-step method.
+
+    Differentiable (no ``no_grad`` here). Returns ``(x at grid[-1], [x at every grid time] or None)``.
+    The model is always called with ``t`` of shape ``(B,)`` (a view of one precomputed tensor) and each
+    evaluation costs one fused update. Step sizes are taken from `grid` as Python floats (pass a CPU
+    float64 grid to avoid a device synchronisation and rounding of the steps); the model sees
+    the times in ``x``'s device and floating dtype.
+    """
+    if method not in STAGES:
+        raise ValueError(f"unknown fixed-step method {method!r}; expected one of {tuple(STAGES)}")
+    batch = x.shape[0]
+    n = grid.shape[0] - 1
+    hs = (grid[1:] - grid[:-1]).tolist()
+    grid = grid.to(device=x.device, dtype=x.dtype if x.dtype.is_floating_point else torch.float32)
+    ts = grid[:, None].expand(n + 1, batch)
+    traj = [x] if intermediates else None
+    add = torch.add
+    if method == "euler":
+        for k in range(n):
+            x = add(x, f(x, ts[k], y), alpha=hs[k])
+            if traj is not None:
+                traj.append(x)
+        return x, traj
+    mid = ((grid[:-1] + grid[1:]) * 0.5)[:, None].expand(n, batch)
+    if method == "midpoint":
+        for k in range(n):
+            h = hs[k]
+            x = add(x, f(add(x, f(x, ts[k], y), alpha=0.5 * h), mid[k], y), alpha=h)
+            if traj is not None:
+                traj.append(x)
+    elif method == "heun":
+        for k in range(n):
+            h = hs[k]
+            k1 = f(x, ts[k], y)
+            k2 = f(add(x, k1, alpha=h), ts[k + 1], y)
+            x = add(x, k1 + k2, alpha=0.5 * h)
+            if traj is not None:
+                traj.append(x)
+    else:  # rk4
+        for k in range(n):
+            h = hs[k]
+            t, tm = ts[k], mid[k]
+            k1 = f(x, t, y)
+            k2 = f(add(x, k1, alpha=0.5 * h), tm, y)
+            k3 = f(add(x, k2, alpha=0.5 * h), tm, y)
+            k4 = f(add(x, k3, alpha=h), ts[k + 1], y)
+            acc = k1 + k4
+            acc.add_(k2, alpha=2.0).add_(k3, alpha=2.0)
+            x = add(x, acc, alpha=h / 6.0)
+            if traj is not None:
+                traj.append(x)
+    return x, traj
 
 
 def rk_step(method: str, f: Field, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None) -> Tensor:
-    """One step of `method` from ``(x, t)`` with step ``h``; ``t`` and ``h`` are ``(B,)``-broadcastable tensors."""
+    """One step of a fixed-step `method` from ``(x, t)`` with step ``h`` (``(B,)``-broadcastable tensors)."""
     hb = h.reshape(-1, *([1] * (x.ndim - 1))) if h.ndim else h
     if method == "euler":
         return x + hb * f(x, t, y)
@@ -66,30 +211,107 @@ def rk_step(method: str, f: Field, x: Tensor, t: Tensor, h: Tensor, y: Tensor | 
     raise ValueError(f"unknown method {method!r}")
 
 
+def integrate_adaptive(f: Field, x: Tensor, grid: Tensor, method: str = "dopri5", y: Tensor | None = None, *,
+                       atol: float = 1e-5, rtol: float = 1e-5) -> tuple[Tensor, int]:
+    """Integrate with torchdiffeq's adaptive `method`; returns ``(states at every grid time (K, B, ...), nfe)``.
+
+    The model is only evaluated at times between ``grid[0]`` and ``grid[-1]``.
+    """
+    from torchdiffeq import odeint
+
+    batch = x.shape[0]
+    calls = [0]
+
+    def func(t: Tensor, state: Tensor) -> Tensor:
+        calls[0] += 1
+        return f(state, t.expand(batch), y)
+
+    grid = grid.to(x.dtype)
+    # step_t: land exactly on the final time; torchdiffeq otherwise steps past it and interpolates back,
+    # evaluating the model outside [t0, t1] (e.g. beyond the data at t > 1).
+    states = odeint(func, x, grid, method=method, atol=atol, rtol=rtol, options={"step_t": grid[-1:]})
+    return states, calls[0]
+
+
+# --------------------------------------------------------------------------- the solver plugin
 class ODESolver(Solver):
-    """Integrates ``model(x, t, y)`` on a uniform grid with a fixed-step method."""
+    """Integrates ``model(x, t, y)`` from the source to the data; see the module docstring.
 
-    def __init__(self, config: ODEConfig | None = None):
+    Args:
+        config: the options.
+        scheduler: the experiment's scheduler (for the edm grid and ``sampling_scheduler``).
+    """
+
+    def __init__(self, config: ODEConfig | None = None, scheduler: Scheduler | None = None):
         self.config = config or ODEConfig()
+        self.scheduler = scheduler
+        self.sampling_scheduler: Scheduler | None = None
+        spec = self.config.sampling_scheduler
+        if spec is not None:
+            if scheduler is None:
+                raise ConfigError("sampling_scheduler needs the experiment's [scheduler] (the one the model was "
+                                  "trained with)", ("sampling_scheduler",))
+            import registry
 
-    def time_grid(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+            mapping = {"plugin": spec} if isinstance(spec, str) else dict(spec)
+            try:
+                self.sampling_scheduler = registry.build("scheduler", mapping)
+            except ConfigError as exc:
+                raise exc.within("sampling_scheduler") from None
+
+    @property
+    def nfe_per_sample(self) -> int | None:
+        """Model evaluations per `sample` call (None for adaptive methods)."""
         c = self.config
-        return torch.linspace(c.t0, c.t1, c.steps + 1, device=device, dtype=dtype)
+        return c.num_intervals * STAGES[c.method] if c.method in STAGES else None
+
+    def time_grid(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The grid of times ``(N+1,)`` the solver steps through (and returns with intermediates)."""
+        c = self.config
+        if c.times is not None:
+            return torch.tensor(c.times, dtype=torch.float64).to(device=device, dtype=dtype)
+        if c.grid == "edm":
+            return edm_grid(c.steps, self.sampling_scheduler or self.scheduler, c.t0, c.t1, sigma_min=c.sigma_min,
+                            sigma_max=c.sigma_max, rho=c.rho, device=device, dtype=dtype)
+        return uniform_grid(c.t0, c.t1, c.steps, device=device, dtype=dtype)
+
+    def field(self, model: Field) -> Field:
+        """What is integrated: `model`, or its schedule-transformed version with ``sampling_scheduler``."""
+        if self.sampling_scheduler is None:
+            return model
+        from .transforms import ScheduleTransformedModel
+
+        return ScheduleTransformedModel(model, self.scheduler, self.sampling_scheduler)
 
     @torch.no_grad()
     def sample(self, model: Field, x_init: Tensor, *, y: Tensor | None = None,
                generator: torch.Generator | None = None, intermediates: bool = False) -> SolverResult:
-        grid = self.time_grid(x_init.device, x_init.dtype if x_init.dtype.is_floating_point else torch.float32)
-        batch = x_init.shape[0]
-        x = x_init
-        traj = [x] if intermediates else None
-        method = self.config.method
-        for k in range(self.config.steps):
-            t = grid[k].expand(batch)
-            h = grid[k + 1] - grid[k]
-            x = rk_step(method, model, x, t, h, y)
-            if traj is not None:
-                traj.append(x)
-        return SolverResult(x=x, nfe=self.config.steps * STAGES[method],
-                            trajectory=torch.stack(traj) if traj is not None else None,
+        dtype = x_init.dtype if x_init.dtype.is_floating_point else torch.float32
+        f, method = self.field(model), self.config.method
+        if method in STAGES:
+            exact = self.time_grid("cpu", torch.float64)
+            x, traj = integrate_fixed(f, x_init, exact, method, y, intermediates)
+            return SolverResult(x=x, nfe=(exact.shape[0] - 1) * STAGES[method],
+                                trajectory=torch.stack(traj) if traj is not None else None,
+                                times=exact.to(x_init.device, dtype) if intermediates else None)
+        grid = self.time_grid(x_init.device, dtype)
+        out_grid = grid if intermediates else grid[[0, -1]]
+        states, nfe = integrate_adaptive(f, x_init, out_grid, method, y, atol=self.config.atol, rtol=self.config.rtol)
+        return SolverResult(x=states[-1], nfe=nfe, trajectory=states if intermediates else None,
                             times=grid if intermediates else None)
+
+
+def build_ode(config: ODEConfig, scheduler: Scheduler | None = None) -> ODESolver:
+    """Solver factory for ``plugin = "ode"``."""
+    return ODESolver(config, scheduler)
+
+
+def solve(model: Field, x_init: Tensor, *, method: str = "midpoint", steps: int = 20, y: Tensor | None = None,
+          intermediates: bool = False, **options: Any) -> SolverResult:
+    """Convenience: ``ODESolver(ODEConfig(method=..., steps=..., **options)).sample(model, x_init, ...)``."""
+    return ODESolver(ODEConfig(method=method, steps=steps, **options)).sample(model, x_init, y=y,
+                                                                             intermediates=intermediates)
+
+
+__all__: Sequence[str] = ["ODEConfig", "ODESolver", "integrate_fixed", "integrate_adaptive", "rk_step", "edm_grid",
+                          "edm_sigmas", "uniform_grid", "solve", "STAGES", "ORDER", "METHODS"]

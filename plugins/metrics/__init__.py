@@ -1,4 +1,4 @@
-"""Metrics comparing generated samples with held-out data."""
+"""Metrics comparing generated samples with held-out data (raw-space distances and feature-space metrics)."""
 
 from registry import hookimpl
 
@@ -12,3 +12,11 @@ def flowforge_register(register):
     register("metric", "sliced_wasserstein", "plugins.metrics.distances:make_sliced_wasserstein",
              "plugins.metrics.distances:SlicedWassersteinConfig",
              doc="sliced 1-Wasserstein distance over random projections; lower is better")
+    register("metric", "frechet_distance", "plugins.metrics.feature_metrics:make_frechet_distance",
+             "plugins.metrics.features:FeatureConfig",
+             doc="Frechet distance of Gaussians fitted to features (FID with Inception); lower is better")
+    register("metric", "kid", "plugins.metrics.feature_metrics:make_kid", "plugins.metrics.feature_metrics:KIDConfig",
+             doc="kernel distance: unbiased squared MMD of features, cubic polynomial kernel; lower is better")
+    register("metric", "precision_recall", "plugins.metrics.feature_metrics:make_precision_recall",
+             "plugins.metrics.feature_metrics:PrecisionRecallConfig",
+             doc="precision and recall of generated samples (k-NN manifolds in feature space); higher is better")

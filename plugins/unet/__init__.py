@@ -1,4 +1,8 @@
-"""flowforge plugin family `unet` (components are added by its issue's work)."""
+"""flowforge plugin family `unet`: guided-diffusion's ADM UNet backbone.
+
+Presets ``cifar10`` (flow_matching's image example), ``imagenet64`` (ADM) and
+``digits`` (tiny, for 8x8 images); see `plugins.unet.model`.
+"""
 
 from registry import hookimpl
 
@@ -8,3 +12,5 @@ FLOWFORGE_API = 1
 @hookimpl
 def flowforge_register(register):
     """Register this family's components."""
+    register("backbone", "unet", "plugins.unet.model:build", "plugins.unet.model:UNetConfig",
+             doc="ADM UNet of guided-diffusion (presets cifar10, imagenet64, digits); continuous or discrete images")

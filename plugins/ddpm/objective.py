@@ -1,0 +1,121 @@
+"""The ``ddpm`` objective: guided-diffusion's training losses over the ``gaussian_diffusion`` path.
+
+Per (micro-)batch of data ``x_start (B, ...)``:
+
+1. draw steps ``k (B,)`` and importance weights ``w (B,)`` from the schedule sampler;
+2. draw ``noise ~ N(0, I)`` and ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise``;
+3. call ``model(x_k, t_k, y)`` with ``t_k = 1 - (k + 1) / T`` (labels replaced by the
+   null label ``num_classes`` with probability ``label_dropout``);
+4. per-example losses of `GaussianDiffusion.training_losses` for ``loss_type``
+   (mse, rescaled_mse, kl, rescaled_kl; the bound term of learned variances
+   trains only the variance), fed to the schedule sampler, and
+   ``loss = mean(w * losses)``.
+
+Logged: ``mse`` and ``vb`` (batch means, unweighted) where they apply.
+
+Sampling with classifier-free guidance: the runner wraps the model in
+`core.guidance.ClassifierFreeGuidance` before handing it to the solver. With a
+fixed variance the guided output ``(1 + w) cond - w uncond`` is used as is
+(epsilon, x_start and v are affine in one another at fixed ``(x_k, k)``, so
+guiding any of them is the same). With a learned variance `sampling_model`
+replaces that wrapper by `MeanGuidance`, which guides only the mean channels
+and keeps the conditional model's variance channels (as GLIDE does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from core.guidance import ClassifierFreeGuidance
+from core.interfaces import Batch, DataSpec, Field, Objective
+from registry import ConfigError
+
+from .path import diffusion_of
+from .resample import create_schedule_sampler
+
+
+@attrs.define
+class DDPMConfig:
+    """Options of the ddpm objective.
+
+    Attributes:
+        loss_type: "mse" (plain MSE; plus the unscaled bound term for learned variances), "rescaled_mse"
+            (MSE plus the bound term times T/1000: improved-diffusion's hybrid loss), "kl" (the variational
+            bound, use_kl) or "rescaled_kl" (the bound times T).
+        schedule_sampler: "uniform" or "loss-second-moment" (importance sampling of steps).
+        history_per_term: losses kept per step by loss-second-moment.
+        uniform_prob: weight of the uniform distribution mixed into loss-second-moment sampling.
+        label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+    """
+
+    loss_type: Literal["mse", "rescaled_mse", "kl", "rescaled_kl"] = "mse"
+    schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+    history_per_term: int = 10
+    uniform_prob: float = 1e-3
+    label_dropout: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        checks = [
+            (self.history_per_term >= 1, "history_per_term", "a positive integer"),
+            (0.0 <= self.uniform_prob <= 1.0, "uniform_prob", "a probability in [0, 1]"),
+            (0.0 <= self.label_dropout <= 1.0, "label_dropout", "a probability in [0, 1]"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ConfigError(f"expected {expected}, got {getattr(self, key)!r}", (key,))
+
+
+class MeanGuidance(ClassifierFreeGuidance):
+    """Classifier-free guidance of the first half of the output channels (the mean part);
+    the second half (the learned variance) is the conditional model's."""
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if y is None or self.scale == 0.0:
+            return self.model(x, t, y)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
+        cond, uncond = both.chunk(2)
+        (cond_mean, cond_var), uncond_mean = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)[0]
+        return torch.cat([(1.0 + self.scale) * cond_mean - self.scale * uncond_mean, cond_var], dim=1)
+
+
+class DDPMObjective(Objective):
+    """See the module docstring."""
+
+    def __init__(self, config: DDPMConfig, spec: DataSpec, path: Any = None):
+        self.config, self.spec = config, spec
+        self.diffusion = diffusion_of(path, "the ddpm objective")
+        self.sampler = create_schedule_sampler(config.schedule_sampler, self.diffusion.num_timesteps,
+                                               config.history_per_term, config.uniform_prob)
+
+    def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        d = self.diffusion
+        x_start = batch["x"]
+        k, weights = self.sampler.sample(x_start.shape[0], x_start.device)
+        noise = torch.randn_like(x_start)
+        x_t = d.q_sample(x_start, k, noise)
+        y = batch.get("y")
+        if y is not None and self.config.label_dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.config.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.spec.num_classes), y)
+        output = models["model"](x_t, d.model_time(k, x_t), y).float()
+        terms = d.training_losses(output, x_start.float(), x_t.float(), k, noise.float(), self.config.loss_type)
+        self.sampler.update_with_local_losses(k, terms["loss"].detach())
+        logs = {name: terms[name].detach().mean().item() for name in ("mse", "vb") if name in terms}
+        return (terms["loss"] * weights).mean(), logs
+
+    def sampling_model(self, model: nn.Module) -> Field:
+        if isinstance(model, ClassifierFreeGuidance) and self.diffusion.learned_variance:
+            return MeanGuidance(model.model, model.scale, model.null_label)
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

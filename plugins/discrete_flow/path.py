@@ -1,0 +1,220 @@
+"""The mixture discrete probability path and its probability velocities.
+
+Tokens live in ``{0, ..., V-1}`` (``V = spec.vocab_size``). Every position
+``i`` of ``x_t`` independently holds its data token with probability
+``kappa_t`` and its source token otherwise:
+
+    p_t(x^i | x_0, x_1) = (1 - kappa_t) delta_{x_0^i}(x^i) + kappa_t delta_{x_1^i}(x^i)
+
+with ``kappa_t`` from a convex scheduler (``kappa_0 = 0``, ``kappa_1 = 1``).
+The source ``x_0`` is either
+
+* ``"uniform"``: i.i.d. uniform over the data tokens, or
+* ``"mask"``: every position the mask token.
+
+**The mask token.** Backbones size their embeddings and logits from
+``spec.vocab_size`` alone, so a mask token must be part of the data's
+vocabulary: a data source that supports it declares ``spec.extra["mask_token"]
+= V - 1`` (the last id, never produced by the data) and counts it in
+``spec.vocab_size``. The ``text`` and ``toy2d_discrete`` sources do so with
+``mask_token = true``; any other discrete source gets one by wrapping it in the
+``with_mask_token`` data component. The mask is never a valid *data* token:
+posteriors give it probability zero (its logit is ignored), and a uniform
+source draws only data tokens.
+
+**Posteriors.** Models return logits ``(B, ..., V)`` of the posterior
+``p_{1|t}(x_1^i | x_t)``. With the mask source a position that is not masked
+already holds its data token (the mixture path never changes a revealed
+token), so its posterior is the one-hot of ``x_t^i`` whatever the model says
+("carry-over": exact, and it makes the loss of such positions zero).
+
+**Velocities.** The marginal probability velocity of position ``i`` in state
+``z = x_t`` is
+
+    u_t(x^i, z) = kappa'_t / (1 - kappa_t) * [p_{1|t}(x^i | z) - delta_{z^i}(x^i)]
+
+and, for any ``beta_t >= 0``, adding ``beta_t`` times the divergence-free field
+
+    v_t(x^i, z) = kappa'_t / (kappa_t (1 - kappa_t)) * [(1 - kappa_t) p_0(x^i) + kappa_t p_{1|t}(x^i | z) - delta_{z^i}(x^i)]
+
+keeps the marginals ``p_t`` (its probability flux vanishes because
+``p_t^i = (1 - kappa_t) p_0 + kappa_t p_1^i``). Both have rows summing to zero
+and non-negative off-diagonal entries (jump rates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import attrs
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from core.interfaces import ConvexScheduler, DataSpec, Path, PathSample
+from core.nn import append_dims
+from registry import ConfigError
+
+#: Smallest ``kappa`` and ``1 - kappa`` used when dividing by them (the rates
+#: they produce are then so large that a step jumps with probability one).
+KAPPA_EPS = 1e-12
+
+
+@attrs.define
+class MixturePathConfig:
+    """Options of the mixture_discrete path.
+
+    Attributes:
+        source: "uniform" (uniform over the data tokens) or "mask" (every
+            position the mask token; the data must declare one, see the module doc).
+    """
+
+    source: Literal["uniform", "mask"] = "uniform"
+
+
+def categorical(weights: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One draw per row from unnormalised non-negative ``weights (..., V)`` -> LongTensor ``(...)``.
+
+    Inverse-CDF sampling in `dtype` (float64 avoids the rounding that makes
+    float32 sampling misrepresent rare tokens). A token of weight zero is never
+    drawn (rows of all zeros give an arbitrary index). Uniforms come from
+    `generator` (on its device) and are moved to the weights' device.
+    """
+    w = weights.to(dtype)
+    cdf = w.cumsum(-1)
+    device = generator.device if generator is not None else w.device
+    u = torch.rand(w.shape[:-1], generator=generator, device=device, dtype=dtype).to(w.device)
+    u = u * cdf[..., -1]
+    idx = torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    # u rounded up to the total: take the last token of positive weight
+    last = (w > 0).cumsum(-1).argmax(-1)
+    return torch.where(idx >= w.shape[-1], last, idx)
+
+
+def uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
+    """Uniforms in [0, 1) of `shape` drawn with `generator` (on its device), moved to `device`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(*shape, generator=generator, device=gen_device).to(device)
+
+
+class MixtureDiscretePath(Path):
+    """See the module docstring.
+
+    Args:
+        scheduler: a convex scheduler (``kappa_t = alpha_t``).
+        vocab_size: ``V``, the model's vocabulary (the mask token included when there is one).
+        source: "uniform" or "mask".
+        mask_token: id of the mask token (must be ``V - 1``), or None when the vocabulary has none.
+    """
+
+    def __init__(self, scheduler: ConvexScheduler, vocab_size: int, source: str = "uniform",
+                 mask_token: int | None = None):
+        if source not in ("uniform", "mask"):
+            raise ValueError(f"unknown source {source!r}")
+        if mask_token is not None and mask_token != vocab_size - 1:
+            raise ValueError(f"the mask token must be the last id {vocab_size - 1}, got {mask_token}")
+        if source == "mask" and mask_token is None:
+            raise ValueError("source 'mask' needs a vocabulary with a mask token")
+        self.scheduler, self.vocab_size, self.source, self.mask_token = scheduler, vocab_size, source, mask_token
+        #: number of data tokens (ids 0 .. data_vocab - 1)
+        self.data_vocab = vocab_size - (mask_token is not None)
+
+    # -- the path --------------------------------------------------------------------
+    def kappa(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(kappa_t, d kappa_t / dt)`` in float64, each shaped like ``t``."""
+        s = self.scheduler(t.double())
+        return s.alpha_t, s.d_alpha_t
+
+    def jump_coefficient(self, t: Tensor) -> Tensor:
+        """``kappa'_t / (1 - kappa_t)`` (float64, shaped like ``t``): the rate at which a
+        token not yet at its data value jumps to it."""
+        kappa, d_kappa = self.kappa(t)
+        return d_kappa / (1.0 - kappa).clamp_min(KAPPA_EPS)
+
+    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> PathSample:
+        """``x_t`` keeps each data token of ``x_1 (B, ...)`` with probability ``kappa_t`` (``t (B,)``)
+        and the source token of ``x_0`` otherwise. ``target`` is ``x_1`` (models predict its posterior)."""
+        kappa = append_dims(self.kappa(t)[0], x_1.ndim)
+        keep = uniform(x_1.shape, generator, x_1.device).double() < kappa
+        return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=torch.where(keep, x_1, x_0), target=x_1)
+
+    def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+        """``(B, ...)`` mask tokens, or tokens uniform over the data vocabulary."""
+        if self.source == "mask":
+            return torch.full(tuple(shape), self.mask_token, dtype=torch.long, device=device)
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(self.data_vocab, tuple(shape), generator=generator, device=gen_device).to(device)
+
+    def source_probs(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The source distribution ``p_0`` of one position, ``(V,)``."""
+        p = torch.zeros(self.vocab_size, device=device, dtype=dtype)
+        if self.source == "mask":
+            p[self.mask_token] = 1.0
+        else:
+            p[: self.data_vocab] = 1.0 / self.data_vocab
+        return p
+
+    # -- posteriors ------------------------------------------------------------------
+    def log_posterior(self, logits: Tensor, x_t: Tensor) -> Tensor:
+        """``log p_{1|t}(. | x_t)`` ``(B, ..., V)`` (float32 or wider) from model logits ``(B, ..., V)``.
+
+        The mask token gets probability zero; with the mask source, positions
+        of ``x_t (B, ...)`` that are not masked get the one-hot of their token.
+        """
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[-1]} entries, the vocabulary {self.vocab_size}")
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        if self.mask_token is not None:
+            logits = logits.index_fill(-1, torch.tensor([self.mask_token], device=logits.device), float("-inf"))
+        log_p = torch.log_softmax(logits, dim=-1)
+        if self.source == "mask":
+            revealed = (x_t != self.mask_token).unsqueeze(-1)
+            log_onehot = torch.full_like(log_p, float("-inf")).scatter_(-1, x_t.unsqueeze(-1), 0.0)
+            log_p = torch.where(revealed, log_onehot, log_p)
+        return log_p
+
+    def posterior(self, logits: Tensor, x_t: Tensor) -> Tensor:
+        """``p_{1|t}(. | x_t)`` ``(B, ..., V)``; see `log_posterior`."""
+        return self.log_posterior(logits, x_t).exp()
+
+    # -- probability velocities ------------------------------------------------------------
+    def velocity(self, posterior: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The marginal probability velocity ``u_t(., x_t)`` ``(B, ..., V)`` (module doc)
+        from the posterior ``(B, ..., V)``, the state ``x_t (B, ...)`` and ``t (B,)``."""
+        coef = append_dims(self.jump_coefficient(t), posterior.ndim).to(posterior.dtype)
+        return coef * (posterior - F.one_hot(x_t, self.vocab_size).to(posterior.dtype))
+
+    def divergence_free(self, posterior: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The divergence-free field ``v_t(., x_t)`` ``(B, ..., V)`` of the module doc (add ``beta_t`` times it)."""
+        kappa, d_kappa = self.kappa(t)
+        coef = d_kappa / (kappa.clamp_min(KAPPA_EPS) * (1.0 - kappa).clamp_min(KAPPA_EPS))
+        kappa = append_dims(kappa, posterior.ndim).to(posterior.dtype)
+        coef = append_dims(coef, posterior.ndim).to(posterior.dtype)
+        p_0 = self.source_probs(posterior.device, posterior.dtype)
+        onehot = F.one_hot(x_t, self.vocab_size).to(posterior.dtype)
+        return coef * ((1.0 - kappa) * p_0 + kappa * posterior - onehot)
+
+
+def build_mixture_path(config: MixturePathConfig, spec: DataSpec, scheduler: ConvexScheduler | None = None) -> MixtureDiscretePath:
+    """Path factory: needs discrete data and the experiment's convex ``[scheduler]``."""
+    if spec.kind != "discrete" or spec.vocab_size <= 0:
+        raise ConfigError(f"the mixture_discrete path needs discrete data (token ids); the data is {spec.kind!r}",
+                          ("plugin",))
+    if scheduler is None:
+        raise ConfigError("the mixture_discrete path needs a [scheduler] section with a convex scheduler "
+                          "(e.g. plugin = \"cond_ot\" or \"polynomial\")", ("plugin",))
+    if not isinstance(scheduler, ConvexScheduler):
+        raise ConfigError(f"the mixture_discrete path needs a convex scheduler (one with kappa_t); "
+                          f"{type(scheduler).__name__} is not one", ("plugin",))
+    mask = spec.extra.get("mask_token")
+    if config.source == "mask" and mask is None:
+        raise ConfigError(
+            "source = \"mask\" needs a mask token in the data's vocabulary: set mask_token = true in [data] "
+            "(text, toy2d_discrete), or wrap the data: [data] plugin = \"with_mask_token\", "
+            "data = { plugin = ..., ... }", ("source",))
+    if mask is not None and mask != spec.vocab_size - 1:
+        raise ConfigError(f"the data declares mask token {mask}; it must be the last id {spec.vocab_size - 1}",
+                          ("source",))
+    return MixtureDiscretePath(scheduler, spec.vocab_size, config.source, mask)

@@ -1,0 +1,98 @@
+"""Load a trained CLIP (a teacher, or the previous stage of a progressive run) from disk.
+
+``load_clip(source, spec)`` accepts:
+
+* a flowforge **run directory** (``config.toml`` + ``checkpoints/``): the model is
+  rebuilt with ``registry.build("backbone", config["backbone"], spec=spec)`` from
+  that run's resolved config (its own ``inherit_from`` is ignored: the weights
+  come from the checkpoint) and loaded with the newest checkpoint's EMA weights
+  (or model weights, with ``weights="model"``, or when the run had no EMA);
+* a flowforge **checkpoint file** ``RUN/checkpoints/step-N.pt`` (the config is
+  read from ``RUN/config.toml``);
+* a **Hugging Face CLIP directory** (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``), see `plugins.tinyclip.hf`.
+
+Every problem (missing path, a run without a checkpoint, a model that is not a
+CLIP, weights that do not fit) is a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import registry
+from core import checkpoint as ckpt
+from core.interfaces import DataSpec
+from registry import ConfigError
+
+from .model import CLIP
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _run_config(run: Path, key: str) -> dict:
+    path = run / "config.toml"
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not a readable run config ({exc})", (key,)) from None
+
+
+def _from_checkpoint(run: Path, checkpoint: Path, spec: DataSpec, weights: str, key: str) -> CLIP:
+    config = _run_config(run, key)
+    backbone = dict(config.get("backbone") or {})
+    if not backbone:
+        raise ConfigError(f"{run / 'config.toml'} has no [backbone] section", (key,))
+    backbone["inherit_from"] = ""  # the weights come from the checkpoint, not from the run's own ancestor
+    try:
+        model = registry.build("backbone", backbone, spec=spec)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot rebuild the backbone of {run}: {exc}", (key,)) from None
+    if not isinstance(model, CLIP):
+        raise ConfigError(f"the run {run} did not train a CLIP model (backbone plugin {backbone.get('plugin')!r})", (key,))
+    state = ckpt.load(checkpoint)
+    chosen = state.get("ema") if weights == "ema" and state.get("ema") is not None else state.get("model")
+    try:
+        model.load_state_dict(chosen)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"the weights in {checkpoint} do not fit the model rebuilt from {run}/config.toml for this "
+                          f"data (same tokenizer and image size?): {str(exc).splitlines()[0][:300]}", (key,)) from None
+    return model
+
+
+def load_clip(source: str | Path, spec: DataSpec, weights: Literal["ema", "model"] = "ema",
+              key: str = "teacher") -> CLIP:
+    """A CLIP model with the weights at `source` (see the module docstring), on the CPU, in train mode.
+
+    Args:
+        source: a run directory, a checkpoint file or a Hugging Face CLIP directory.
+        spec: the data spec to rebuild a flowforge model with.
+        weights: which weights of a flowforge checkpoint.
+        key: the config key that named `source` (for error messages).
+    """
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"{source!r} does not exist (expected a run directory, a checkpoint file or a "
+                          f"Hugging Face CLIP directory)", (key,))
+    if path.is_file():
+        run = path.parent.parent
+        if not (run / "config.toml").is_file():
+            raise ConfigError(f"checkpoint {path} is not inside a run directory (no {run / 'config.toml'})", (key,))
+        return _from_checkpoint(run, path, spec, weights, key)
+    if (path / "config.toml").is_file():
+        latest = ckpt.latest(path / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"the run {path} has no checkpoint yet (has it been trained?)", (key,))
+        return _from_checkpoint(path, latest, spec, weights, key)
+    if (path / "config.json").is_file():
+        from .hf import load_hf_clip
+
+        return load_hf_clip(path, key=key)
+    raise ConfigError(f"{path} is neither a flowforge run directory (config.toml) nor a Hugging Face CLIP "
+                      f"directory (config.json)", (key,))

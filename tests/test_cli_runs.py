@@ -1,0 +1,218 @@
+"""The researcher's loop on finished runs: ``flowforge sample``, ``eval`` and ``compare``, and TensorBoard logging.
+
+Two tiny runs are trained once per module: experiments/rectified_flow_2d.toml
+(30 steps) and a conditional rectified flow on the 8x8 digits (with a feature
+Frechet distance whose feature network is cached in a temporary folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from core.cli import main as cli
+from core.rundir import RunDir
+from core.run import run
+
+from .conftest import RF2D, TINY_RF2D, run_cli
+
+RF_SETTINGS = [*TINY_RF2D, "trainer.steps=30", "eval.num_samples=128", "eval.batch_size=128", "eval.untrained=false"]
+DIGITS_SETTINGS = [
+    *TINY_RF2D, "trainer.steps=30", "eval.untrained=false", "eval.num_samples=100", "eval.batch_size=100",
+    "experiment.name='digits-rf'", "data={plugin='digits'}", "objective.label_dropout=0.2",
+    "metrics=[{plugin='frechet_distance', train_steps=5, feature_dim=16}]",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The feature-network cache of this module (never the user's ~/.cache)."""
+    path = tmp_path_factory.mktemp("feature-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLOWFORGE_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def rf_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "rf"
+    run(RF2D, RF_SETTINGS, out=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    run(RF2D, DIGITS_SETTINGS, out=out)
+    return out
+
+
+def finite_numbers(rows, columns):
+    values = [float(r[c]) for r in rows for c in columns if r[c] != ""]
+    assert values and all(math.isfinite(v) for v in values), rows
+    return values
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------- sample
+def test_sample_writes_a_scatter_plot_and_npz(rf_run, tmp_path, capsys):
+    stem = tmp_path / "pts"
+    assert cli(["sample", str(rf_run), "--steps", "3", "--method", "euler", "-n", "50", "--seed", "1",
+                "--out", str(stem), "--npz"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["nfe"] == 3 and info["weights"] == "ema" and info["solver"]["method"] == "euler"
+    assert (tmp_path / "pts.png").stat().st_size > 1000
+    x = np.load(tmp_path / "pts.npz")["x"]
+    assert x.shape == (50, 2) and np.isfinite(x).all()
+    # the same seed gives the same samples; raw weights give others
+    assert cli(["sample", str(rf_run), "--set", "solver.steps=3", "--method", "euler", "-n", "50", "--seed", "1",
+                "--out", str(tmp_path / "again"), "--npz"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npz")["x"], x)
+    assert cli(["sample", str(rf_run), "--steps", "3", "--method", "euler", "-n", "50", "--seed", "1", "--no-ema",
+                "--out", str(tmp_path / "raw"), "--npz"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["weights"] == "raw"
+    assert not np.array_equal(np.load(tmp_path / "raw.npz")["x"], x)
+
+
+def test_sample_digits_grid_with_labels_and_guidance(digits_run, capsys):
+    assert cli(["sample", str(digits_run), "-n", "20", "--labels", "3,7", "--guidance", "1.5", "--npz"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    png, npz = info["files"]
+    assert png.startswith(str(digits_run / "samples")) and png.endswith(".png")
+    data = np.load(npz)
+    assert data["x"].shape == (20, 1, 8, 8) and np.isfinite(data["x"]).all()
+    assert list(data["y"][:4]) == [3, 7, 3, 7]
+    assert info["guidance_scale"] == 1.5
+
+
+# --------------------------------------------------------------------------- eval
+def test_eval_sweeps_methods_and_steps(rf_run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert cli(["eval", str(rf_run), "--method", "euler,midpoint", "--steps", "2,4", "-n", "64",
+                "--out", str(out)]) == 0
+    rows = read_csv(out / "eval.csv")
+    assert len(rows) == 4
+    assert [int(r["nfe"]) for r in rows] == [2, 4, 4, 8]
+    finite_numbers(rows, ["energy_distance", "sliced_wasserstein"])
+    assert (out / "eval.png").stat().st_size > 5000
+    md = (out / "eval.md").read_text()
+    assert "Data-vs-data floor" in md and md.count("\n| ode |") == 4
+    data = json.loads((out / "eval.json").read_text())
+    assert set(data["floor"]) == {"energy_distance", "sliced_wasserstein"}
+
+
+def test_eval_default_sweep_is_around_the_run_steps(rf_run):
+    assert cli(["eval", str(rf_run), "-n", "32", "--no-floor"]) == 0
+    rows = read_csv(rf_run / "eval" / "eval.csv")
+    assert [int(r["steps"]) for r in rows] == [1, 2, 4, 8]  # the run samples with 4 steps
+
+
+def test_eval_digits_feature_metrics_and_guidance(digits_run, cache, tmp_path):
+    out = tmp_path / "ev"
+    assert cli(["eval", str(digits_run), "--steps", "2", "--guidance", "0,2", "-n", "40", "--out", str(out),
+                "--metric", "{plugin = 'frechet_distance', train_steps = 5, feature_dim = 16}",
+                "--metric", "{plugin = 'precision_recall', train_steps = 5, feature_dim = 16}",
+                "--metric", "energy_distance"]) == 0
+    rows = read_csv(out / "eval.csv")
+    assert [float(r["guidance"]) for r in rows] == [0.0, 2.0]
+    finite_numbers(rows, ["frechet_distance", "precision_recall/precision", "precision_recall/recall",
+                          "energy_distance"])
+    assert (out / "eval.png").exists()
+    # the run's metric and both --metric entries share one cached feature network
+    assert len(list((cache / "features").glob("*.pt"))) == 1
+
+
+# --------------------------------------------------------------------------- compare
+def test_compare_has_one_row_per_run_and_only_differing_keys(rf_run, digits_run, tmp_path):
+    out = tmp_path / "cmp"
+    assert cli(["compare", str(rf_run), str(digits_run), "--out", str(out)]) == 0
+    rows = read_csv(out / "compare.csv")
+    assert [r["run"] for r in rows] == [str(rf_run), str(digits_run)]
+    assert "data.plugin" in rows[0] and "experiment.name" in rows[0]
+    assert "trainer.steps" not in rows[0]  # equal in both runs
+    assert rows[0]["energy_distance"] and rows[1]["frechet_distance"]
+    finite_numbers(rows, ["final_loss"])
+    assert (out / "compare.png").stat().st_size > 5000
+    assert (out / "compare.md").read_text().count(f"| {rf_run} |") == 1
+
+
+def test_compare_shows_loss_by_time_bin():
+    from core.commands.compare import loss_bins
+
+    records = [{"step": s, "loss": 1.0, "loss_bin/0.25": 2.0 + s, "loss_bin/0.0": 1.0, "loss_bin/1.0": 3.0}
+               for s in range(4)]
+    bins = loss_bins(records)
+    assert [k for k, _ in bins] == ["loss_bin/0.0", "loss_bin/0.25", "loss_bin/1.0"]
+    assert bins[1][1] == 5.0  # the mean over the last quarter of the records
+
+
+# --------------------------------------------------------------------------- errors
+def test_missing_checkpoint_exits_2_with_a_clear_message(rf_run, tmp_path):
+    broken = tmp_path / "no-ckpt"
+    shutil.copytree(rf_run, broken, ignore=shutil.ignore_patterns("*.pt"))
+    result = run_cli(["-m", "core.cli", "sample", str(broken)])
+    assert result.returncode == 2, result.stderr
+    assert "no checkpoint in" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_and_non_run_directories_exit_2(rf_run, tmp_path, capsys):
+    broken = tmp_path / "corrupt"
+    shutil.copytree(rf_run, broken)
+    for ckpt in (broken / "checkpoints").glob("*.pt"):
+        ckpt.write_bytes(b"\x00garbage")
+    assert cli(["eval", str(broken)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert cli(["sample", str(tmp_path)]) == 2
+    assert "not a flowforge run directory" in capsys.readouterr().err
+    assert cli(["compare", str(rf_run), str(tmp_path / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli(["sample", str(rf_run), "--set", "backbone.hidden=48"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert cli(["eval", str(rf_run), "--sweep", "nosuchoption=1,2"]) == 2
+    assert "solver" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
+    written = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            written.append((self.logdir, tag, value, step))
+
+        def flush(self):
+            written.append("flush")
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    rd = RunDir(tmp_path)
+    rd.log({"step": 5, "loss": 0.5, "loss_bin/0": 0.7, "note": "text", "flag": True})
+    rd.log({"step": 10, "eval/frechet_distance": 3.0})
+    assert [w for w in written if w != "flush"] == [
+        (str(tmp_path / "tensorboard"), "loss", 0.5, 5), (str(tmp_path / "tensorboard"), "loss_bin/0", 0.7, 5),
+        (str(tmp_path / "tensorboard"), "eval/frechet_distance", 3.0, 10)]
+    assert len(rd.read_metrics()) == 2
+
+
+def test_without_tensorboard_only_jsonl_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails like a missing package
+    rd = RunDir(tmp_path)
+    rd.log({"step": 1, "loss": 1.0})
+    assert rd.read_metrics() == [{"step": 1, "loss": 1.0}]
+    assert not (tmp_path / "tensorboard").exists()
