@@ -192,7 +192,7 @@ def plot(rows: list[dict[str, Any]], floor_row: dict[str, Any], path: Path, subt
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="training steps of every model (default 2000)")
+    parser.add_argument("--steps", type=int, default=5000, help="training steps of every model (default 5000)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--num", type=int, default=360, help="generated digits per evaluation (default 360)")
     parser.add_argument("--seeds", type=int, default=3, help="generation seeds per point (default 3)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plugins.tinyclip.table import compare, markdown  # noqa: E402
+from plugins.tinyclip.table import compare, markdown
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ the union over ranks is the batch a single process would see.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -33,6 +34,12 @@ def generator(*parts: Any, device: str | torch.device = "cpu") -> torch.Generato
     return g
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The seeded permutation of ``range(n)`` for `epoch` (cached: computed once per epoch, not per step)."""
+    return torch.randperm(n, generator=generator(seed, "epoch", epoch))
+
+
 def step_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
     """Indices (into a data set of size `n`) of `rank`'s share of optimizer step `step`.
 
@@ -43,7 +50,7 @@ def step_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0,
     start, stop = step * global_batch, (step + 1) * global_batch
     pieces = []
     for epoch in range(start // n, (stop - 1) // n + 1):
-        perm = torch.randperm(n, generator=generator(seed, "epoch", epoch))
+        perm = epoch_permutation(n, seed, epoch)
         lo, hi = max(start, epoch * n) - epoch * n, min(stop, (epoch + 1) * n) - epoch * n
         pieces.append(perm[lo:hi])
     idx = torch.cat(pieces)

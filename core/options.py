@@ -35,6 +35,7 @@ def options_table(kind: str, name: str) -> list[tuple[str, str, str, str]]:
     cls = comp.config_class()
     if cls is None:
         return []
+    attrs.resolve_types(cls)
     docs = _field_docs(cls)
     rows = []
     for f in attrs.fields(cls):

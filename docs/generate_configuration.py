@@ -45,6 +45,19 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     return out
 
 
+def _resolve(cls: type | None) -> None:
+    """Turn string annotations (``from __future__ import annotations``) into types, as building a
+    component does, so that types print the same whether or not the class was used before."""
+    import attrs
+
+    if cls is None:
+        return
+    try:
+        attrs.resolve_types(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation prints as written
+        pass
+
+
 def _class_rows(cls: type) -> list[tuple[str, str, str, str]]:
     """(option, type, default, doc) rows of a core section's attrs class (the same format as components)."""
     import attrs
@@ -52,6 +65,7 @@ def _class_rows(cls: type) -> list[tuple[str, str, str, str]]:
     from core.options import _field_docs
     from registry.convert import _type_name
 
+    _resolve(cls)
     docs = _field_docs(cls)
     rows = []
     for f in attrs.fields(cls):
@@ -92,9 +106,9 @@ def generate() -> str:
         "",
         "    flowforge plugins --options NAME          # or: flowforge plugins --options KIND NAME",
         "",
-        "Types: a `Literal[...]` (or `one of ...`) type is a string from that list; `X | None` may be",
-        "left out (None); an option whose default is `(required)` must be given. How components are",
-        "written is in docs/plugins.md.",
+        "Types: `one of 'a', 'b'` is a string from that list; `a table` is an inline TOML table",
+        "(`{ plugin = \"...\", ... }`). An option whose default is `(required)` must be given; one whose",
+        "default is `None` may be left out. How components are written is in docs/plugins.md.",
         "",
         "## Contents",
         "",
@@ -123,8 +137,10 @@ def generate() -> str:
                 continue
             lines += [f'<a id="{kind}-{name.replace("_", "-")}"></a>', "", f"### `{name}`", ""]
             if component.doc:
-                lines += [component.doc[0].upper() + component.doc[1:] + ("" if component.doc.endswith(".") else "."), ""]
+                doc = component.doc[0].upper() + component.doc[1:]
+                lines += [doc if doc.endswith(".") else doc + ".", ""]
             lines += [f"```toml\n{section}\nplugin = \"{name}\"\n```", ""]
+            _resolve(component.config_class())
             lines += _table(options_table(kind, name)) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -26,8 +26,19 @@ import torch
 from torch import nn
 
 import registry
-from core.interfaces import (ConvexScheduler, DataSource, DataSpec, Launcher, Objective, Path as PathInterface,
-                             PathSample, Scheduler, SchedulerOutput, Solver, SolverResult)
+from core.interfaces import (
+    ConvexScheduler,
+    DataSource,
+    DataSpec,
+    Launcher,
+    Objective,
+    PathSample,
+    Scheduler,
+    SchedulerOutput,
+    Solver,
+    SolverResult,
+)
+from core.interfaces import Path as PathInterface
 from core.testing import backbones as backbone_kit
 from core.testing import data as data_kit
 from core.testing import launchers as launcher_kit
@@ -71,7 +82,8 @@ def run_case(kind: str, name: str, variant: str, recipes: dict[str, dict[str, Ch
     try:
         check = generic(name)
     except (registry.ConfigError, TypeError, ValueError) as exc:
-        pytest.skip(f"{kind} {name!r} does not build with its defaults ({exc}); add a recipe to tests/test_conformance.py")
+        pytest.skip(f"{kind} {name!r} does not build with its defaults ({exc}); "
+                    f"add a recipe to tests/test_conformance.py")
     try:
         check()
     except AssertionError:
@@ -135,7 +147,8 @@ def check_discrete_path(path: PathInterface, spec: DataSpec, who: str) -> None:
 def check_path_basics(path: PathInterface) -> None:
     """Shapes and a seeded source, for paths whose target is not the velocity (e.g. DDPM's epsilon)."""
     g = torch.Generator().manual_seed(0)
-    x_0, x_1 = torch.randn(4, 2, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    x_0 = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    x_1 = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
     path_kit.check_sample_at(path, x_0, x_1, torch.rand(4, generator=g, dtype=torch.float64))
     path_kit.check_source(path, (2, 3), 4, seed=5)
 
@@ -184,7 +197,8 @@ def check_sampler_basics(solver: Solver, x_init: torch.Tensor, fn: Callable, who
         again = solver.sample(solver_kit.CountingField(fn), x_init, generator=torch.Generator().manual_seed(0))
     assert isinstance(out, SolverResult), f"{who} violates 'returns a SolverResult': got {type(out).__name__}"
     assert out.x.shape == x_init.shape and out.x.dtype == x_init.dtype, (
-        f"{who} violates 'shape and dtype': {tuple(out.x.shape)} {out.x.dtype} for {tuple(x_init.shape)} {x_init.dtype}")
+        f"{who} violates 'shape and dtype': {tuple(out.x.shape)} {out.x.dtype} "
+        f"for {tuple(x_init.shape)} {x_init.dtype}")
     if out.x.dtype.is_floating_point:
         assert bool(torch.isfinite(out.x).all()), f"{who} violates 'finite samples'"
     assert out.nfe == field.calls > 0, f"{who} violates 'nfe = model calls': reported {out.nfe}, made {field.calls}"
@@ -205,9 +219,11 @@ def _discrete_logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 SOLVER_RECIPES: dict[str, dict[str, Check]] = {
     "ode": {
         "kit": lambda: solver_kit.check_solver(
-            lambda method, steps: build("solver", "ode", {"method": method, "steps": steps}), ODE_METHODS, steps=(1, 4)),
+            lambda method, steps: build("solver", "ode", {"method": method, "steps": steps}), ODE_METHODS,
+            steps=(1, 4)),
         "dopri5": lambda: check_sampler_basics(build("solver", "ode", {"method": "dopri5"}, scheduler=cond_ot()),
-                                               torch.randn(5, 2, dtype=torch.float64), lambda x, t: -x, "solver 'ode' dopri5"),
+                                               torch.randn(5, 2, dtype=torch.float64), lambda x, t: -x,
+                                               "solver 'ode' dopri5"),
     },
     "one_step": {
         "basics": lambda: check_sampler_basics(build("solver", "one_step", scheduler=cond_ot(), spec=SPEC_2D),
@@ -297,8 +313,8 @@ def objective_check(name: str, options: dict, spec: DataSpec, context: dict, mod
 def flow_check(name: str, options: dict) -> Check:
     def check() -> None:
         scheduler = cond_ot()
-        objective_check(name, options, SPEC_2D, {"scheduler": scheduler, "path": build("path", "affine", scheduler=scheduler)},
-                        mlp(SPEC_2D), batch_2d())
+        context = {"scheduler": scheduler, "path": build("path", "affine", scheduler=scheduler)}
+        objective_check(name, options, SPEC_2D, context, mlp(SPEC_2D), batch_2d())
     return check
 
 
@@ -376,7 +392,7 @@ def data_check(name: str, options: dict | None = None, **kw) -> Check:
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory) -> SimpleNamespace:
-    """Small files for the data sources that read from disk: an .npz, an image folder, a caption CSV, CIFAR-10 batches."""
+    """Small files for the data sources that read from disk: an .npz, images, a caption CSV, CIFAR-10 batches."""
     import pickle
 
     import numpy as np
@@ -396,7 +412,8 @@ def data_files(tmp_path_factory) -> SimpleNamespace:
     cifar = root / "cifar-10-batches-py"
     cifar.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 255, (10, 3072), dtype=np.uint8), b"labels": [int(v) for v in rng.integers(0, 10, 10)]}
+        batch = {b"data": rng.integers(0, 255, (10, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, 10)]}
         with open(cifar / name, "wb") as fh:
             pickle.dump(batch, fh)
     with open(cifar / "batches.meta", "wb") as fh:
@@ -412,15 +429,18 @@ DATA_RECIPES: dict[str, dict[str, Check]] = {
     "digits": {"continuous": data_check("digits", exact_partition=True)},
     "text": {"characters": data_check("text", {"seq_len": 16})},
     "clip_digits": {"captions": data_check("clip_digits", exact_partition=True)},
-    "clip_shapes": {"captions": data_check("clip_shapes", {"train_size": 64, "held_out_size": 16}, exact_partition=True)},
-    "with_mask_token": {"toy2d_discrete": data_check("with_mask_token", {"data": {"plugin": "toy2d_discrete", "bins": 16}})},
+    "clip_shapes": {"captions": data_check("clip_shapes", {"train_size": 64, "held_out_size": 16},
+                                           exact_partition=True)},
+    "with_mask_token": {"toy2d_discrete": data_check("with_mask_token",
+                                                     {"data": {"plugin": "toy2d_discrete", "bins": 16}})},
 }
 #: Data sources that read files: built from `data_files` inside the test.
 DATA_FILE_RECIPES: dict[str, Callable[[SimpleNamespace], Check]] = {
     "npz": lambda f: data_check("npz", {"path": str(f.npz), "num_classes": 4}, exact_partition=True),
     "imagefolder": lambda f: data_check("imagefolder", {"root": str(f.images), "resolution": 8, "num_workers": 0,
                                                         "held_out_fraction": 0.2}, exact_partition=True),
-    "clip_pairs": lambda f: data_check("clip_pairs", {"train": str(f.captions), "image_size": 8, "held_out_fraction": 0.25}),
+    "clip_pairs": lambda f: data_check("clip_pairs", {"train": str(f.captions), "image_size": 8,
+                                                      "held_out_fraction": 0.25}),
     "cifar10": lambda f: data_check("cifar10", {"root": str(f.cifar)}, exact_partition=True),
 }
 DATA_NOT_APPLICABLE = {
@@ -432,8 +452,10 @@ def generic_data(name: str) -> Check:
     return data_check(name)
 
 
-@pytest.mark.parametrize("name,variant", cases("data", {**DATA_RECIPES, **{k: {"files": None} for k in DATA_FILE_RECIPES}},
-                                               DATA_NOT_APPLICABLE))
+DATA_CASES = cases("data", {**DATA_RECIPES, **{k: {"files": None} for k in DATA_FILE_RECIPES}}, DATA_NOT_APPLICABLE)
+
+
+@pytest.mark.parametrize("name,variant", DATA_CASES)
 def test_data(name, variant, data_files):
     if name in DATA_FILE_RECIPES:
         DATA_FILE_RECIPES[name](data_files)()
@@ -519,8 +541,8 @@ def test_metric(name, variant):
 def launcher_check(name: str, options: dict | None = None, slow: bool = False) -> Check:
     def check() -> None:
         if slow and not SLOW:
-            pytest.skip(f"starts processes or jobs: tests/test_distributed.py covers it; set "
-                        f"FLOWFORGE_CONFORMANCE_SLOW=1 to run the kit on it")
+            pytest.skip("starts processes or jobs: tests/test_distributed.py covers it; set "
+                        "FLOWFORGE_CONFORMANCE_SLOW=1 to run the kit on it")
         launcher_kit.check_launcher(build("launcher", name, options), name=name)
     return check
 
@@ -723,7 +745,8 @@ def check_built(kind: str, name: str) -> None:
         scheduler_kit.check_derivatives(build(kind, name), t)
     elif kind == "path":
         g = torch.Generator().manual_seed(0)
-        x_0, x_1 = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+        x_0 = torch.randn(3, 2, generator=g, dtype=torch.float64)
+        x_1 = torch.randn(3, 2, generator=g, dtype=torch.float64)
         t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
         path_kit.check_sample_at(build(kind, name), x_0, x_1, t)
         path_kit.check_target_is_velocity_at(build(kind, name), x_0, x_1, t)

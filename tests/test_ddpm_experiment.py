@@ -64,20 +64,28 @@ def _short_file(tmp_path: Path, file: Path) -> Path:
     return out
 
 
+SHORT_RUNS = {
+    "mlp-ancestral": ("ddpm_digits.toml", ["solver.plugin=ddpm_ancestral", "solver.respacing=\"100\"",
+                                           "backbone.hidden=64"], 100),
+    "mlp-ddim": ("ddpm_digits.toml", ["solver.plugin=ddim", "solver.respacing=\"ddim10\"", "backbone.hidden=64"], 10),
+    "unet-ddim": ("ddpm_digits_unet.toml", ["solver.respacing=\"ddim10\"", "trainer.steps=4", "trainer.batch_size=32"], 10),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", [["solver.plugin=ddpm_ancestral", "solver.respacing=\"100\""],
-                                    ["solver.plugin=ddim", "solver.respacing=\"ddim10\""]], ids=["ancestral", "ddim"])
-def test_short_run_writes_metrics_and_samples(tmp_path, solver):
-    file = _short_file(tmp_path, ROOT / "experiments" / "ddpm_digits.toml")
+@pytest.mark.parametrize("case", sorted(SHORT_RUNS))
+def test_short_run_writes_metrics_and_samples(tmp_path, case):
+    name, overrides, nfe = SHORT_RUNS[case]
+    file = _short_file(tmp_path, ROOT / "experiments" / name)
     out = tmp_path / "run"
-    overrides = ["trainer.steps=30", "trainer.warmup_steps=0", "trainer.log_every=10", "backbone.hidden=64",
-                 "eval.num_samples=64", "eval.num_pictures=16", "eval.batch_size=64", "trainer.progress=\"off\"", *solver]
-    summary = run(file, overrides, out=out)
+    common = ["trainer.steps=30", "trainer.warmup_steps=0", "trainer.log_every=2", "eval.num_samples=64",
+              "eval.num_pictures=16", "eval.batch_size=64", "trainer.progress=\"off\""]
+    summary = run(file, common + overrides, out=out)
     metrics = summary["metrics"]
     for key in ("energy_distance", "sliced_wasserstein", "ddpm_bpd/total", "ddpm_bpd/prior", "ddpm_bpd/decoder"):
         assert key in metrics and math.isfinite(metrics[key]), metrics
     assert metrics["ddpm_bpd/total"] > 0
-    assert summary["nfe"] == 10 if "ddim" in solver[0] else summary["nfe"] == 100
+    assert summary["nfe"] == nfe
     assert json.loads((out / "summary.json").read_text())["metrics"] == metrics
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("mse" in r and "vb" in r for r in records)  # the hybrid loss's two terms are logged

@@ -56,7 +56,7 @@ def test_every_loss_trains(variance, loss_type, logged, sampler):
 
 
 def test_model_is_called_at_the_times_of_the_sampled_steps(monkeypatch):
-    objective, path = build()
+    objective, _ = build()
     seen = {}
 
     def model(x, t, y=None):

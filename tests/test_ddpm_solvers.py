@@ -151,7 +151,9 @@ def test_output_shape_dtype_and_batch_independence():
 
 def test_clip_denoised_clamps_the_predicted_x_start():
     path = make_path("cosine", 20, prediction="x_start", variance="fixed_small")
-    far = lambda x, t, y=None: torch.full_like(x, 5.0)  # noqa: E731 - predicts x_start = 5 everywhere
+    def far(x, t, y=None):  # predicts x_start = 5 everywhere
+        return torch.full_like(x, 5.0)
+
     x0 = torch.randn(3, 3, dtype=torch.float64)
     clipped = make_solver(path, "ddim", clip_denoised=True).sample(far, x0).x
     raw = make_solver(path, "ddim", clip_denoised=False).sample(far, x0).x

@@ -62,6 +62,15 @@ def randomize(model: torch.nn.Module, gain: float = 1.0, seed: int = 0) -> torch
     return model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: one thread avoids OpenMP contention on small, busy machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("preset", sorted(PAPER_PARAMS))
 def test_paper_presets_have_the_reference_parameter_counts(preset):

@@ -122,7 +122,8 @@ def test_every_interface_is_documented():
 def test_the_checker_notices_an_undocumented_hook_and_interface():
     text = PLUGINS_MD.read_text()
     without_hook = re.sub(r"^### `flowforge_register\(register\)`$", "### (removed)", text, flags=re.M)
-    assert "hook flowforge_register: no heading of docs/plugins.md names it" in missing(without_hook, hook_entries(), "hook")
+    problems = missing(without_hook, hook_entries(), "hook")
+    assert "hook flowforge_register: no heading of docs/plugins.md names it" in problems
     new_hook = {**hook_entries(), "flowforge_commands": ["add_command"]}
     assert any("flowforge_commands" in p for p in missing(text, new_hook, "hook"))
     source = INTERFACES.read_text() + (

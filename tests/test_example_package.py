@@ -80,10 +80,11 @@ def test_its_experiment_runs_from_toml(example_env, tmp_path):
     assert 'plugin = "euler_maruyama"' in (tmp_path / "run" / "config.toml").read_text()
 
 
-def test_its_own_tests_pass_including_the_conformance_kit(example_env):
+def test_its_own_tests_pass_including_the_conformance_kit(example_env, tmp_path):
     """examples/flowforge-sde/tests: the solver kit at g = 0, the score identity, the marginals, its experiment."""
     # (its experiment-file test is what test_its_experiment_runs_from_toml does through the CLI)
-    proc = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(EXAMPLE),
-                "-k", "not test_experiment_file_runs", str(EXAMPLE / "tests")], example_env, cwd=EXAMPLE)
+    proc = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark", "-o", "addopts=",
+                "--rootdir", str(EXAMPLE),
+                "-k", "not test_experiment_file_runs", str(EXAMPLE / "tests")], example_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -7,7 +7,6 @@ tests/test_recipes.py to give each recipe data of the right shape.
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import pickle

@@ -143,6 +143,8 @@ def test_trained_feature_network_is_cached_and_reused(tmp_path, monkeypatch):
     x = data.reference(20, torch.Generator().manual_seed(0))["x"]
     out = first(x)
     assert out.shape == (20, 16) and out.dtype == torch.float64
+    chunked = FeatureExtractor(first.body, data.spec, "trained", batch_size=7)(x)
+    torch.testing.assert_close(chunked, out, rtol=1e-5, atol=1e-6)  # float32 network, batch-dependent kernels
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached feature network was retrained")

@@ -50,7 +50,8 @@ def generated(tmp_path_factory):
     packages = [root / "src" / dist_name(kind) for kind in KINDS]
     target = root / "target"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                           "--disable-pip-version-check", "--no-input", "-q", "--target", str(target), *map(str, packages)],
+                           "--disable-pip-version-check", "--no-input", "-q", "--target", str(target),
+                           *map(str, packages)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root, target, packages
@@ -62,9 +63,11 @@ def test_render_writes_a_complete_package_for_every_kind():
         assert set(files) == {"pyproject.toml", "README.md", "src/flowforge_my_thing/__init__.py",
                               f"src/flowforge_my_thing/{kind}.py", "tests/test_flowforge_my_thing.py",
                               "experiments/my_thing.toml"}
-        assert '[project.entry-points."flowforge.plugins"]\nflowforge_my_thing = "flowforge_my_thing"' in files["pyproject.toml"]
+        entry_point = '[project.entry-points."flowforge.plugins"]\nflowforge_my_thing = "flowforge_my_thing"'
+        assert entry_point in files["pyproject.toml"]
         hooks = files["src/flowforge_my_thing/__init__.py"]
-        assert f"FLOWFORGE_API = {registry.API_VERSION}" in hooks and f'register("{kind}", "my_thing"' in hooks
+        assert f"FLOWFORGE_API = {registry.API_VERSION}" in hooks
+        assert f'register(\n        "{kind}",\n        "my_thing",\n        "flowforge_my_thing.{kind}:build",' in hooks
         for path, text in files.items():
             assert "{{" not in text, (kind, path)
             if path.endswith(".py"):
@@ -129,7 +132,8 @@ def test_generated_packages_pass_their_own_tests(generated):
     """Each package's tests: registration, the conformance kit of its kind, and a short run of its experiment."""
     root, target, packages = generated
     tests = [str(p / "tests") for p in packages]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
+                           "--rootdir", str(root),
                            "-o", "addopts=", *tests], cwd=root, env=subprocess_env(target), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -48,7 +48,8 @@ def test_mismatched_plugin_is_refused_with_a_clear_message(capsys):
     assert reg.available("solver") == [] and info.components == []
     assert [p.name for p in reg.plugins()] == ["future"] and reg.plugins()[0].error == info.error
     assert "flowforge-future" in capsys.readouterr().err
-    with pytest.raises(registry.ConfigError, match=r"unknown solver plugin 'warp_drive'.*failed to load: future \(flowforge-future\)"):
+    expected = r"unknown solver plugin 'warp_drive'.*failed to load: future \(flowforge-future\)"
+    with pytest.raises(registry.ConfigError, match=expected):
         reg.get("solver", "warp_drive")
 
 

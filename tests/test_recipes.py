@@ -144,6 +144,10 @@ def test_recipe_builds_published_backbone(recipe, tiny):
     expected = PARAMS_M.get(recipe.name)
     if expected is not None:
         assert abs(millions - expected) / expected < 0.03, f"{recipe.name}: {millions:.1f}M parameters"
+    if backbone["plugin"] == "clip":  # TinyCLIP's names count the towers: ViT-39M, Text-19M (without embeddings)
+        vision = sum(p.numel() for p in model.visual.parameters()) / 1e6
+        text = sum(p.numel() for n, p in model.text.named_parameters() if "embedding" not in n) / 1e6
+        assert abs(vision - 39) < 1.2 and abs(text - 19) < 1.0, (vision, text)
     assert millions > 10
 
 

@@ -149,8 +149,8 @@ def test_options_command_prints_types_defaults_and_docs(capsys):
 
     assert main(["plugins", "--options", "solver", "ode"]) == 0
     out = capsys.readouterr().out
-    assert "method: one of 'euler', 'midpoint', 'heun', 'rk4' = 'midpoint'" in out
-    assert "number of uniform steps" in out
+    assert "method: one of 'euler', 'midpoint', 'heun', 'rk4'" in out and "= 'midpoint'" in out
+    assert "steps: an integer = 20" in out and "euler, midpoint, heun, rk4 (fixed steps)" in out
 
 
 def test_hook_modules_stay_light():

@@ -18,8 +18,17 @@ from plugins.tinyclip import hf
 from plugins.tinyclip.data import read_pairs
 from plugins.tinyclip.inherit import inherit, inherited_state, layer_indices
 from plugins.tinyclip.losses import (
-    ClipContrastive, ContrastiveConfig, DistillConfig, TinyCLIPDistill, affinity_loss, cached_loss, clip_logits,
-    contrastive_loss, gather_features, soft_cross_entropy)
+    ClipContrastive,
+    ContrastiveConfig,
+    DistillConfig,
+    TinyCLIPDistill,
+    affinity_loss,
+    cached_loss,
+    clip_logits,
+    contrastive_loss,
+    gather_features,
+    soft_cross_entropy,
+)
 from plugins.tinyclip.model import CLIP, CLIPDims, TowerDims
 from plugins.tinyclip.tokenizer import WordTokenizer
 from plugins.tinyclip.zeroshot import ZeroShot, ZeroShotConfig
@@ -423,11 +432,9 @@ def test_csv_and_jsonl_pairs_are_read(tmp_path):
     captions = ["a red square", "a green circle", "a blue circle", "the red cross", "a big square", "one circle"]
     with open(tmp_path / "pairs.csv", "w") as fh:
         fh.write("filepath,caption,label\n")
-        for i, c in enumerate(captions):
-            fh.write(f"images/im{i}.png,\"{c}\",{'circle' if 'circle' in c else 'square'}\n")
+        fh.writelines(f"images/im{i}.png,\"{c}\",{'circle' if 'circle' in c else 'square'}\n" for i, c in enumerate(captions))
     with open(tmp_path / "pairs.jsonl", "w") as fh:
-        for i, c in enumerate(captions):
-            fh.write(json.dumps({"filepath": str(tmp_path / "images" / f"im{i}.png"), "caption": c}) + "\n")
+        fh.writelines(json.dumps({"filepath": str(tmp_path / "images" / f"im{i}.png"), "caption": c}) + "\n" for i, c in enumerate(captions))
     data = registry.build("data", {"plugin": "clip_pairs", "train": str(tmp_path / "pairs.csv"), "image_size": 8,
                                    "held_out_fraction": 0.34, "label_key": "label",
                                    "class_names": ["square", "circle"]})

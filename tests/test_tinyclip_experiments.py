@@ -24,18 +24,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT_STAGES = [*SHORT, "trainer.steps=15", "trainer.log_every=5"]
 
 
+#: A shortened comparison (about a minute of compute): a teacher trained for 400 steps, students for 80.
+MEDIUM = ["data.train_size=2000", "data.held_out_size=500", "trainer.log_every=40"]
+TEACHER_STEPS = ["trainer.steps=400"]
+STUDENT_STEPS = ["trainer.steps=80", "trainer.warmup_steps=10"]
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("tinyclip")
-    return out, compare(out, short=True)
+    return out, compare(out, MEDIUM, teacher_overrides=TEACHER_STEPS, student_overrides=STUDENT_STEPS)
 
 
+@pytest.mark.slow
+def test_distillation_beats_training_from_scratch(table):
+    _, rows = table
+    teacher, distilled, scratch = rows
+    assert teacher["top1"] > 0.8, rows
+    # weight inheritance: the distilled student starts far above chance (1/24), the scratch one at chance
+    assert distilled["untrained_top1"] > scratch["untrained_top1"] + 0.1, rows
+    for key in ("top1", "i2t_r1", "t2i_r1"):
+        assert distilled[key] > scratch[key], (key, rows)
+    assert distilled["top1"] > scratch["top1"] + 0.05, rows
+
+
+@pytest.mark.slow
 def test_three_runs_write_a_table(table):
     out, rows = table
     assert [r["run"] for r in rows] == ["teacher", "distilled", "scratch"]
     teacher, distilled, scratch = rows
-    assert teacher["parameters"] > 5 * distilled["parameters"]
-    assert distilled["parameters"] == scratch["parameters"] and distilled["steps"] == scratch["steps"] == 40
+    assert teacher["parameters"] > 1.5 * distilled["parameters"]
+    assert distilled["parameters"] == scratch["parameters"] and distilled["steps"] == scratch["steps"] == 80
     for r in rows:
         assert all(0.0 <= r[k] <= 1.0 for k in COLUMNS), r
         summary = json.loads((out / r["run"] / "summary.json").read_text())
@@ -46,6 +65,7 @@ def test_three_runs_write_a_table(table):
     assert "tinyclip_distill" in config and str((out / "teacher").as_posix()) in config
 
 
+@pytest.mark.slow
 def test_inherit_from_a_run_directory_copies_its_ema_weights(table):
     out, _ = table
     teacher_dir = out / "teacher"
@@ -78,5 +98,5 @@ def test_benchmark_script_help():
     import subprocess
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tinyclip_table.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "--short" in proc.stdout

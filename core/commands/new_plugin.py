@@ -47,21 +47,22 @@ class KindTemplate:
     section: str                  # the experiment-file section the component goes in
     context: str                  # the context keywords its factory may receive
     example_options: str          # option lines shown in the README
+    test_imports: tuple[str, ...] = ()  # modules its conformance test needs besides registry
 
 
 KINDS: dict[str, KindTemplate] = {
     "scheduler": KindTemplate("a polynomial convex schedule, alpha_t = t^n and sigma_t = 1 - t^n",
-                              "scheduler", "`spec`", "exponent = 2.0"),
+                              "scheduler", "`spec`", "exponent = 2.0", ("pytest", "torch")),
     "solver": KindTemplate("Euler's method from noise (t = 0) to data (t = 1), one model evaluation per step",
                            "solver", "`spec`, `scheduler`, `path`", "steps = 50"),
     "backbone": KindTemplate("a residual MLP conditioned on time and class labels",
-                             "backbone", "`spec`", "hidden = 256\ndepth = 3"),
+                             "backbone", "`spec`", "hidden = 256\ndepth = 3", ("pytest",)),
     "objective": KindTemplate("flow matching with the pseudo-Huber loss",
-                              "objective", "`spec`, `scheduler`, `path`", "c = 0.03"),
+                              "objective", "`spec`, `scheduler`, `path`", "c = 0.03", ("torch",)),
     "path": KindTemplate("the affine Gaussian path with a minimum noise level sigma_min at t = 1",
-                         "path", "`spec`, `scheduler`", "sigma_min = 0.001"),
+                         "path", "`spec`, `scheduler`", "sigma_min = 0.001", ("pytest",)),
     "metric": KindTemplate("the distance between the means and covariances of generated and reference samples",
-                           "metrics", "`spec`, `data`", "covariance = true"),
+                           "metrics", "`spec`, `data`", "covariance = true", ("torch",)),
     "data": KindTemplate("a ring of Gaussian blobs in 2D, drawn fresh for every batch",
                          "data", "none", "modes = 8\nradius = 3.0"),
     "launcher": KindTemplate("runs training in this process on the CPU with a chosen number of threads",
@@ -173,6 +174,8 @@ def render(name: str, kind: str, component: str | None = None) -> dict[str, str]
         "kind": kind, "doc": spec.doc, "api_version": str(API_VERSION), "context": spec.context,
         "flowforge_requirement": _flowforge_requirement(),
         "toml_example": f'{section}\nplugin = "{n.component}"\n{spec.example_options}',
+        # one third-party block, sorted the way isort/ruff expect in a package outside flowforge
+        "test_imports": "\n".join(f"import {m}" for m in sorted({"registry", *spec.test_imports})),
     }
     test = templates.read("plugin_test.py.txt").replace("{{conformance}}",
                                                         templates.read(f"conformance_{kind}.py.txt").rstrip("\n"))

@@ -5,7 +5,7 @@ invariant and the component. Typical use in a plugin package's tests::
 
     from core.testing.solvers import check_solver
     def test_my_solver_conforms():
-        check_solver(lambda method, steps: MySolver(MyConfig(steps=steps)), methods={"euler": 1})
+        check_solver(lambda method, steps: MySolver(MyConfig(steps=steps)), methods={"euler": (1, 1)})
 
 Modules: ``solvers``, ``schedulers``, ``paths``, ``backbones``, ``objectives``,
 ``launchers``, ``data``, ``metrics``; hypothesis strategies in ``strategies``.

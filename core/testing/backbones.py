@@ -137,7 +137,8 @@ def check_scalar_time(model: nn.Module, spec: DataSpec, *, name: str | None = No
         scalar = model(x, t0, y)
         batched = model(x, t0.expand(batch_size), y)
     ok, err = _close(scalar, batched, atol, rtol)
-    _require(ok, who, "scalar t", f"model(x, 0-d t) differs from model(x, t expanded to (B,)) (max difference {err:.3g})")
+    _require(ok, who, "scalar t",
+             f"model(x, 0-d t) differs from model(x, t expanded to (B,)) (max difference {err:.3g})")
 
 
 def check_items_independent(model: nn.Module, spec: DataSpec, *, name: str | None = None, batch_size: int = 3,
@@ -152,7 +153,8 @@ def check_items_independent(model: nn.Module, spec: DataSpec, *, name: str | Non
             alone = model(x[i:i + 1], t[i:i + 1], y[i:i + 1] if y is not None else None)
             ok, err = _close(alone, whole[i:i + 1], atol, rtol)
             _require(ok, who, "items are independent",
-                     f"in eval mode, item {i} computed alone differs from item {i} of the batch (max difference {err:.3g})")
+                     f"in eval mode, item {i} computed alone differs from item {i} of the batch "
+                     f"(max difference {err:.3g})")
 
 
 def check_eval_determinism(model: nn.Module, spec: DataSpec, *, name: str | None = None, batch_size: int = 3,

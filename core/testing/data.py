@@ -91,7 +91,8 @@ def _rows(batch: Mapping[str, Any]) -> list[tuple]:
 def check_batch(batch: Any, spec: DataSpec, n: int, who: str, what: str = "a training batch") -> None:
     """``shapes match spec`` for one batch of `n` examples."""
     inv = "shapes match spec"
-    _require(isinstance(batch, Mapping) and len(batch) > 0, who, inv, f"{what} is {type(batch).__name__}, expected a dict of tensors")
+    _require(isinstance(batch, Mapping) and len(batch) > 0, who, inv,
+             f"{what} is {type(batch).__name__}, expected a dict of tensors")
     for key, value in batch.items():
         _require(isinstance(value, Tensor), who, inv, f"{what}[{key!r}] is a {type(value).__name__}, not a Tensor")
         _require(value.ndim >= 1 and value.shape[0] == n, who, inv,
@@ -99,7 +100,8 @@ def check_batch(batch: Any, spec: DataSpec, n: int, who: str, what: str = "a tra
     x = batch.get("x")
     if x is not None:
         want = (n, *spec.shape)
-        _require(tuple(x.shape) == want, who, inv, f"{what}['x'] has shape {tuple(x.shape)}, expected (B, *spec.shape) = {want}")
+        _require(tuple(x.shape) == want, who, inv,
+                 f"{what}['x'] has shape {tuple(x.shape)}, expected (B, *spec.shape) = {want}")
         if spec.kind == "discrete":
             _require(not x.dtype.is_floating_point and not x.dtype.is_complex, who, inv,
                      f"discrete data must be integer token ids, got {x.dtype}")
@@ -133,7 +135,8 @@ def check_data_source(data: Any, *, name: str | None = None, batch_size: int = 4
         _require(spec.vocab_size > 0, who, "spec", "discrete data needs spec.vocab_size > 0")
     count = getattr(data, "num_examples", None)
     _require(count is None or (isinstance(count, int) and count > 0), who, "spec",
-             f"num_examples is {count!r}: the size of the training split (a positive int) or None for an endless source")
+             f"num_examples is {count!r}: the size of the training split (a positive int) "
+             f"or None for an endless source")
 
     inv = "deterministic in (seed, step, rank)"
     with _checking(who, inv), torch.random.fork_rng(devices=[]):
@@ -173,7 +176,8 @@ def check_data_source(data: Any, *, name: str | None = None, batch_size: int = 4
                 for b in range(a + 1, world_size):
                     common = len(set(rows[a]) & set(rows[b]))
                     _require(common * 2 < batch_size, who, inv,
-                             f"ranks {a} and {b} of {world_size} share {common} of {batch_size} examples at step {step}")
+                             f"ranks {a} and {b} of {world_size} share {common} of {batch_size} examples "
+                             f"at step {step}")
             if exact_partition:
                 with _checking(who, inv):
                     whole = _take(data, 1, batch_size * world_size, seed=seed, start_step=step)[0]

@@ -82,7 +82,8 @@ def check_launcher(launcher: Any, *, name: str | None = None, accelerator_kwargs
             exc.add_note(f"(raised by {who} while the conformance kit checked 'runs on every rank')")
             raise
         files = sorted(scratch.glob("rank-*.json"))
-        _require(bool(files), who, "runs on every rank", "the training function never ran (no process wrote its record)")
+        _require(bool(files), who, "runs on every rank",
+                 "the training function never ran (no process wrote its record)")
         records = [json.loads(f.read_text()) for f in files]
         world = records[0]["world"]
         _require(world >= 1, who, "hands an Accelerator", f"num_processes is {world}")
@@ -94,7 +95,8 @@ def check_launcher(launcher: Any, *, name: str | None = None, accelerator_kwargs
         _require(all(r["world"] == world for r in records), who, "hands an Accelerator",
                  "the processes disagree on num_processes")
         mains = [r["rank"] for r in records if r["is_main"]]
-        _require(mains == [0], who, "hands an Accelerator", f"is_main_process is true on ranks {mains}, expected only rank 0")
+        _require(mains == [0], who, "hands an Accelerator",
+                 f"is_main_process is true on ranks {mains}, expected only rank 0")
         _require(isinstance(result, Mapping) and result.get("rank") == 0 and result.get("token") == token,
                  who, "returns rank 0's result", f"launch() returned {result!r}, expected rank 0's return value")
         if check_failures:

@@ -63,7 +63,8 @@ def _values(value: Any, who: str) -> dict[str, float]:
     out = {}
     for key, v in items:
         if isinstance(v, Tensor):
-            _require(v.numel() == 1, who, "finite values", f"compute() gave a tensor of shape {tuple(v.shape)} for {key!r}")
+            _require(v.numel() == 1, who, "finite values",
+                     f"compute() gave a tensor of shape {tuple(v.shape)} for {key!r}")
             v = v.item()
         _require(isinstance(v, (int, float)), who, "finite values", f"compute() gave {type(v).__name__} for {key!r}")
         _require(math.isfinite(float(v)), who, "finite values", f"compute() gave {v} for {key!r}")
@@ -146,7 +147,8 @@ def check_model_metric(metric: Any, model: Any, data: Any, *, name: str | None =
         with _checking(who, "deterministic given the generator"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(global_seed)
             out = metric.evaluate(model, data, torch.Generator().manual_seed(seed))
-        _require(isinstance(out, Mapping), who, "finite values", f"evaluate() returned {type(out).__name__}, not a dict")
+        _require(isinstance(out, Mapping), who, "finite values",
+                 f"evaluate() returned {type(out).__name__}, not a dict")
         results.append(_values(out, who))
     _require(results[0] == results[1], who, "deterministic given the generator",
              f"two evaluations with equally seeded generators give {results[0]} and {results[1]}")

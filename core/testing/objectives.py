@@ -95,6 +95,11 @@ def _equal_states(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal up to float rounding (a different random draw changes a loss far more than this)."""
+    return bool(torch.allclose(a.detach().double(), b.detach().double(), rtol=1e-6, atol=1e-9))
+
+
 def _model(models: Mapping[str, nn.Module] | nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
     if isinstance(models, nn.Module):
         return {"model": models}, models
@@ -133,8 +138,10 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
         _require(isinstance(out, tuple) and len(out) == 2, who, "returns (loss, logs)",
                  f"loss() returned {type(out).__name__}, expected a (Tensor, dict) pair")
         loss, logs = out
-        _require(isinstance(loss, Tensor), who, "returns (loss, logs)", f"the loss is a {type(loss).__name__}, not a Tensor")
-        _require(isinstance(logs, Mapping), who, "returns (loss, logs)", f"the logs are a {type(logs).__name__}, not a dict")
+        _require(isinstance(loss, Tensor), who, "returns (loss, logs)",
+                 f"the loss is a {type(loss).__name__}, not a Tensor")
+        _require(isinstance(logs, Mapping), who, "returns (loss, logs)",
+                 f"the logs are a {type(logs).__name__}, not a dict")
         return loss, logs
 
     # state before the first call, so the reproducibility checks can rewind
@@ -178,7 +185,7 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
     with _checking(who, "same seed, same loss"):
         objective.load_state_dict(copy.deepcopy(saved))
     again, _ = compute(objective, "same seed, same loss")
-    _require(torch.equal(again.detach(), loss.detach()), who, "same seed, same loss",
+    _require(_same(again, loss), who, "same seed, same loss",
              f"the loss is {again.item()!r} then {loss.item()!r} under the same seed and state "
              f"(draw randomness from torch's global RNG or a generator, and keep all state in state_dict)")
     if make is not None:
@@ -186,7 +193,7 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
         with _checking(who, "state_dict round trip"):
             fresh.load_state_dict(copy.deepcopy(saved))
         other, _ = compute(fresh, "state_dict round trip")
-        _require(torch.equal(other.detach(), loss.detach()), who, "state_dict round trip",
+        _require(_same(other, loss), who, "state_dict round trip",
                  f"a fresh objective loaded with the saved state computes {other.item()!r}, not {loss.item()!r}")
 
     x = batch.get("x")
@@ -195,7 +202,8 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
     if sampling:
         with _checking(who, "sampling_model"):
             field = objective.sampling_model(model)
-        _require(callable(field), who, "sampling_model", f"sampling_model returned {type(field).__name__}, not a callable")
+        _require(callable(field), who, "sampling_model",
+                 f"sampling_model returned {type(field).__name__}, not a callable")
         t = torch.full((x.shape[0],), 0.5, device=x.device)
         was_training = model.training
         model.eval()

@@ -211,7 +211,7 @@ def split_fraction(n: int, fraction: float, seed: int, labels: np.ndarray | None
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for rows in groups:
         order = torch.randperm(len(rows), generator=g).numpy()
-        held[rows[order[:int(round(len(rows) * fraction))]]] = True
+        held[rows[order[:round(len(rows) * fraction)]]] = True
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
@@ -375,14 +375,9 @@ class Npz(ArraySource):
                 raise ConfigError(f"label {top} in the data is outside num_classes {classes}", ("num_classes",))
         spec = DataSpec(shape=tuple(int(s) for s in x.shape[1:]), kind=form, num_classes=classes, vocab_size=vocab,
                         extra={"source": str(c.path), "train_examples": len(tr), "held_out_examples": len(te)})
-        scale, shift = c.scale, c.shift
-        if form == "discrete":
-            decode = _decode_tokens
-        else:
-            decode = _Affine(scale, shift)
-        value_range = None if (scale, shift) == (1.0, 0.0) else (-1.0, 1.0)
-        if x.dtype == np.uint8 and (scale, shift) != (1.0, 0.0):
-            value_range = (shift, 255 * scale + shift)
+        decode = _decode_tokens if form == "discrete" else _Affine(c.scale, c.shift)
+        # Pictures of uint8 images span their 256 levels; other arrays are drawn in each batch's own range.
+        value_range = (c.shift, 255 * c.scale + c.shift) if x.dtype == np.uint8 else None
         super().__init__(tr, te, spec, decode, flip=c.flip, num_workers=c.num_workers, value_range=value_range)
 
     @staticmethod

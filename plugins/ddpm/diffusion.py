@@ -305,8 +305,12 @@ class GaussianDiffusion:
         return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
     def model_time(self, k: Tensor, like: Tensor) -> Tensor:
-        """The flowforge time ``(B,)`` the model sees at steps ``k (B,)`` (the original step's time)."""
-        return self.table("model_time", like.device, like.dtype)[k.to(like.device)]
+        """The flowforge time ``(B,)`` the model sees at steps ``k (B,)`` (the original step's time).
+
+        float64 for float64 data, else float32 (half precision would merge neighbouring steps' times).
+        """
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return self.table("model_time", like.device, dtype)[k.to(like.device)]
 
     def steps(self, k: int, batch: int, device: torch.device | str) -> Tensor:
         """Step `k` for every item of a batch: ``(B,)`` LongTensor."""

@@ -83,7 +83,7 @@ class BitsPerDim:
         for start in range(0, n, c.batch_size):
             x = batch["x"][start:start + c.batch_size].to(device)
             y = batch["y"][start:start + c.batch_size].to(device) if "y" in batch else None
-            out = d.calc_bpd_loop(lambda x_t, k: model(x_t, d.model_time(k, x_t), y), x,
+            out = d.calc_bpd_loop(lambda x_t, k, y=y: model(x_t, d.model_time(k, x_t), y), x,
                                   clip_denoised=c.clip_denoised, generator=generator, bins=c.bins)
             sums["total"] += out["total_bpd"].sum().item()
             sums["prior"] += out["prior_bpd"].sum().item()

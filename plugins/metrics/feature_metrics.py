@@ -114,6 +114,8 @@ class _FeatureMetric(Metric):
         self.add_state("fake_features", default=[], dist_reduce_fx="cat")
 
     def update(self, samples: Tensor, real: bool) -> None:
+        if samples.shape[0] == 0:
+            return
         (self.real_features if real else self.fake_features).append(self.extractor(samples))
 
     def _features(self, min_count: int = 2) -> tuple[Tensor, Tensor]:

@@ -113,11 +113,15 @@ def default_cache_dir() -> Path:
 
 # --------------------------------------------------------------------------- extractors
 class FeatureExtractor(nn.Module):
-    """Maps examples ``(B, *spec.shape)`` to features ``(B, F)`` (float64), in eval mode, without gradients."""
+    """Maps examples ``(B, *spec.shape)`` to features ``(B, F)`` (float64, on the examples' device).
 
-    def __init__(self, body: nn.Module | None, spec: DataSpec, name: str):
+    Never leaves evaluation mode and keeps no gradients. A network runs on this process's GPU when
+    there is one, in chunks of `batch_size` examples.
+    """
+
+    def __init__(self, body: nn.Module | None, spec: DataSpec, name: str, batch_size: int = 1024):
         super().__init__()
-        self.body, self.spec, self.name = body, spec, name
+        self.body, self.spec, self.name, self.batch_size = body, spec, name, batch_size
 
     def train(self, mode: bool = True) -> FeatureExtractor:  # never leaves evaluation mode
         return super().train(False)
@@ -128,7 +132,12 @@ class FeatureExtractor(nn.Module):
         if self.body is None:
             return h.reshape(h.shape[0], -1).double()
         device = next(self.body.parameters()).device
-        return self.body(h.to(device)).reshape(h.shape[0], -1).double().to(x.device)
+        if device.type == "cpu" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+            self.body.to(device)
+        out = [self.body(chunk.to(device)).reshape(len(chunk), -1).double().to(x.device)
+               for chunk in h.split(self.batch_size)]
+        return torch.cat(out)
 
 
 class _ConvEncoder(nn.Module):
@@ -382,7 +391,7 @@ def build_extractor(config: FeatureConfig, spec: DataSpec, data: DataSource | No
         if not _TORCH_FIDELITY_AVAILABLE:
             raise ConfigError("feature_extractor = \"inception\" needs the torch-fidelity package "
                               "(pip install torch-fidelity)", ("feature_extractor",))
-        return FeatureExtractor(_InceptionBody(weights), spec, "inception")
+        return FeatureExtractor(_InceptionBody(weights), spec, "inception", batch_size=128)
     if data is None:
         raise ConfigError("feature_extractor = \"trained\" needs the data source to train on", ("feature_extractor",))
     net, _ = cached_feature_net(data, config)

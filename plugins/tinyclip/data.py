@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import registry
-from core.data import TensorDataSource, generator as make_generator
+from core.data import TensorDataSource
+from core.data import generator as make_generator
 from core.interfaces import DataSpec
 from registry import ConfigError
 
@@ -394,7 +395,7 @@ class Pairs(CaptionData):
             if len(train_rows) < 2:
                 raise ConfigError(f"{config.train}: need at least 2 pairs to hold some out", ("train",))
             order = torch.randperm(len(train_rows), generator=make_generator(config.seed, "pairs-split")).tolist()
-            n_held = min(len(train_rows) - 1, max(1, int(round(len(train_rows) * config.held_out_fraction))))
+            n_held = min(len(train_rows) - 1, max(1, round(len(train_rows) * config.held_out_fraction)))
             held_rows = [train_rows[i] for i in order[:n_held]]
             train_rows = [train_rows[i] for i in sorted(order[n_held:])]
         captions = [r["caption"] for r in train_rows + held_rows]

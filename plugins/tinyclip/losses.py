@@ -93,10 +93,10 @@ def clip_logits(image: Tensor, text: Tensor, scale: Tensor | float, gather: bool
                 with_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(A_img (B, N), A_txt (B, N), positives (B,))`` of the local rows against the global batch."""
     if gather:
-        rank, world = _world()
+        rank = _world()[0]
         all_image, all_text = gather_features(image, with_grad), gather_features(text, with_grad)
     else:
-        rank, world, all_image, all_text = 0, 1, image, text
+        rank, all_image, all_text = 0, image, text
     positives = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
     return scale * image @ all_text.T, scale * text @ all_image.T, positives
 
@@ -140,13 +140,13 @@ class _ChunkReplay(torch.autograd.Function):
     with gradients and back-propagate the cached embedding gradients into the parameters."""
 
     @staticmethod
-    def forward(ctx, module, image, text, grad_image, grad_text, autocast, *params):  # noqa: ANN001
+    def forward(ctx, module, image, text, grad_image, grad_text, autocast, *params):
         ctx.module, ctx.autocast = module, autocast
         ctx.save_for_backward(image, text, grad_image, grad_text)
         return torch.zeros((), device=grad_image.device, dtype=grad_image.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001
+    def backward(ctx, grad_out):
         image, text, grad_image, grad_text = ctx.saved_tensors
         params = [p for p in ctx.module.parameters() if p.requires_grad]
         enabled, dtype = ctx.autocast

@@ -184,7 +184,7 @@ def resolve_dims(config: CLIPConfig, spec: DataSpec) -> CLIPDims:
         heads = getattr(config, f"{prefix}_heads") or config.heads or max(1, width // 32)
         if width % heads:
             raise ConfigError(f"the {prefix} width {width} must divide by its {heads} heads", (f"{prefix}_heads",))
-        return TowerDims(width, depth, heads, max(1, int(round(width * config.mlp_ratio))), **extra_dims)
+        return TowerDims(width, depth, heads, max(1, round(width * config.mlp_ratio)), **extra_dims)
 
     eot = config.eot_token if config.eot_token >= 0 else int(extra.get("eot_token", vocab_size - 1))
     return CLIPDims(

@@ -34,13 +34,14 @@ def parameters(run_dir: Path) -> int:
 
 
 def compare(out: str | Path, overrides: Sequence[str] = (), short: bool = False,
-            student_overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+            teacher_overrides: Sequence[str] = (), student_overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Run the three experiments into `out` and return a row per run.
 
     Args:
         out: folder for the three run directories (replaced if they exist).
         overrides: ``--set`` overrides applied to all three runs.
         short: add the `SHORT` overrides first.
+        teacher_overrides: overrides applied to the teacher run only.
         student_overrides: overrides applied to the two student runs only.
     """
     from core.run import run
@@ -48,7 +49,7 @@ def compare(out: str | Path, overrides: Sequence[str] = (), short: bool = False,
     out = Path(out)
     common = [*(SHORT if short else ()), *overrides]
     teacher = out / "teacher"
-    extra = {"teacher": [], "scratch": list(student_overrides),
+    extra = {"teacher": list(teacher_overrides), "scratch": list(student_overrides),
              "distilled": [*student_overrides, f'backbone.inherit_from="{teacher.as_posix()}"',
                            f'objective.teacher="{teacher.as_posix()}"']}
     rows = []

@@ -73,14 +73,14 @@ class WordTokenizer:
         return len(self.itos)
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], context_length: int, max_vocab: int = 0) -> "WordTokenizer":
+    def from_texts(cls, texts: Iterable[str], context_length: int, max_vocab: int = 0) -> WordTokenizer:
         """A vocabulary of every word in `texts`, most frequent first (ties alphabetical); at most `max_vocab` words (0: all)."""
         counts = Counter(w for t in texts for w in words(t))
         ordered = sorted(counts, key=lambda w: (-counts[w], w))
         return cls(ordered[:max_vocab] if max_vocab > 0 else ordered, context_length)
 
     @classmethod
-    def from_file(cls, path: str | Path, context_length: int) -> "WordTokenizer":
+    def from_file(cls, path: str | Path, context_length: int) -> WordTokenizer:
         """Read a vocabulary file (one word per line; blank lines ignored)."""
         path = Path(path)
         if not path.is_file():

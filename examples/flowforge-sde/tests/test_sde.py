@@ -24,7 +24,7 @@ EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "sde_2d.toml"
 
 
 class Cosine(Scheduler):
-    """alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2): a non-linear schedule defined here, independent of flowforge's."""
+    """alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2): a non-linear schedule defined here, not flowforge's."""
 
     def __call__(self, t):
         h = math.pi / 2
@@ -49,8 +49,9 @@ SCHEDULERS = schedulers()
 
 
 def sde(scheduler=None, **options):
-    return registry.build("solver", {"plugin": "euler_maruyama", **options},
-                          scheduler=scheduler if scheduler is not None else registry.build("scheduler", {"plugin": "cond_ot"}))
+    if scheduler is None:
+        scheduler = registry.build("scheduler", {"plugin": "cond_ot"})
+    return registry.build("solver", {"plugin": "euler_maruyama", **options}, scheduler=scheduler)
 
 
 class GaussianVelocity:
@@ -67,7 +68,7 @@ class GaussianVelocity:
     def coefficients(self, t, ndim):
         c = self.scheduler(t)
         shape = (-1,) + (1,) * (ndim - 1)
-        return (c.alpha_t.reshape(shape), c.sigma_t.reshape(shape), c.d_alpha_t.reshape(shape), c.d_sigma_t.reshape(shape))
+        return tuple(v.reshape(shape) for v in (c.alpha_t, c.sigma_t, c.d_alpha_t, c.d_sigma_t))
 
     def __call__(self, x, t, y=None):
         self.calls += 1
@@ -94,7 +95,7 @@ def test_registered_by_its_own_distribution():
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, database=None)
 @given(t=times(0.02, 0.98), mean=st.floats(-2, 2), var=st.floats(0.05, 4.0))
 def test_score_from_velocity_is_the_gaussian_score(name, t, mean, var):
     """s = (alpha u - d_alpha x) / (sigma (d_alpha sigma - alpha d_sigma)) is exact for Gaussian data."""
@@ -127,7 +128,8 @@ def test_zero_diffusion_is_the_euler_ode_solver():
 
     ode = registry.build("solver", {"plugin": "ode", "method": "euler", "steps": 17})
     for diffusion in ("sigma", "constant"):
-        ours = sde(steps=17, scale=0.0, diffusion=diffusion).sample(field, x0, generator=torch.Generator().manual_seed(1))
+        solver = sde(steps=17, scale=0.0, diffusion=diffusion)
+        ours = solver.sample(field, x0, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(ours.x, ode.sample(field, x0).x, rtol=1e-12, atol=1e-12)
 
 
