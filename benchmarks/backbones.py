@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import registry  # noqa: E402
-from benchmarks.reference_backbones import reference_for  # noqa: E402
-from core.interfaces import DataSpec  # noqa: E402
+import registry
+from benchmarks.reference_backbones import reference_for
+from core.interfaces import DataSpec
 
 # torch's flop counter knows the CUDA attention kernels but not the fused CPU one.
 _CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -166,7 +166,7 @@ def run(cases=None, device: str = "cpu", dtype: str = "fp32", compile_: bool = F
                "ref_samples_per_s": ref_rate, "speedup": ours_rate / ref_rate}
         rows.append(row)
         print(f"{plugin:<5} {preset:<11} {row['input']:<10} {params:>13,} {row['gflop_per_sample']:>12.2f} {b:>5} "
-              f"{ours_rate:>9.2f} {ref_rate:>9.2f} {row['speedup']:>6.2f}x", file=out, flush=True)
+              f"{ours_rate:>9.3g} {ref_rate:>9.3g} {row['speedup']:>6.2f}x", file=out, flush=True)
         del model, ref
         gc.collect()
         if dev.type == "cuda":
@@ -193,9 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="at most this many timed steps")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads or args.quick:
         # Small networks are dominated by per-operator overhead, where OpenMP threads only contend.
         torch.set_num_threads(args.threads or 1)
+    try:
+        return _main(args, parser)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cases = None
     if args.presets:
         cases = [c for c in CASES if c[1] in args.presets]

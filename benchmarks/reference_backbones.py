@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+
 # --------------------------------------------------------------------------- shared
 def sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """GLIDE / guided-diffusion's timestep embedding of (already scaled) ``t (B,)``: ``[cos, sin]``."""
@@ -127,8 +128,10 @@ class RefDiT(nn.Module):
         else:
             self.y_embedder = None
         grid = input_size // patch_size
-        self.pos_embed = nn.Parameter(torch.from_numpy(_pos_embed_2d(hidden_size, grid)).float().unsqueeze(0),
-                                      requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        if self.pos_embed.device.type != "meta":
+            with torch.no_grad():
+                self.pos_embed.copy_(torch.from_numpy(_pos_embed_2d(hidden_size, grid)).float().unsqueeze(0))
         self.blocks = nn.ModuleList([_RefDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = _Namespace()
         self.final_layer.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -327,6 +330,7 @@ def reference_for(model: nn.Module, device: torch.device | str | None = None) ->
             raise TypeError(f"no reference definition for {name}")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ref.load_state_dict(state, strict=True, assign=True)
-    ref.pos_embed.requires_grad_(False) if isinstance(ref, RefDiT) else None
+    if isinstance(ref, RefDiT):
+        ref.pos_embed.requires_grad_(False)
     ref.train(model.training)
     return ref.to(device) if device is not None else ref

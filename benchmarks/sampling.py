@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import registry  # noqa: E402
-from core.data import generator as make_generator  # noqa: E402
-from plugins.flow_matching.solvers import STAGES, ODEConfig, ODESolver  # noqa: E402
+import registry
+from core.data import generator as make_generator
+from plugins.flow_matching.solvers import STAGES, ODEConfig, ODESolver
 
 NFES = (1, 2, 4, 8, 16, 32, 64)
 TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch of the solver-loop cost table (small batches expose per-step overheads)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--render", metavar="FILE", help="print the tables of a --json output file and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run) if args.run else train(args.train_steps, Path(tmp) / "run")
-        exp, comps, model, ckpt = load_run(run_dir)
+        _, comps, model, ckpt = load_run(run_dir)
     model.eval()
     objective, path, spec = comps.objective, comps.path, comps.spec
     field = objective.sampling_model(model)
@@ -121,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     solver = ODESolver(ODEConfig(method=method, steps=nfe // stages, grid=grid), comps.scheduler)
                     out = solver.sample(field, x0)
-                    wall = best_time(lambda: solver.sample(field, x0), args.repeats)
+                    wall = best_time(lambda s=solver: s.sample(field, x0), args.repeats)
                     cells.append({"method": method, "grid": grid, "nfe": out.nfe, "wall_s": wall,
                                   **distances(metrics, real, out.x)})
         for tol in TOLERANCES:
             solver = ODESolver(ODEConfig(method="dopri5", atol=tol, rtol=tol), comps.scheduler)
             out = solver.sample(field, x0)
-            wall = best_time(lambda: solver.sample(field, x0), args.repeats)
+            wall = best_time(lambda s=solver: s.sample(field, x0), args.repeats)
             cells.append({"method": "dopri5", "grid": f"tol={tol:g}", "nfe": out.nfe, "wall_s": wall,
                           **distances(metrics, real, out.x)})
         overhead = measure_overhead(field, x0[:args.overhead_batch], max(args.repeats, 5))
@@ -137,33 +141,40 @@ def main(argv: list[str] | None = None) -> int:
                "cells": cells, "overhead": overhead}
     if args.json:
         print(json.dumps(figures, indent=2))
-        return 0
-    print(f"model: {figures['run']} ({ckpt.name}), {n} samples, {torch.get_num_threads()} threads")
-    print(f"data-vs-data floor: energy distance {floor['energy_distance']:.4g}, "
-          f"sliced Wasserstein {floor['sliced_wasserstein']:.4g}\n")
-    fixed = [c for c in cells if c["method"] != "dopri5"]
-    rows_by = {}
-    for c in fixed:
-        rows_by.setdefault((c["method"], c["grid"]), {})[c["nfe"]] = c
+    else:
+        print(render(figures))
+    return 0
+
+
+def render(figures: dict) -> str:
+    """The markdown tables of `figures` (what ``--json`` prints)."""
+    cells, floor, overhead, n = figures["cells"], figures["floor"], figures["overhead"], figures["samples"]
+    out = [f"model: {figures['run']} ({figures['checkpoint']}), {n} samples, {figures['threads']} threads",
+           (f"data-vs-data floor: energy distance {floor['energy_distance']:.4g}, "
+            f"sliced Wasserstein {floor['sliced_wasserstein']:.4g}\n")]
+    rows_by: dict = {}
+    for c in cells:
+        if c["method"] != "dopri5":
+            rows_by.setdefault((c["method"], c["grid"]), {})[c["nfe"]] = c
     for key, title, fmt in (("energy_distance", "energy distance (lower is better)", "{:.4f}"),
                             ("sliced_wasserstein", "sliced Wasserstein distance", "{:.4f}"),
                             ("wall_s", "wall time of generation, ms", "{:.1f}")):
-        rows = []
-        for (method, grid), byn in rows_by.items():
-            scale = 1000.0 if key == "wall_s" else 1.0
-            rows.append([method, grid] + [fmt.format(byn[m][key] * scale) if m in byn else "-" for m in NFES])
-        print(f"### {title} against model evaluations\n")
-        print(table(["method", "grid", *[f"NFE {m}" for m in NFES]], rows) + "\n")
-    print("### dopri5 (adaptive)\n")
-    print(table(["atol = rtol", "NFE", "energy distance", "sliced W", "wall ms"],
-                [[c["grid"][4:], c["nfe"], f"{c['energy_distance']:.4f}", f"{c['sliced_wasserstein']:.4f}",
-                  f"{1000 * c['wall_s']:.1f}"] for c in cells if c["method"] == "dopri5"]) + "\n")
-    print(f"### solver loop cost (same model, batch {overhead[0]['batch']}, 64 evaluations, best of "
-          f"{overhead[0]['repeats']} interleaved runs)\n")
-    print(table(["method", "solver ms", "bare loop ms", "solver / bare loop", "torchdiffeq ms", "torchdiffeq / solver"],
-                [[o["method"], f"{1000 * o['solver_s']:.1f}", f"{1000 * o['bare_s']:.1f}", f"{o['overhead']:.3f}",
-                  f"{1000 * o['torchdiffeq_s']:.1f}", f"{o['speedup_vs_torchdiffeq']:.2f}"] for o in overhead]))
-    return 0
+        scale = 1000.0 if key == "wall_s" else 1.0
+        rows = [[method, grid] + [fmt.format(byn[m][key] * scale) if m in byn else "-" for m in NFES]
+                for (method, grid), byn in rows_by.items()]
+        out.append(f"### {title} against model evaluations\n")
+        out.append(table(["method", "grid", *[f"NFE {m}" for m in NFES]], rows) + "\n")
+    out.append("### dopri5 (adaptive)\n")
+    out.append(table(["atol = rtol", "NFE", "energy distance", "sliced W", "wall ms"],
+                     [[c["grid"][4:], c["nfe"], f"{c['energy_distance']:.4f}", f"{c['sliced_wasserstein']:.4f}",
+                       f"{1000 * c['wall_s']:.1f}"] for c in cells if c["method"] == "dopri5"]) + "\n")
+    out.append(f"### solver loop cost (same model, batch {overhead[0]['batch']}, 64 evaluations, best of "
+               f"{overhead[0]['repeats']} interleaved runs)\n")
+    out.append(table(["method", "solver ms", "bare loop ms", "solver / bare loop", "torchdiffeq ms",
+                      "torchdiffeq / solver"],
+                     [[o["method"], f"{1000 * o['solver_s']:.1f}", f"{1000 * o['bare_s']:.1f}", f"{o['overhead']:.3f}",
+                       f"{1000 * o['torchdiffeq_s']:.1f}", f"{o['speedup_vs_torchdiffeq']:.2f}"] for o in overhead]))
+    return "\n".join(out)
 
 
 def measure_overhead(field, x0: torch.Tensor, repeats: int, nfe: int = 64) -> list[dict]:
@@ -178,18 +189,17 @@ def measure_overhead(field, x0: torch.Tensor, repeats: int, nfe: int = 64) -> li
         grid = solver.time_grid(dtype=x0.dtype)
         t = torch.full((batch,), 0.5)
 
-        def bare():
+        def bare(t=t):
             x = x0
             for _ in range(nfe):
                 x = field(x, t, None)
             return x
 
-        def ours():
+        def ours(solver=solver):
             return solver.sample(field, x0)
 
-        def theirs():
-            return odeint(lambda tt, x: field(x, tt.expand(batch), None), x0, grid,
-                          method=TORCHDIFFEQ_NAME[method])
+        def theirs(grid=grid, name=TORCHDIFFEQ_NAME[method]):
+            return odeint(lambda tt, x: field(x, tt.expand(batch), None), x0, grid, method=name)
 
         bare(), ours(), theirs()  # warm up
         times = {"bare": [], "ours": [], "theirs": []}

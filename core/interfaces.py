@@ -25,7 +25,7 @@ kind           context keywords offered by the runner
 ``backbone``   ``spec``
 ``objective``  ``spec``, ``scheduler``, ``path``
 ``solver``     ``spec``, ``scheduler``, ``path``
-``metric``     ``spec``, ``data``
+``metric``     ``spec``, ``data``, ``scheduler``, ``path``
 ``launcher``   (none)
 =============  ==============================================================
 

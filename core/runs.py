@@ -58,10 +58,6 @@ class LoadedRun:
     def name(self) -> str:
         return self.exp.experiment.name
 
-    def summary(self) -> dict[str, Any]:
-        """The run's summary.json ({} when the run has none yet)."""
-        return read_summary(self.run_dir.root)
-
 
 def pick_device(device: str = "auto") -> torch.device:
     """``"auto"``: the first GPU when one is visible, else the CPU."""

@@ -113,7 +113,8 @@ def build_components(exp: Experiment) -> Components:
     solver = _build("solver", "solver", sections["solver"], file, **ctx) if "solver" in sections else None
     metrics = {}
     for index, (name, entry) in enumerate(zip(metric_names(exp.metrics), exp.metrics)):
-        metrics[name] = _build("metric", f"metrics[{index}]", entry, file, spec=spec, data=data)
+        metrics[name] = _build("metric", f"metrics[{index}]", entry, file, spec=spec, data=data,
+                               scheduler=scheduler, path=path)
     return Components(spec=spec, data=data, model=model, objective=objective, scheduler=scheduler,
                       path=path, solver=solver, metrics=metrics)
 

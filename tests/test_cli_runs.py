@@ -216,3 +216,18 @@ def test_without_tensorboard_only_jsonl_is_written(tmp_path, monkeypatch):
     rd.log({"step": 1, "loss": 1.0})
     assert rd.read_metrics() == [{"step": 1, "loss": 1.0}]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_differing_keys_skip_options_of_different_plugins():
+    from core.commands.compare import differing_keys, flatten
+
+    a = flatten({"solver": {"plugin": "ode", "steps": 8, "method": "euler"}, "trainer": {"lr": 1e-3},
+                 "metrics": [{"plugin": "kid"}]})
+    b = flatten({"solver": {"plugin": "ddim", "respacing": "8"}, "trainer": {"lr": 1e-3},
+                 "metrics": [{"plugin": "kid"}]})
+    c = flatten({"solver": {"plugin": "ode", "steps": 16, "method": "euler"}, "trainer": {"lr": 2e-3},
+                 "metrics": [{"plugin": "kid"}]})
+    assert differing_keys([a, b]) == ["solver.plugin"]
+    assert differing_keys([a, c]) == ["solver.steps", "trainer.lr"]
+    assert differing_keys([a, b, c]) == ["solver.plugin", "trainer.lr"]
+    assert a["metrics[0].plugin"] == "kid"

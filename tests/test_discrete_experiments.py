@@ -56,12 +56,14 @@ def test_discrete_text_short(tmp_path):
 
 @pytest.mark.slow
 def test_discrete_2d_learns_the_checkerboard(tmp_path):
-    """A shortened 2D run is already far better than the untrained model and near the data floor."""
+    """A shortened 2D run is already near the data floor and far better than the untrained model
+    (which samples uniform bins: energy distance about 4x the floor at 2000 samples), and its
+    likelihood bound is near the 6.5 bits per coordinate of the quantised checkerboard."""
     summary = run(EXPERIMENTS / "discrete_flow_2d.toml",
                   ["trainer.steps=600", "trainer.checkpoint_every=0", "eval.num_samples=2000", "eval.num_pictures=500"],
                   out=tmp_path / "d2")
     trained, untrained = summary["metrics"]["energy_distance"], summary["untrained"]["energy_distance"]
     floor = summary["floor"]["energy_distance"]
-    assert untrained >= 5 * trained, summary
-    assert trained <= 3 * floor, summary
-    assert summary["metrics"]["discrete_elbo/bits_per_token"] < summary["untrained"]["discrete_elbo/bits_per_token"]
+    assert untrained >= 2.5 * trained, summary
+    assert trained <= 2 * floor, summary
+    assert summary["metrics"]["discrete_elbo/bits_per_token"] < 6.8 < summary["untrained"]["discrete_elbo/bits_per_token"]

@@ -59,7 +59,7 @@ def test_it_registers_through_its_entry_point(example_env):
     assert info["error"] is None and info["components"] == [["solver", "euler_maruyama"]]
     options = run(["-m", "core.cli", "plugins", "--options", "euler_maruyama"], example_env)
     assert options.returncode == 0, options.stderr
-    for line in ("distribution flowforge-sde", "steps: int = 100", "scale: float = 1.0", "denoise_last: bool = True",
+    for line in ("distribution flowforge-sde", "steps: an integer = 100", "scale: a number = 1.0", "denoise_last: true or false = True",
                  "strength of the noise; 0 is the probability-flow ODE"):
         assert line in options.stdout, options.stdout
     diffusion = next(line for line in options.stdout.splitlines() if line.strip().startswith("diffusion:"))

@@ -149,7 +149,7 @@ def test_loss_by_time_bin(bins):
 
     batch = {"x": torch.zeros(4000, 3), "x0": torch.zeros(4000, 3)}
     torch.manual_seed(0)
-    loss, logs = obj.loss({"model": TimeError()}, batch, 0)
+    _, logs = obj.loss({"model": TimeError()}, batch, 0)
     assert list(logs) == [f"loss_bin/{k}" for k in range(bins)]
     values = [logs[f"loss_bin/{k}"] for k in range(bins)]
     assert values == sorted(values)

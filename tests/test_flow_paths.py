@@ -48,10 +48,10 @@ def test_conversions_map_the_marginal_predictions_of_gaussian_data(scheduler, di
     t = data.draw(time_tensors(5, eps=0.05))
     x = torch.randn(5, dim, generator=g, dtype=torch.float64)
     path = AffinePath(scheduler)
-    for src in fields:
-        for dst in fields:
-            got = path.convert(fields[src](x, t), x, t, src, dst)
-            assert torch.allclose(got, fields[dst](x, t), rtol=1e-7, atol=1e-8), (src, dst)
+    for src, source_field in fields.items():
+        for dst, target_field in fields.items():
+            got = path.convert(source_field(x, t), x, t, src, dst)
+            assert torch.allclose(got, target_field(x, t), rtol=1e-7, atol=1e-8), (src, dst)
 
 
 def test_named_conversions_and_targets():

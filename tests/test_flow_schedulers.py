@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 import registry
 from core.interfaces import ConvexScheduler, Scheduler, SchedulerOutput
 from core.testing import schedulers as kit
-from plugins.flow_matching.schedulers import (CondOTScheduler, CosineScheduler, LinearVPScheduler,
-                                              PolynomialConfig, PolynomialConvexScheduler, VPConfig, VPScheduler)
+from plugins.flow_matching.schedulers import (
+    CondOTScheduler,
+    CosineScheduler,
+    LinearVPScheduler,
+    PolynomialConfig,
+    PolynomialConvexScheduler,
+    VPConfig,
+    VPScheduler,
+)
 
 FIRST_PARTY = [
     {"plugin": "cond_ot"},

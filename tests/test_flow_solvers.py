@@ -14,8 +14,14 @@ import registry
 from core.testing import solvers as kit
 from core.testing.strategies import data_shapes, seeds
 from plugins.flow_matching.analytic import GaussianFlow
-from plugins.flow_matching.schedulers import (CondOTScheduler, CosineScheduler, LinearVPScheduler,
-                                              PolynomialConfig, PolynomialConvexScheduler, VPScheduler)
+from plugins.flow_matching.schedulers import (
+    CondOTScheduler,
+    CosineScheduler,
+    LinearVPScheduler,
+    PolynomialConfig,
+    PolynomialConvexScheduler,
+    VPScheduler,
+)
 from plugins.flow_matching.solvers import ODEConfig, ODESolver, edm_grid, edm_sigmas, integrate_fixed, rk_step
 from plugins.flow_matching.transforms import ScheduleTransformedModel
 

@@ -16,8 +16,12 @@ from core.interfaces import DataSpec
 from core.testing.strategies import seeds
 from plugins.flow_matching.analytic import GaussianFlow
 from plugins.flow_matching.likelihood import divergence, log_likelihood
-from plugins.flow_matching.schedulers import (CondOTScheduler, CosineScheduler, PolynomialConfig,
-                                              PolynomialConvexScheduler)
+from plugins.flow_matching.schedulers import (
+    CondOTScheduler,
+    CosineScheduler,
+    PolynomialConfig,
+    PolynomialConvexScheduler,
+)
 
 SCHEDULERS = st.one_of(st.just(CondOTScheduler()), st.just(CosineScheduler()),
                        st.floats(1.0, 3.0).map(lambda n: PolynomialConvexScheduler(PolynomialConfig(n=n))))

@@ -125,7 +125,7 @@ def test_installed_packages_are_listed_by_flowforge_plugins(generated):
         assert info["components"] == [[kind, component_name(kind)]]
     options = subprocess.run([sys.executable, "-m", "core.cli", "plugins", "--options", component_name("scheduler")],
                              cwd=ROOT, env=subprocess_env(target), capture_output=True, text=True, timeout=300)
-    assert "exponent: float = 2.0" in options.stdout and "n in alpha_t = t^n" in options.stdout
+    assert "exponent: a number = 2.0" in options.stdout and "n in alpha_t = t^n" in options.stdout
 
 
 def test_generated_packages_pass_their_own_tests(generated):

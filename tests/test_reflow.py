@@ -82,7 +82,7 @@ def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
 def test_solver_overrides_and_errors(one_rf, tmp_path):
     data = registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "num_pairs": 64, "cache": False,
                                    "solver": {"method": "euler", "steps": 1}})
-    _, comps, model, _ = load_run(one_rf)
+    model = load_run(one_rf)[2]
     with torch.no_grad():
         one = data.pairs["x0"] + model.eval()(data.pairs["x0"], torch.zeros(64))
     assert torch.allclose(one, data.pairs["x1"], atol=1e-5)

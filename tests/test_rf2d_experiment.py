@@ -15,7 +15,7 @@ from .conftest import RF2D
 
 
 def test_short_run_meets_the_thresholds(tmp_path):
-    summary = run(RF2D, ["trainer.steps=700", "trainer.checkpoint_every=0", "trainer.log_every=100",
+    summary = run(RF2D, ["trainer.steps=1500", "trainer.checkpoint_every=0", "trainer.log_every=100",
                          "eval.num_samples=2000", "eval.num_pictures=500"], out=tmp_path / "rf")
     trained = summary["metrics"]["energy_distance"]
     untrained = summary["untrained"]["energy_distance"]

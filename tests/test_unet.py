@@ -206,15 +206,20 @@ def test_checkpointing_and_channels_last_change_nothing():
     state = base.state_dict()
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4)
     base(x, t, y).square().mean().backward()
-    for options in ({"use_checkpoint": True}, {"channels_last": True}):
+    for options in ({"use_checkpoint": True}, {"channels_last": True}, {}):
         other = unet(DIGITS, preset="digits", num_res_blocks=1, **options)
         other.load_state_dict(state)
+        if not options:  # the trainer's gradient_checkpointing option sets these attributes
+            flags = [m for m in other.modules() if hasattr(m, "gradient_checkpointing")]
+            assert len(flags) == 8 + 4  # every residual block and every attention block
+            for m in flags:
+                m.gradient_checkpointing = True
         out = other(x, t, y)
         assert out.is_contiguous()
-        torch.testing.assert_close(out, base(x, t, y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, base(x, t, y), rtol=1e-5, atol=1e-5)  # conv algorithms differ
         out.square().mean().backward()
         for (name, pa), pb in zip(base.named_parameters(), other.parameters()):
-            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-7, msg=name)
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_discrete_images_give_logits_over_the_vocabulary():

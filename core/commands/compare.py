@@ -49,12 +49,26 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys (in first-seen order) whose values are not the same in every config (absent counts as a value)."""
+    """Keys (in first-seen order) whose values are not the same in every config.
+
+    A key some config lacks counts only when its component is the same plugin in every config: where
+    the plugins differ (``solver.plugin = "ode"`` vs ``"ddim"``), the ``plugin`` column says it all
+    and each plugin's own options would only add empty cells.
+    """
     keys: dict[str, None] = {}
     for cfg in configs:
         keys.update(dict.fromkeys(cfg))
     missing = object()
-    return [k for k in keys if len({repr(cfg.get(k, missing)) for cfg in configs}) > 1]
+
+    def differs(key: str) -> bool:
+        return len({repr(cfg.get(key, missing)) for cfg in configs}) > 1
+
+    def explained_by_plugin(key: str) -> bool:
+        owner = key.rsplit(".", 1)[0] + ".plugin" if "." in key else None
+        return (owner is not None and owner != key and differs(owner)
+                and any(key not in cfg for cfg in configs))
+
+    return [k for k in keys if differs(k) and not explained_by_plugin(k)]
 
 
 def _read_config(root: Path) -> dict[str, Any]:

@@ -114,10 +114,9 @@ def sweep(run: Any, axes: dict[str, list[Any]], solvers: list[str] | None, guida
         for values in itertools.product(*(axes[k] for k in keys)):
             mapping = {**mapping0, **dict(zip(keys, values))}
             components = attrs.evolve(run.components, solver=build_solver(run, mapping))
+            _, nfe = generate(components, run.model, 1, make_generator(seed, "eval-nfe"), device=run.device)
             for w in guidances:
                 t0 = time.perf_counter()
-                _, nfe = generate(components, run.model, 1, make_generator(seed, "eval-nfe"), guidance_scale=w,
-                                  device=run.device)
                 result = evaluate(components, run.model, n, seed, guidance_scale=w, batch_size=batch_size,
                                   device=run.device)
                 row = {"solver": plugin, **dict(zip(keys, values)), "guidance": w, "nfe": nfe, **result,
@@ -172,7 +171,8 @@ def main(args: argparse.Namespace) -> int:
     import attrs
 
     import registry
-    from core.generate import SampleMetric, evaluate, floor, metric_names
+    from core.generate import evaluate, floor, metric_names
+    from core.interfaces import SampleMetric
     from core.runs import load_run, write_table
     from registry import ConfigError
 

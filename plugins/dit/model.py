@@ -35,7 +35,8 @@ Class labels: ``y (B,)`` in ``[0, num_classes)``; ``y = None`` or the label
 guidance. ``class_dropout_prob`` replaces labels by that same null label in
 training mode only (DiT's ``LabelEmbedder``); objectives such as
 ``velocity_mse`` may drop labels too (their ``label_dropout``), also to
-``num_classes``: use one of the two, or the rates compound.
+``num_classes``: use one of the two, or the rates compound. For data without
+classes (``spec.num_classes == 0``) there is no label embedding and ``y`` is ignored.
 
 Time: ``t`` of shape ``(B,)`` in [0, 1] (a float or 0-d tensor broadcasts);
 the embedding sees ``time_scale * t`` (default 1000, the range of DiT's
@@ -370,6 +371,9 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
         self.final_layer = FinalLayer(d, out_per_token)
+        #: recompute each block in backward (the config's use_checkpoint; the trainer's
+        #: ``gradient_checkpointing`` option sets it)
+        self.gradient_checkpointing = config.use_checkpoint
         self.initialize_weights()
 
     @torch.no_grad()
@@ -428,7 +432,7 @@ class DiT(nn.Module):
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, batch, x.device)
-        use_ckpt = self.config.use_checkpoint and self.training and torch.is_grad_enabled()
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             h = checkpoint(block, h, c, use_reentrant=False) if use_ckpt else block(h, c)
         out = self.unpatchify(self.final_layer(h, c))

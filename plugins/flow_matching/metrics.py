@@ -73,7 +73,7 @@ class FewStepMetric:
         self.path = AffinePath(build_scheduler(config.scheduler))
         self.solver = ODESolver(ODEConfig(method=config.method, steps=config.steps))
         mapping = {"plugin": config.distance} if isinstance(config.distance, str) else dict(config.distance)
-        self.distance_name = mapping["plugin"] if "plugin" in mapping else "distance"
+        self.distance_name = mapping.get("plugin", "distance")
         try:
             self.distance = registry.build("metric", mapping, spec=spec, data=data)
         except ConfigError as exc:

@@ -27,6 +27,7 @@ every time tensor is precomputed as a view, step sizes are Python floats.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -82,7 +83,7 @@ class ODEConfig:
             raise ConfigError(f"expected a positive integer, got {self.steps}", ("steps",))
         if self.times is not None:
             ts = list(self.times)
-            diffs = [b - a for a, b in zip(ts, ts[1:])]
+            diffs = [b - a for a, b in itertools.pairwise(ts)]
             if len(ts) < 2 or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
                 raise ConfigError(f"expected at least two strictly increasing (or decreasing) times, got {ts}",
                                   ("times",))
@@ -313,5 +314,17 @@ def solve(model: Field, x_init: Tensor, *, method: str = "midpoint", steps: int 
                                                                              intermediates=intermediates)
 
 
-__all__: Sequence[str] = ["ODEConfig", "ODESolver", "integrate_fixed", "integrate_adaptive", "rk_step", "edm_grid",
-                          "edm_sigmas", "uniform_grid", "solve", "STAGES", "ORDER", "METHODS"]
+__all__: Sequence[str] = [
+    "METHODS",
+    "ORDER",
+    "STAGES",
+    "ODEConfig",
+    "ODESolver",
+    "edm_grid",
+    "edm_sigmas",
+    "integrate_adaptive",
+    "integrate_fixed",
+    "rk_step",
+    "solve",
+    "uniform_grid",
+]

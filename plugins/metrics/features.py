@@ -56,6 +56,9 @@ FORMAT_VERSION = 1
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 #: Batches of training data hashed into the cache key.
 FINGERPRINT_BATCHES = 4
+#: Channels of the image encoder's conv blocks; width of the vector encoder's hidden layers.
+CONV_CHANNELS = (16, 32, 64)
+MLP_HIDDEN = 256
 
 FEATURE_OPTIONS_DOC = """
         feature_extractor: "trained" (a network trained on this data set and cached), "inception"
@@ -148,7 +151,7 @@ class _ConvEncoder(nn.Module):
         super().__init__()
         c, h, w = shape
         layers: list[nn.Module] = []
-        for out in (16, 32, 64):
+        for out in CONV_CHANNELS:
             layers += [nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
             if min(h, w) > 4:
                 layers.append(nn.MaxPool2d(2))
@@ -167,8 +170,8 @@ class _MLPEncoder(nn.Module):
     def __init__(self, shape: tuple[int, ...], feature_dim: int):
         super().__init__()
         d = math.prod(shape)
-        self.net = nn.Sequential(nn.Linear(d, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(),
-                                 nn.Linear(256, feature_dim), nn.ReLU())
+        self.net = nn.Sequential(nn.Linear(d, MLP_HIDDEN), nn.SiLU(), nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.SiLU(),
+                                 nn.Linear(MLP_HIDDEN, feature_dim), nn.ReLU())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.reshape(x.shape[0], -1))
@@ -198,6 +201,7 @@ def architecture(spec: DataSpec, config: FeatureConfig, labelled: bool) -> dict[
     return {
         "format": FORMAT_VERSION,
         "encoder": "conv" if len(spec.shape) == 3 else "mlp",
+        "widths": list(CONV_CHANNELS) if len(spec.shape) == 3 else [MLP_HIDDEN, MLP_HIDDEN],
         "shape": list(spec.shape),
         "objective": "classifier" if labelled else "autoencoder",
         "num_classes": spec.num_classes if labelled else 0,

@@ -33,14 +33,17 @@ Class labels: with ``spec.num_classes > 0`` the label embedding has a learned
 extra row for the null label ``num_classes`` (classifier-free guidance);
 ``y = None`` means the null label. ``class_dropout_prob`` replaces labels by
 the null label in training mode only; objectives may drop labels themselves
-(to the same null label ``num_classes``): use one of the two.
+(to the same null label ``num_classes``): use one of the two. For data without
+classes there is no label embedding and ``y`` is ignored.
 
 ``t`` is ``(B,)`` in [0, 1] (a float or 0-d tensor broadcasts) and is
 multiplied by ``time_scale`` (default 1000) before the sinusoids.
 
 Speed options: ``use_checkpoint`` (gradient checkpointing of every residual
-and attention block in training) and ``channels_last`` (NHWC activations for
-the convolutions; the output is returned in the standard layout).
+and attention block in training; the trainer's ``gradient_checkpointing``
+turns it on through the blocks' ``gradient_checkpointing`` attributes) and
+``channels_last`` (NHWC activations for the convolutions; the output is
+returned in the standard layout).
 """
 
 from __future__ import annotations
@@ -240,7 +243,8 @@ class ResBlock(TimestepBlock):
                  down: bool = False, groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
-        self.use_checkpoint = use_checkpoint
+        #: set to True by the trainer's ``gradient_checkpointing`` option (recompute in backward)
+        self.gradient_checkpointing = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
@@ -258,7 +262,7 @@ class ResBlock(TimestepBlock):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
 
@@ -298,13 +302,14 @@ class AttentionBlock(nn.Module):
             self.num_heads = channels // num_head_channels
         if channels % self.num_heads:
             raise ConfigError(f"{channels} attention channels do not divide into {self.num_heads} heads", ("num_heads",))
-        self.use_checkpoint = use_checkpoint
+        #: set to True by the trainer's ``gradient_checkpointing`` option (recompute in backward)
+        self.gradient_checkpointing = use_checkpoint
         self.norm = GroupNorm32(groups, channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
@@ -421,7 +426,7 @@ class UNet(nn.Module):
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
             emb = emb + self.label_emb(y)
         if self.discrete:
-            b, c, hgt, wid = x.shape
+            b, _, hgt, wid = x.shape
             h = self.token_embedding(x).permute(0, 1, 4, 2, 3).reshape(b, -1, hgt, wid)
         else:
             h = x
