@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: tables, JSON output, an in-memory data plugin, peak RSS."""
+"""Shared helpers for the benchmark scripts: tables, JSON output, peak RSS and peak tensor memory."""
 
 from __future__ import annotations
 
@@ -61,3 +61,40 @@ class PeakRSS:
     @property
     def increase(self) -> int:
         return self.peak - self.start
+
+
+def peak_tensor_bytes(fn, device: str = "cpu") -> tuple[int, object]:
+    """Run ``fn()``; return ``(peak bytes of live tensors during the call, fn's result)``.
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` (after a reset). On the CPU, where torch keeps no
+    such counter, it is the same quantity rebuilt from the profiler's allocation events
+    (``profile_memory=True``): every allocation and free in time order, the peak of their running sum.
+    Both count every tensor alive at the peak (parameters, optimizer state, activations, batches) that was
+    allocated during the call, so they are insensitive to the Python modules a run imports and to how the
+    allocator returns pages to the system, unlike RSS.
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, out
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.typed[0] == _EventType.Allocation:
+            sizes.append((event.start_time_ns, event.typed[1].alloc_size))  # negative for a free
+        stack.extend(event.children)
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak, out

@@ -1,12 +1,15 @@
 """Fixed-step ODE sampling: flowforge's `ode` solver against a bare loop and against torchdiffeq's odeint.
 
-    python benchmarks/sampling_overhead.py [--batch 4096] [--steps 32] [--json]
+    python benchmarks/sampling_overhead.py [--batch 4096] [--steps 32] [--compile] [--json]
 
 For each method, on the same MLP velocity field and the same uniform grid:
 - overhead: solver time / time of calling the model the same number of times in a bare loop (goal <= 1.02);
 - speed-up: torchdiffeq odeint time / solver time (goal >= 1.25), with the max |difference| of the results
   (goal <= 1e-6; torchdiffeq's "rk4" is the 3/8 rule, so for rk4 the difference is the methods' own).
-Times are medians of interleaved repeats in this process.
+With --compile the table gets a second row per method: the solver with ``compile = true`` (each step one
+torch.compile graph: model evaluations and update fused) against a bare loop and torchdiffeq that both call
+``torch.compile(model)``, and its speed-up over torchdiffeq calling the eager model.
+Times are medians of interleaved repeats in this process (compilation happens in a warm-up call).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="add rows for the compiled sampling loop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -53,35 +57,46 @@ def main() -> None:
             solver = registry.build("solver", {"plugin": "ode", "method": method, "steps": args.steps})
             nfe = args.steps * STAGES[method]
             t_vec = torch.full((args.batch,), 0.5)
-
-            def bare():
-                x = x0
-                for _ in range(nfe):
-                    x = model(x, t_vec)
-                return x
-
-            def ours():
-                return solver.sample(model, x0).x
-
             grid = torch.linspace(0, 1, args.steps + 1)
 
-            def theirs():
-                return odeint(lambda t, x: model(x, t.expand(x.shape[0])), x0, grid, method=TORCHDIFFEQ[method])[-1]
+            def bare(net):
+                x = x0
+                for _ in range(nfe):
+                    x = net(x, t_vec)
+                return x
 
-            times = {"bare": [], "ours": [], "theirs": []}
+            def theirs(net):
+                return odeint(lambda t, x: net(x, t.expand(x.shape[0])), x0, grid, method=TORCHDIFFEQ[method])[-1]
+
+            variants = {"bare": lambda: bare(model), "ours": lambda: solver.sample(model, x0).x,
+                        "theirs": lambda: theirs(model)}
+            if args.compile:
+                fast = registry.build("solver", {"plugin": "ode", "method": method, "steps": args.steps, "compile": True})
+                compiled = torch.compile(model, dynamic=False)
+                variants |= {"bare_c": lambda: bare(compiled), "ours_c": lambda: fast.sample(model, x0).x,
+                             "theirs_c": lambda: theirs(compiled)}
+                for fn in variants.values():  # compile outside the timed region
+                    fn()
+            times = {name: [] for name in variants}
             outs = {}
             for _ in range(args.repeats):  # interleaved
-                for name, fn in (("bare", bare), ("ours", ours), ("theirs", theirs)):
+                for name, fn in variants.items():
                     t, outs[name] = timed(fn, 1)
                     times[name].append(t)
             med = {k: statistics.median(v) for k, v in times.items()}
-            diff = (outs["ours"] - outs["theirs"]).abs().max().item()
-            figures[method] = {"overhead_vs_bare": med["ours"] / med["bare"], "speedup_vs_torchdiffeq": med["theirs"] / med["ours"],
-                               "max_abs_diff": diff, "nfe": nfe, "ms": 1000 * med["ours"]}
-            rows.append([method, nfe, 1000 * med["bare"], 1000 * med["ours"], 1000 * med["theirs"],
-                         figures[method]["overhead_vs_bare"], figures[method]["speedup_vs_torchdiffeq"], f"{diff:.1e}"])
-    text = table(["method", "nfe", "bare loop ms", "flowforge ms", "torchdiffeq ms", "overhead vs bare",
-                  "speed-up vs torchdiffeq", "max |diff|"], rows)
+            for tag, suffix in (("eager", ""), ("compiled", "_c")):
+                if "ours" + suffix not in med:
+                    continue
+                ours, bare_t, theirs_t = med["ours" + suffix], med["bare" + suffix], med["theirs" + suffix]
+                diff = (outs["ours" + suffix] - outs["theirs"]).abs().max().item()
+                fig = {"overhead_vs_bare": ours / bare_t, "speedup_vs_torchdiffeq": theirs_t / ours,
+                       "speedup_vs_eager_torchdiffeq": med["theirs"] / ours, "max_abs_diff": diff, "nfe": nfe,
+                       "ms": 1000 * ours}
+                figures[method if tag == "eager" else f"{method}-compiled"] = fig
+                rows.append([method, tag, nfe, 1000 * bare_t, 1000 * ours, 1000 * theirs_t, fig["overhead_vs_bare"],
+                             fig["speedup_vs_torchdiffeq"], fig["speedup_vs_eager_torchdiffeq"], f"{diff:.1e}"])
+    text = table(["method", "model", "nfe", "bare loop ms", "flowforge ms", "torchdiffeq ms", "overhead vs bare",
+                  "speed-up vs torchdiffeq", "speed-up vs eager torchdiffeq", "max |diff| to torchdiffeq"], rows)
     emit(figures, f"sampling overhead (batch {args.batch}, {args.steps} steps, MLP field)\n" + text, args.json)
 
 

@@ -58,6 +58,15 @@ def step_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0,
     return idx[rank * per_rank:(rank + 1) * per_rank]
 
 
+def step_index_stream(n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[Tensor]:
+    """`step_indices` of `rank` (``batch_size`` per process) for steps `start_step`, `start_step` + 1, ..., forever."""
+    step = start_step
+    while True:
+        yield step_indices(n, batch_size * world_size, step, seed, rank, world_size)
+        step += 1
+
+
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     """A batch sampler for ``torch.utils.data.DataLoader`` yielding `step_indices` from `start_step` on, forever."""
 
@@ -66,11 +75,9 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        global_batch = self.batch_size * self.world_size
-        while True:
-            yield step_indices(self.n, global_batch, step, self.seed, self.rank, self.world_size).tolist()
-            step += 1
+        for index in step_index_stream(self.n, self.batch_size, self.seed, self.start_step, self.rank,
+                                       self.world_size):
+            yield index.tolist()
 
 
 class TensorDataSource(DataSource):
@@ -95,9 +102,8 @@ class TensorDataSource(DataSource):
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        for idx in StepBatchSampler(self._n, batch_size, seed, start_step, rank, world_size):
-            index = torch.as_tensor(idx)
-            yield {k: v[index] for k, v in self.train.items()}
+        for index in step_index_stream(self._n, batch_size, seed, start_step, rank, world_size):
+            yield {k: v[index] for k, v in self.train.items()}  # index tensors directly: no list round trip
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:
         total = len(next(iter(self.held_out.values())))

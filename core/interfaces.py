@@ -180,8 +180,13 @@ class Objective(abc.ABC):
     """A training loss. Holds any state the loss needs (time samplers, loss history)."""
 
     @abc.abstractmethod
-    def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        """The scalar loss for one (micro-)batch and a dict of floats to log.
+    def loss(self, models: Mapping[str, nn.Module], batch: Batch,
+             step: int) -> tuple[Tensor, dict[str, float | Tensor]]:
+        """The scalar loss for one (micro-)batch and a dict of values to log.
+
+        Logged values are Python floats or detached 0-d tensors. Tensors are
+        averaged on the device over the log interval and read back once per
+        interval, so logging them costs no device synchronisation per step.
 
         Args:
             models: ``{"model": the trained network}`` (possibly wrapped for

@@ -339,8 +339,7 @@ class Trainer:
                         scaled = self.scaler.scale(scaled)
                     scaled.backward()
                 step_loss += loss.detach().float() / len(micro)
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / len(micro)
+                accumulate_logs(logs_sum, logs, 1.0 / len(micro))
             if self.scaler is None and not torch.isfinite(step_loss):
                 raise NonFiniteLossError(
                     f"loss is {step_loss.item()} at step {self.step}; stopped before applying it. "
@@ -466,9 +465,36 @@ class Trainer:
             if self.scaler is not None:
                 record["loss_scale"] = self.scaler.get_scale()
                 record["skipped_steps"] = skipped
-            record.update({k: v / max(1, steps) for k, v in logs_sum.items()})
+            record.update({k: v / max(1, steps) for k, v in read_logs(logs_sum).items()})
             self.run_dir.log(record)
         return mean
+
+
+def accumulate_logs(sums: dict, logs: Mapping[str, Any], scale: float) -> None:
+    """Add ``scale * logs`` to `sums` without reading tensors back from their device.
+
+    Python numbers are summed under their key; the tensor values of one call are stacked into one
+    vector and summed under the tuple of their keys (one device op per step, however many keys).
+    """
+    tensors = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    for k, v in logs.items():
+        if not isinstance(v, torch.Tensor):
+            sums[k] = sums.get(k, 0.0) + float(v) * scale
+    if tensors:
+        key = tuple(tensors)
+        vec = torch.stack([logs[k].detach().float() for k in tensors]) * scale
+        sums[key] = sums[key] + vec if key in sums else vec
+
+
+def read_logs(sums: dict) -> dict[str, float]:
+    """`accumulate_logs`' sums as ``{key: float}`` (one device read per vector)."""
+    out = {}
+    for k, v in sums.items():
+        if isinstance(k, tuple):
+            out.update(zip(k, v.tolist()))
+        else:
+            out[k] = v
+    return out
 
 
 def train_entry(accelerator: Any, config: dict[str, Any], file: str | None, out: str, resume: bool) -> dict[str, Any]:

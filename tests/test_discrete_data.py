@@ -74,6 +74,7 @@ def test_with_mask_token_wraps_any_discrete_source():
     check_data_source(data, name="with_mask_token", exact_partition=True)
     assert data.spec.vocab_size == 18 and data.spec.extra["mask_token"] == 17 and data.spec.num_classes == 10
     assert data.config.form == "discrete"  # other attributes pass through
+    assert data.num_examples == data.inner.num_examples > 0  # so that epochs = N works on the wrapped source
     resolved = registry.resolved("data", {"plugin": "with_mask_token", "data": {"plugin": "digits", "form": "discrete"}})
     assert resolved["data"]["held_out"] == 0.2  # the wrapped source's defaults are filled in
     with pytest.raises(ConfigError, match="discrete"):

@@ -151,7 +151,7 @@ def test_loss_by_time_bin(bins):
     torch.manual_seed(0)
     _, logs = obj.loss({"model": TimeError()}, batch, 0)
     assert list(logs) == [f"loss_bin/{k}" for k in range(bins)]
-    values = [logs[f"loss_bin/{k}"] for k in range(bins)]
+    values = [float(logs[f"loss_bin/{k}"]) for k in range(bins)]
     assert values == sorted(values)
     for k, v in enumerate(values):  # E[(10 t)^2 | t in bin k] = 100 (a^2 + ab + b^2) / 3
         a, b = k / bins, (k + 1) / bins

@@ -172,3 +172,15 @@ def test_lr_schedule_warmup_and_decay(schedule):
         mid = 0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi * 0.5)) if schedule == "cosine" else 0.5)
         assert factors[60] == pytest.approx(mid)
         assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_tensor_logs_are_averaged_like_float_logs_without_a_read_per_step():
+    from core.trainer import accumulate_logs, read_logs
+
+    sums = {}
+    for step in range(4):  # two micro-batches per step: each adds half its value
+        for micro in range(2):
+            accumulate_logs(sums, {"a": torch.tensor(float(step + micro)), "b": 2.0 * step,
+                                   "c": torch.tensor(-1.0)}, 0.5)
+    assert set(sums) == {("a", "c"), "b"} and isinstance(sums[("a", "c")], torch.Tensor)
+    assert read_logs(sums) == {"a": 8.0, "c": -4.0, "b": 12.0}  # the sums; the trainer divides by the steps

@@ -1,4 +1,4 @@
-"""Conformance checks for objectives: ``loss(models, batch, step) -> (scalar loss, dict of floats)``.
+"""Conformance checks for objectives: ``loss(models, batch, step) -> (scalar loss, dict of logged values)``.
 
 Give the kit the objective (or a factory making fresh ones), the models and
 one batch::
@@ -14,8 +14,10 @@ The invariants, each named in the ``AssertionError`` that reports it:
 ``scalar loss`` / ``finite loss``
     The loss is a 0-d floating tensor, finite.
 ``logged values are floats``
-    Every logged value is a finite Python ``float`` (or ``int``), keyed by a
-    string: tensors would force a device sync per step and do not serialise.
+    Every logged value is finite, keyed by a string, and either a Python ``float``
+    (or ``int``) or a detached 0-d tensor. Prefer tensors for values computed on
+    the device: the trainer averages them there and reads them once per log
+    interval, where ``value.item()`` in the objective synchronises every step.
 ``gradients reach the model``
     ``loss.backward()`` gives ``models["model"]`` finite gradients, not all zero.
 ``batch is not modified``
@@ -165,8 +167,13 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
     _require(bool(torch.isfinite(loss)), who, "finite loss", f"the loss is {loss.item()}")
     for key, value in logs.items():
         _require(isinstance(key, str), who, "logged values are floats", f"log key {key!r} is not a string")
-        _require(isinstance(value, numbers.Real) and not isinstance(value, bool), who, "logged values are floats",
-                 f"logs[{key!r}] is a {type(value).__name__}; log Python floats (e.g. value.item())")
+        if isinstance(value, Tensor):
+            _require(value.ndim == 0 and not value.requires_grad, who, "logged values are floats",
+                     f"logs[{key!r}] is a tensor of shape {tuple(value.shape)} (requires_grad={value.requires_grad}); "
+                     f"log detached 0-d tensors or Python floats")
+        else:
+            _require(isinstance(value, numbers.Real) and not isinstance(value, bool), who, "logged values are floats",
+                     f"logs[{key!r}] is a {type(value).__name__}; log Python floats or detached 0-d tensors")
         _require(math.isfinite(float(value)), who, "logged values are floats", f"logs[{key!r}] = {value}")
     _require(loss.requires_grad, who, "gradients reach the model", "the loss does not require grad")
     with _checking(who, "gradients reach the model"):

@@ -106,7 +106,7 @@ class DDPMObjective(Objective):
         output = models["model"](x_t, d.model_time(k, x_t), y).float()
         terms = d.training_losses(output, x_start.float(), x_t.float(), k, noise.float(), self.config.loss_type)
         self.sampler.update_with_local_losses(k, terms["loss"].detach())
-        logs = {name: terms[name].detach().mean().item() for name in ("mse", "vb") if name in terms}
+        logs = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}
         return (terms["loss"] * weights).mean(), logs
 
     def sampling_model(self, model: nn.Module) -> Field:

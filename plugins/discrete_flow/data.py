@@ -59,6 +59,10 @@ class WithMaskToken(DataSource):
         self.spec = attrs.evolve(spec, vocab_size=spec.vocab_size + 1,
                                  extra={**spec.extra, "mask_token": spec.vocab_size})
 
+    @property
+    def num_examples(self) -> int | None:  # a class attribute of DataSource, so __getattr__ would not forward it
+        return self.inner.num_examples
+
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         return self.inner.train_batches(batch_size, seed=seed, start_step=start_step, rank=rank, world_size=world_size)

@@ -194,7 +194,7 @@ class FlowMatching(Objective):
         if not affine and config.loss_weighting != "none":
             raise ConfigError("loss weighting needs an affine path", ("loss_weighting",))
         self.config, self.spec, self.path = config, spec, path
-        self._last_bins: list[float | None] = [None] * config.loss_bins
+        self._last_bins: Tensor | None = None  # (loss_bins,) the last mean seen in each bin, on the device
 
     @property
     def scheduler(self) -> Scheduler | None:
@@ -222,21 +222,19 @@ class FlowMatching(Objective):
         loss = per_sample.mean()
         return loss, self._bin_logs(per_sample.detach(), t.detach(), loss.detach())
 
-    def _bin_logs(self, per_sample: Tensor, t: Tensor, loss: Tensor) -> dict[str, float]:
+    def _bin_logs(self, per_sample: Tensor, t: Tensor, loss: Tensor) -> dict[str, Tensor]:
+        """``loss_bin/i``: the mean loss of the batch's examples with ``t`` in ``[i/K, (i+1)/K)`` as 0-d tensors
+        (no device sync); a bin without examples repeats its last value (the batch loss before it has one)."""
         k = self.config.loss_bins
         if k == 0:
             return {}
         idx = (t.float() * k).long().clamp(0, k - 1)
-        sums = torch.zeros(k + 1, device=t.device).index_add_(0, idx, per_sample.float())
-        counts = torch.zeros(k + 1, device=t.device).index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float))
-        sums[k], counts[k] = loss.float(), 1.0
-        values = torch.stack([sums, counts]).tolist()  # one device sync
-        logs = {}
-        for i in range(k):
-            if values[1][i] > 0:
-                self._last_bins[i] = values[0][i] / values[1][i]
-            logs[f"loss_bin/{i}"] = self._last_bins[i] if self._last_bins[i] is not None else values[0][k]
-        return logs
+        sums = torch.zeros(k, device=t.device).index_add_(0, idx, per_sample.float())
+        counts = torch.zeros(k, device=t.device).index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float))
+        last = self._last_bins if self._last_bins is not None else loss.float().expand(k)
+        values = torch.where(counts > 0, sums / counts.clamp_min(1.0), last.to(sums.device))
+        self._last_bins = values
+        return {f"loss_bin/{i}": v for i, v in enumerate(values.unbind())}
 
     def sampling_model(self, model: nn.Module) -> Field:
         if self.config.prediction == "velocity":

@@ -23,6 +23,9 @@ pinned to ``t0`` and ``t1``), or any explicit list ``times``.
 
 The fixed-step loop is kept to one fused ``x + h k`` update per evaluation:
 every time tensor is precomputed as a view, step sizes are Python floats.
+With ``compile = true`` one whole step (its model evaluations and the update)
+is a `torch.compile` graph, built once per model and method and replayed for
+every step: the update and the model's elementwise work fuse into its kernels.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class ODEConfig:
         rtol: relative tolerance of adaptive methods.
         sampling_scheduler: sample along this scheduler's path instead of the training one: a
             scheduler plugin name (e.g. "cosine") or a table (e.g. {plugin = "polynomial", n = 2}).
+        compile: run each fixed step as one torch.compile graph (model evaluations + update; compiled
+            once per model, the first call pays the compilation). Fixed-step methods only.
     """
 
     method: Literal["euler", "midpoint", "heun", "rk4", "dopri5", "dopri8"] = "midpoint"
@@ -77,8 +82,12 @@ class ODEConfig:
     atol: float = 1e-5
     rtol: float = 1e-5
     sampling_scheduler: str | dict[str, Any] | None = None
+    compile: bool = False
 
     def __attrs_post_init__(self) -> None:
+        if self.compile and self.method in ADAPTIVE:
+            raise ConfigError(f"compile applies to the fixed-step methods {tuple(STAGES)}, not {self.method!r}",
+                              ("compile",))
         if self.steps < 1:
             raise ConfigError(f"expected a positive integer, got {self.steps}", ("steps",))
         if self.times is not None:
@@ -191,6 +200,32 @@ def integrate_fixed(f: Field, x: Tensor, grid: Tensor, method: str, y: Tensor | 
     return x, traj
 
 
+def integrate_compiled(step, x: Tensor, grid: Tensor, y: Tensor | None = None,
+                       intermediates: bool = False) -> tuple[Tensor, list[Tensor] | None]:
+    """`integrate_fixed` with a compiled ``step(x, t, h, y)`` (see `compiled_step`) replayed along `grid`.
+
+    Every step gets fresh contiguous ``t`` ``(B,)`` and ``h`` ``()`` tensors in ``x``'s device and dtype,
+    so one graph serves every step of any grid (no recompilation per step size or time).
+    """
+    dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    times = grid.to(device=x.device, dtype=dtype)
+    steps = (grid[1:] - grid[:-1]).to(device=x.device, dtype=dtype)
+    traj = [x] if intermediates else None
+    for k in range(grid.shape[0] - 1):
+        x = step(x, times[k].expand(x.shape[0]).contiguous(), steps[k].clone(), y)
+        if traj is not None:
+            traj.append(x)
+    return x, traj
+
+
+def compiled_step(method: str, f: Field):
+    """``step(x, t, h, y) = rk_step(method, f, x, t, h, y)`` as one `torch.compile` graph (static shapes)."""
+    def step(x: Tensor, t: Tensor, h: Tensor, y: Tensor | None) -> Tensor:
+        return rk_step(method, f, x, t, h, y)
+
+    return torch.compile(step, dynamic=False)
+
+
 def rk_step(method: str, f: Field, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None) -> Tensor:
     """One step of a fixed-step `method` from ``(x, t)`` with step ``h`` (``(B,)``-broadcastable tensors)."""
     hb = h.reshape(-1, *([1] * (x.ndim - 1))) if h.ndim else h
@@ -247,6 +282,7 @@ class ODESolver(Solver):
         self.config = config or ODEConfig()
         self.scheduler = scheduler
         self.sampling_scheduler: Scheduler | None = None
+        self._compiled: dict[tuple[int, str], Any] = {}  # (id(model), method) -> compiled step
         spec = self.config.sampling_scheduler
         if spec is not None:
             if scheduler is None:
@@ -291,7 +327,13 @@ class ODESolver(Solver):
         f, method = self.field(model), self.config.method
         if method in STAGES:
             exact = self.time_grid("cpu", torch.float64)
-            x, traj = integrate_fixed(f, x_init, exact, method, y, intermediates)
+            if self.config.compile:
+                key = (id(model), method)
+                if key not in self._compiled:
+                    self._compiled = {key: compiled_step(method, f)}  # one model at a time: no stale graphs
+                x, traj = integrate_compiled(self._compiled[key], x_init, exact, y, intermediates)
+            else:
+                x, traj = integrate_fixed(f, x_init, exact, method, y, intermediates)
             return SolverResult(x=x, nfe=(exact.shape[0] - 1) * STAGES[method],
                                 trajectory=torch.stack(traj) if traj is not None else None,
                                 times=exact.to(x_init.device, dtype) if intermediates else None)
@@ -320,9 +362,11 @@ __all__: Sequence[str] = [
     "STAGES",
     "ODEConfig",
     "ODESolver",
+    "compiled_step",
     "edm_grid",
     "edm_sigmas",
     "integrate_adaptive",
+    "integrate_compiled",
     "integrate_fixed",
     "rk_step",
     "solve",
