@@ -334,11 +334,11 @@ class Trainer:
                 with sync:
                     with self.autocast():
                         loss, logs = objective.loss(models, mb, self.step)
-                    scaled = loss / len(micro)
+                    scaled = loss / len(micro) if len(micro) > 1 else loss  # no extra autograd node
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
                     scaled.backward()
-                step_loss += loss.detach().float() / len(micro)
+                step_loss += loss.detach().float() / len(micro) if len(micro) > 1 else loss.detach().float()
                 accumulate_logs(logs_sum, logs, 1.0 / len(micro))
             if self.scaler is None and not torch.isfinite(step_loss):
                 raise NonFiniteLossError(

@@ -30,9 +30,9 @@ import torch
 import registry
 from core.config import load
 from core.run import run
+from core.testing.files import write_cifar10, write_npz
 
 from .conftest import ROOT
-from .test_loaders import write_cifar10, write_npz
 
 RECIPES = sorted((ROOT / "experiments").glob("recipe_*.toml"))
 HEADER_KEYS = ("Published result", "Hardware", "Launch", "Expected wall time", "Smoke mode")

@@ -228,11 +228,15 @@ class FlowMatching(Objective):
         k = self.config.loss_bins
         if k == 0:
             return {}
-        idx = (t.float() * k).long().clamp(0, k - 1)
-        sums = torch.zeros(k, device=t.device).index_add_(0, idx, per_sample.float())
-        counts = torch.zeros(k, device=t.device).index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float))
+        idx = (t.float() * k).long().clamp_(0, k - 1)
+        weights = per_sample.float()
+        if idx.device.type == "cpu":  # fewest ops; on an accelerator bincount reads idx.max() back (a sync)
+            sums, counts = torch.bincount(idx, weights=weights, minlength=k), torch.bincount(idx, minlength=k)
+        else:
+            sums = torch.zeros(k, device=idx.device).index_add_(0, idx, weights)
+            counts = torch.zeros(k, device=idx.device).index_add_(0, idx, torch.ones_like(weights))
         last = self._last_bins if self._last_bins is not None else loss.float().expand(k)
-        values = torch.where(counts > 0, sums / counts.clamp_min(1.0), last.to(sums.device))
+        values = torch.where(counts > 0, sums / counts.clamp_(min=1), last.to(sums.device))
         self._last_bins = values
         return {f"loss_bin/{i}": v for i, v in enumerate(values.unbind())}
 
