@@ -10,11 +10,14 @@ this process, the median of the per-pair ratios. Memory: the peak of live tensor
 allocation events), each variant in its own subprocess; the peak RSS increase is reported beside it
 (it also counts the modules a flowforge run imports and the allocator's retained pages). The flowforge run's data-wait fraction (the share of
 the loop spent waiting for the next batch) is reported too. Goal: time ratio <= 1.03, memory <= 1.05.
+Runs on CUDA when it is available (as a flowforge run does): the plain loop then pins each batch and copies
+it without blocking, uses fused AdamW, and memory is torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import statistics
@@ -72,6 +75,10 @@ def flowforge_run(model_name: str, steps: int, out: Path) -> dict:
         return run(_common.ROOT / "experiments" / "rectified_flow_2d.toml", overrides, out=out, overwrite=True)
 
 
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
     """The same training written as a plain PyTorch loop; returns the loop's wall time."""
     import time
@@ -84,14 +91,20 @@ def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
     batch = spec_cfg["batch"]
     batches = [tensors["x"][i * batch:(i + 1) * batch] for i in range(steps)]
     torch.manual_seed(derive_seed(seed, "init"))
-    model = registry.build("backbone", spec_cfg["backbone"], spec=spec)
+    dev = device()
+    cuda = dev.type == "cuda"
+    model = registry.build("backbone", spec_cfg["backbone"], spec=spec).to(dev)
     ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), **({"fused": True} if cuda else {}))
     torch.manual_seed(derive_seed(seed, "train", 0))
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for step, x1 in enumerate(batches):
+        if cuda:
+            x1 = x1.pin_memory().to(dev, non_blocking=True)
         x0 = torch.randn_like(x1)
-        t = torch.sigmoid(torch.randn(x1.shape[0]))
+        t = torch.sigmoid(torch.randn(x1.shape[0], device=dev))
         tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
         xt = tb * x1 + (1 - tb) * x0
         loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
@@ -119,7 +132,7 @@ def memory_worker(variant: str, model_name: str, steps: int) -> None:
 
         with PeakRSS() as rss:
             train()
-        tensors, _ = peak_tensor_bytes(train)
+        tensors, _ = peak_tensor_bytes(train, device().type)
     print(json.dumps({"tensors": tensors, "rss": rss.increase}))
 
 
@@ -148,6 +161,10 @@ def main() -> None:
     if args.memory_worker:
         memory_worker(args.memory_worker, args.model, args.steps)
         return
+    try:  # a run mirrors its logs to TensorBoard when installed: import it outside the timed loops
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError:
+        pass
     rows, figures = [], {}
     for name in args.models or available_models():
         ratios, waits, ff_times, base_times = [], [], [], []
@@ -174,7 +191,9 @@ def main() -> None:
                      figures[name]["data_wait_fraction"]])
     text = table(["model", "plain ms/step", "flowforge ms/step", "time ratio", "peak tensor memory ratio",
                   "peak RSS ratio", "data wait"], rows)
-    emit(figures, f"trainer overhead ({args.steps} steps, median of {args.repeats} interleaved pairs)\n" + text, args.json)
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    emit(figures, f"trainer overhead on {where} ({args.steps} steps, median of {args.repeats} interleaved pairs)\n"
+         + text, args.json)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ class TrainerConfig:
         gradient_checkpointing: recompute activations in backward (backbones that support it).
         compile: wrap the backbone in torch.compile for training (evaluation uses the EMA copy, uncompiled).
         channels_last: store 4D activations channels-last (helps convolutional backbones on GPU).
+        prefetch: on CUDA, batches a background thread draws, pins and copies to the GPU (on a side
+            stream) ahead of the step that uses them; 0 draws each batch when the step asks for it.
+            Ignored on the CPU, where the data plugin's own workers do this.
         sync_batchnorm: convert BatchNorm layers to SyncBatchNorm when running on several GPUs.
         checkpoint_every: write a checkpoint every N steps (0: only at the end).
         keep_checkpoints: how many periodic checkpoints to keep (the best one is kept apart).
@@ -113,6 +116,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     channels_last: bool = False
+    prefetch: int = 2
     sync_batchnorm: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -136,6 +140,7 @@ class TrainerConfig:
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.grad_accum > 0, "grad_accum", "a positive integer"),
             (self.microbatch >= 0, "microbatch", "a non-negative integer"),
+            (self.prefetch >= 0, "prefetch", "a non-negative integer"),
             (not (self.microbatch and self.grad_accum != 1), "microbatch", "either microbatch or grad_accum, not both"),
             (self.base_batch_size > 0, "base_batch_size", "a positive integer"),
             (self.lr >= 0, "lr", "a non-negative number"),

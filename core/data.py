@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import queue
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -112,3 +114,79 @@ class TensorDataSource(DataSource):
         else:
             index = torch.randint(total, (n,), generator=generator)
         return {k: v[index] for k, v in self.held_out.items()}
+
+
+class _End:
+    """Marks the end of a prefetched stream."""
+
+
+def device_prefetch(batches: Iterator[Batch], device: torch.device | str, depth: int = 2) -> Iterator[Batch]:
+    """Yield `batches` moved to `device`, drawn up to `depth` batches ahead by a background thread.
+
+    On CUDA the thread pins each batch's CPU tensors and copies them on a side stream; the consumer's
+    current stream waits for that copy (an event), so neither the host nor the device waits for the
+    transfer. Elsewhere the thread only draws the batches ahead. The order is that of `batches`;
+    an exception raised while drawing is raised by the consumer at that batch; closing the generator
+    (or dropping it) stops and joins the thread, then closes `batches`.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def move(batch: Batch) -> tuple[Batch, Any]:
+        if not cuda:
+            return batch, None
+        with torch.cuda.stream(stream):
+            moved = {k: v.pin_memory().to(device, non_blocking=True)
+                     if isinstance(v, Tensor) and v.device.type == "cpu" else v for k, v in batch.items()}
+            done = torch.cuda.Event()
+            done.record(stream)
+        return moved, done
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not put(move(batch)):
+                    return
+            put(_End)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=work, name="flowforge-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _End:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch, done = item
+            if done is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(done)
+                for v in batch.values():
+                    if isinstance(v, Tensor) and v.device.type == "cuda":
+                        v.record_stream(current)  # the side stream's memory is in use on this one
+            yield batch
+    finally:
+        stop.set()  # the thread returns at its next hand-over; wait for it (it may be mid-copy) ...
+        while thread.is_alive():
+            try:
+                slots.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # ... then release the source (a DataLoader's worker processes)

@@ -22,14 +22,23 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._ema_params = [p for p in self.model.parameters() if p.dtype.is_floating_point]
+        self._has_buffers = any(True for _ in self.model.buffers())
+        self._source: tuple[nn.Module, list[nn.Parameter]] | None = None  # (model, its float parameters)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average one step toward `model`'s current weights."""
-        params = [p for p in model.parameters() if p.dtype.is_floating_point]
-        torch._foreach_lerp_(self._ema_params, [p.detach() for p in params], 1.0 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        """Move the average one step toward `model`'s current weights.
+
+        The source's parameter objects are gathered once per model (an optimizer holds on to the same
+        objects; ``module.to`` and ``load_state_dict`` keep them); buffers are re-read every call, since a
+        module may rebind them.
+        """
+        if self._source is None or self._source[0] is not model:
+            self._source = (model, [p for p in model.parameters() if p.dtype.is_floating_point])
+        torch._foreach_lerp_(self._ema_params, self._source[1], 1.0 - self.decay)
+        if self._has_buffers:
+            for b_ema, b in zip(self.model.buffers(), model.buffers()):
+                b_ema.copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

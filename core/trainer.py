@@ -9,7 +9,11 @@ Per optimizer step ``s`` (0-based), on each of ``W`` processes:
    backpropagate ``loss / grad_accum`` (gradients are all-reduced once, on
    the last micro-batch);
 3. stop with `NonFiniteLossError` if the loss is NaN or infinite (the last
-   checkpoint is left intact);
+   checkpoint is left intact). On the CPU each step's loss is checked before
+   its update. On an accelerator, where reading a value back would make the
+   host wait for the step it has just queued, the interval's loss sum is
+   checked instead, at every log and before any checkpoint, evaluation or
+   sample is written (a NaN or inf loss makes the sum NaN or inf);
 4. clip the gradient norm, set ``lr = lr_max * schedule(s)``, take an AdamW
    step, and update the EMA weights;
 5. every ``log_every`` steps log the mean loss; every ``checkpoint_every``
@@ -42,7 +46,7 @@ from registry import ConfigError
 
 from . import checkpoint as ckpt
 from .config import Experiment, TrainerConfig, resolve
-from .data import derive_seed
+from .data import derive_seed, device_prefetch
 from .data import generator as make_generator
 from .ema import EMA
 from .generate import Components, evaluate, floor, generate, metric_names
@@ -51,7 +55,24 @@ from .rundir import RunDir
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before applying that step."""
+    """The loss became NaN or infinite; the run stopped before writing anything that absorbed it."""
+
+
+def checks_every_step(device: torch.device) -> bool:
+    """Whether each step's loss is checked before its update (the CPU: reading it back costs nothing)."""
+    return device.type == "cpu"
+
+
+def check_finite(loss: torch.Tensor, first: int, last: int, run_dir: Any) -> None:
+    """Raise `NonFiniteLossError` if `loss` (of step `first`, or summed over steps ``first..last``) is not finite."""
+    if torch.isfinite(loss):
+        return
+    where = (f"at step {first}; stopped before applying it" if first == last else
+             f"at one of steps {first}-{last} (on an accelerator the loss is checked at each log, checkpoint, "
+             f"evaluation and sample, not every step)")
+    raise NonFiniteLossError(
+        f"loss is {loss.item()} {where}. The last good checkpoint in {run_dir.checkpoints} is intact "
+        f"(try a lower trainer.lr, trainer.grad_clip, or fp32 precision)")
 
 
 def lr_factor(step: int, cfg: TrainerConfig, total: int | None = None, warmup: int | None = None) -> float:
@@ -315,12 +336,15 @@ class Trainer:
         progress = Progress(total, start_step, cfg.progress if self.is_main else "off", cfg.log_every)
         batches = self.components.data.train_batches(self.per_process, seed=self.seed, start_step=self.step,
                                                      rank=self.rank, world_size=self.world)
+        if self.device.type == "cuda" and cfg.prefetch:
+            batches = device_prefetch(batches, self.device, cfg.prefetch)
         objective, models = self.components.objective, {"model": self.model}
         loss_sum, loss_count, logs_sum = torch.zeros((), device=self.device), 0, {}
         last_loss, skipped_in_window, consecutive_skips = float("nan"), 0, 0
         t_log = time.perf_counter()
         stopped_early = False
         data_wait = 0.0
+        every_step, checked_to = checks_every_step(self.device), self.step  # steps < checked_to are known finite
         self.model.train()
         t_loop = time.perf_counter()
         while self.step < total:
@@ -328,7 +352,7 @@ class Trainer:
             batch = next(batches)
             data_wait += time.perf_counter() - t_data
             micro = self._split(batch)
-            step_loss = torch.zeros((), device=self.device)
+            step_loss = torch.zeros((), device=self.device) if len(micro) > 1 else None
             for i, mb in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
                 with sync:
@@ -338,13 +362,13 @@ class Trainer:
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
                     scaled.backward()
-                step_loss += loss.detach().float() / len(micro) if len(micro) > 1 else loss.detach().float()
+                if step_loss is None:
+                    step_loss = loss.detach().float()
+                else:
+                    step_loss += loss.detach().float() / len(micro)
                 accumulate_logs(logs_sum, logs, 1.0 / len(micro))
-            if self.scaler is None and not torch.isfinite(step_loss):
-                raise NonFiniteLossError(
-                    f"loss is {step_loss.item()} at step {self.step}; stopped before applying it. "
-                    f"The last good checkpoint in {self.run_dir.checkpoints} is intact "
-                    f"(try a lower trainer.lr, trainer.grad_clip, or fp32 precision)")
+            if self.scaler is None and every_step:
+                check_finite(step_loss, self.step, self.step, self.run_dir)
             if self.scaler is not None and cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
             if cfg.grad_clip > 0:
@@ -376,7 +400,13 @@ class Trainer:
                 loss_sum += step_loss
                 loss_count += 1
             self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == total:
+            writes = ((e.every and self.step % e.every == 0) or (e.samples_every and self.step % e.samples_every == 0)
+                      or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == total)
+            logs_now = self.step % cfg.log_every == 0 or self.step == total
+            if (writes or logs_now) and not every_step and self.scaler is None:
+                check_finite(loss_sum, checked_to, self.step - 1, self.run_dir)  # before anything is saved or reset
+                checked_to = self.step
+            if logs_now:
                 last_loss = self._log(loss_sum, loss_count, logs_sum, lr, t_log, skipped_in_window)
                 loss_sum.zero_()
                 loss_count, logs_sum, t_log, skipped_in_window = 0, {}, time.perf_counter(), 0
@@ -402,6 +432,8 @@ class Trainer:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
                 self.save_checkpoint()
         loop_time = time.perf_counter() - t_loop
+        if hasattr(batches, "close"):
+            batches.close()  # stops a prefetching thread and releases the data plugin's workers
         progress.close()
         final = self.evaluate(self.eval_model()) if has_metrics else {}
         if final and self._monitor_improved(final):
@@ -443,7 +475,7 @@ class Trainer:
         return summary
 
     def _split(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        moved = {k: to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if self.cfg.channels_last:
             moved = {k: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.ndim == 4 else v
                      for k, v in moved.items()}
@@ -468,6 +500,14 @@ class Trainer:
             record.update({k: v / max(1, steps) for k, v in read_logs(logs_sum).items()})
             self.run_dir.log(record)
         return mean
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without blocking the host: a CPU tensor bound for CUDA is pinned first (a
+    copy from pageable memory would wait for the stream to drain, every step)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def accumulate_logs(sums: dict, logs: Mapping[str, Any], scale: float) -> None:

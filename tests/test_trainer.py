@@ -67,11 +67,21 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_rf2d, test_
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_rf2d, test_plugin, capsys):
-    args = [str(RF2D), *as_args([*tiny_rf2d, flaky(nan_at=13), "trainer.checkpoint_every=5"]), "--out", str(tmp_path / "nan")]
+@pytest.mark.parametrize(("every_step", "nan_at"), [(True, 13), (False, 13), (False, 14)])
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_rf2d, test_plugin, capsys,
+                                                                        monkeypatch, every_step, nan_at):
+    """On the CPU each step's loss is checked before its update. The accelerators' check (forced here) reads
+    the interval's loss sum at the next log or write: the checkpoint after the bad step is still not written,
+    also when the bad step is the last before it (nan_at=14)."""
+    from core import trainer
+
+    monkeypatch.setattr(trainer, "checks_every_step", lambda device: every_step)
+    args = [str(RF2D), *as_args([*tiny_rf2d, flaky(nan_at=nan_at), "trainer.checkpoint_every=5"]),
+            "--out", str(tmp_path / "nan")]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "loss is nan at step 13" in err and "Traceback" not in err
+    where = f"at step {nan_at}; stopped before applying it" if every_step else "at one of steps 10-14"
+    assert f"loss is nan {where}" in err and "Traceback" not in err
     last = ckpt.latest(tmp_path / "nan" / "checkpoints")
     state = ckpt.load(last)
     assert state["step"] == 10

@@ -26,6 +26,9 @@ every time tensor is precomputed as a view, step sizes are Python floats.
 With ``compile = true`` one whole step (its model evaluations and the update)
 is a `torch.compile` graph, built once per model and method and replayed for
 every step: the update and the model's elementwise work fuse into its kernels.
+With ``cuda_graph = true`` (CUDA inputs) the whole integration, every step of
+it, is captured once as a CUDA graph per (model, input shape, grid) and later
+calls replay it: one launch per ``sample`` call instead of one per kernel.
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ class ODEConfig:
             scheduler plugin name (e.g. "cosine") or a table (e.g. {plugin = "polynomial", n = 2}).
         compile: run each fixed step as one torch.compile graph (model evaluations + update; compiled
             once per model, the first call pays the compilation). Fixed-step methods only.
+        cuda_graph: on CUDA inputs, capture the whole fixed-step integration (with the compiled step
+            when compile = true) as one CUDA graph, replayed by every later call with the same model,
+            input shape and grid (CPU inputs integrate as usual). The model must not read values back
+            to the host (no .item(), no branches on tensor values) and its parameters may change only
+            in place (an EMA update or load_state_dict is seen by the replay). Fixed-step methods only.
     """
 
     method: Literal["euler", "midpoint", "heun", "rk4", "dopri5", "dopri8"] = "midpoint"
@@ -83,11 +91,13 @@ class ODEConfig:
     rtol: float = 1e-5
     sampling_scheduler: str | dict[str, Any] | None = None
     compile: bool = False
+    cuda_graph: bool = False
 
     def __attrs_post_init__(self) -> None:
-        if self.compile and self.method in ADAPTIVE:
-            raise ConfigError(f"compile applies to the fixed-step methods {tuple(STAGES)}, not {self.method!r}",
-                              ("compile",))
+        for flag in ("compile", "cuda_graph"):
+            if getattr(self, flag) and self.method in ADAPTIVE:
+                raise ConfigError(f"{flag} applies to the fixed-step methods {tuple(STAGES)}, not {self.method!r}",
+                                  (flag,))
         if self.steps < 1:
             raise ConfigError(f"expected a positive integer, got {self.steps}", ("steps",))
         if self.times is not None:
@@ -145,21 +155,22 @@ def edm_grid(steps: int, scheduler: Scheduler | None, t0: float = 0.0, t1: float
 
 # --------------------------------------------------------------------------- integration
 def integrate_fixed(f: Field, x: Tensor, grid: Tensor, method: str, y: Tensor | None = None,
-                    intermediates: bool = False) -> tuple[Tensor, list[Tensor] | None]:
+                    intermediates: bool = False, device_grid: Tensor | None = None) -> tuple[Tensor, list[Tensor] | None]:
     """Integrate ``dx/dt = f(x, t, y)`` along `grid` ``(N+1,)`` with a fixed-step method.
 
     Differentiable (no ``no_grad`` here). Returns ``(x at grid[-1], [x at every grid time] or None)``.
     The model is always called with ``t`` of shape ``(B,)`` (a view of one precomputed tensor) and each
     evaluation costs one fused update. Step sizes are taken from `grid` as Python floats (pass a CPU
     float64 grid to avoid a device synchronisation and rounding of the steps); the model sees
-    the times in ``x``'s device and floating dtype.
+    the times in ``x``'s device and floating dtype; `device_grid` passes that copy of `grid` ready-made
+    (as a CUDA graph capture needs: no host-to-device copy inside the captured region).
     """
     if method not in STAGES:
         raise ValueError(f"unknown fixed-step method {method!r}; expected one of {tuple(STAGES)}")
     batch = x.shape[0]
     n = grid.shape[0] - 1
     hs = (grid[1:] - grid[:-1]).tolist()
-    grid = grid.to(device=x.device, dtype=x.dtype if x.dtype.is_floating_point else torch.float32)
+    grid = device_grid if device_grid is not None else grid.to(device=x.device, dtype=floating(x))
     ts = grid[:, None].expand(n + 1, batch)
     traj = [x] if intermediates else None
     add = torch.add
@@ -201,21 +212,56 @@ def integrate_fixed(f: Field, x: Tensor, grid: Tensor, method: str, y: Tensor | 
 
 
 def integrate_compiled(step, x: Tensor, grid: Tensor, y: Tensor | None = None,
-                       intermediates: bool = False) -> tuple[Tensor, list[Tensor] | None]:
+                       intermediates: bool = False, device_grid: Tensor | None = None
+                       ) -> tuple[Tensor, list[Tensor] | None]:
     """`integrate_fixed` with a compiled ``step(x, t, h, y)`` (see `compiled_step`) replayed along `grid`.
 
     Every step gets fresh contiguous ``t`` ``(B,)`` and ``h`` ``()`` tensors in ``x``'s device and dtype,
     so one graph serves every step of any grid (no recompilation per step size or time).
     """
-    dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-    times = grid.to(device=x.device, dtype=dtype)
-    steps = (grid[1:] - grid[:-1]).to(device=x.device, dtype=dtype)
+    times = device_grid if device_grid is not None else grid.to(device=x.device, dtype=floating(x))
+    steps = times[1:] - times[:-1]
     traj = [x] if intermediates else None
     for k in range(grid.shape[0] - 1):
         x = step(x, times[k].expand(x.shape[0]).contiguous(), steps[k].clone(), y)
         if traj is not None:
             traj.append(x)
     return x, traj
+
+
+def floating(x: Tensor) -> torch.dtype:
+    """The dtype times are given to the model in: `x`'s if floating, else float32."""
+    return x.dtype if x.dtype.is_floating_point else torch.float32
+
+
+class GraphedIntegration:
+    """One fixed-step integration captured as a CUDA graph and replayed.
+
+    ``integrate(x, y) -> (x_end, trajectory or None)`` is run twice on a side stream (warm-up: cuBLAS
+    workspaces, torch.compile) and then captured on static copies of ``x`` and ``y``. A call copies its
+    inputs into those, replays the graph and returns clones of the static outputs. The graph reads the
+    model's parameters at their addresses, so in-place updates of them are seen; new tensors are not.
+    """
+
+    def __init__(self, integrate, x: Tensor, y: Tensor | None):
+        self.integrate = integrate  # keeps alive what the graph reads (the field, a device copy of the grid)
+        self.x, self.y = x.clone(), None if y is None else y.clone()
+        side, main = torch.cuda.Stream(x.device), torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                integrate(self.x, self.y)
+        main.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.traj = integrate(self.x, self.y)
+
+    def __call__(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, list[Tensor] | None]:
+        self.x.copy_(x)
+        if y is not None:
+            self.y.copy_(y)
+        self.graph.replay()
+        return self.out.clone(), None if self.traj is None else [s.clone() for s in self.traj]
 
 
 def compiled_step(method: str, f: Field):
@@ -283,6 +329,7 @@ class ODESolver(Solver):
         self.scheduler = scheduler
         self.sampling_scheduler: Scheduler | None = None
         self._compiled: dict[tuple[int, str], Any] = {}  # (id(model), method) -> compiled step
+        self._graphed: tuple[tuple, Field, GraphedIntegration] | None = None  # (key, model, graph): the last one
         spec = self.config.sampling_scheduler
         if spec is not None:
             if scheduler is None:
@@ -331,9 +378,17 @@ class ODESolver(Solver):
                 key = (id(model), method)
                 if key not in self._compiled:
                     self._compiled = {key: compiled_step(method, f)}  # one model at a time: no stale graphs
-                x, traj = integrate_compiled(self._compiled[key], x_init, exact, y, intermediates)
+                step = self._compiled[key]
+
+                def integrate(x, y, device_grid=None):
+                    return integrate_compiled(step, x, exact, y, intermediates, device_grid)
             else:
-                x, traj = integrate_fixed(f, x_init, exact, method, y, intermediates)
+                def integrate(x, y, device_grid=None):
+                    return integrate_fixed(f, x, exact, method, y, intermediates, device_grid)
+            if self.config.cuda_graph and x_init.is_cuda:
+                x, traj = self._graph(model, integrate, x_init, exact, y, intermediates)
+            else:
+                x, traj = integrate(x_init, y)
             return SolverResult(x=x, nfe=(exact.shape[0] - 1) * STAGES[method],
                                 trajectory=torch.stack(traj) if traj is not None else None,
                                 times=exact.to(x_init.device, dtype) if intermediates else None)
@@ -342,6 +397,18 @@ class ODESolver(Solver):
         states, nfe = integrate_adaptive(f, x_init, out_grid, method, y, atol=self.config.atol, rtol=self.config.rtol)
         return SolverResult(x=states[-1], nfe=nfe, trajectory=states if intermediates else None,
                             times=grid if intermediates else None)
+
+
+    def _graph(self, model: Field, integrate, x: Tensor, exact: Tensor, y: Tensor | None, intermediates: bool):
+        """Replay (capturing first, when anything it depends on changed) the CUDA graph of `integrate`."""
+        device_grid = exact.to(device=x.device, dtype=floating(x))
+        key = (id(model), self.config.method, self.config.compile, tuple(exact.tolist()), intermediates,
+               x.shape, x.dtype, x.device, None if y is None else (y.shape, y.dtype))
+        if self._graphed is None or self._graphed[0] != key or self._graphed[1] is not model:
+            self._graphed = None  # release the old graph's memory pool before capturing the new one
+            graphed = GraphedIntegration(lambda x_, y_: integrate(x_, y_, device_grid), x, y)
+            self._graphed = (key, model, graphed)
+        return self._graphed[2](x, y)
 
 
 def build_ode(config: ODEConfig, scheduler: Scheduler | None = None) -> ODESolver:
@@ -362,6 +429,7 @@ __all__: Sequence[str] = [
     "STAGES",
     "ODEConfig",
     "ODESolver",
+    "GraphedIntegration",
     "compiled_step",
     "edm_grid",
     "edm_sigmas",
