@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 
@@ -542,7 +543,9 @@ def _gather_worker(rank: int, world: int, store: str, out: str) -> None:
         loss = contrastive_loss(local_image, local_text, 10.0)
         loss.backward()
         torch.save({"loss": loss.detach(), "image": local_image.grad, "text": local_text.grad}, f"{out}/{rank}.pt")
+        del loss, local_image, local_text  # the gather's autograd nodes hold the process group: free them first
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

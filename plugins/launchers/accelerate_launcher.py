@@ -113,6 +113,20 @@ def _worker(local_rank: int, config: AccelerateConfig, port: int, entry: Callabl
             "type": type(exc).__name__, "message": str(exc), "config_error": is_config,
             "interrupt": isinstance(exc, KeyboardInterrupt), "traceback": traceback.format_exc()}))
         sys.exit(1)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Free what still refers to the process group (autograd nodes of differentiable collectives), then
+    destroy it: left to interpreter shutdown, gloo's threads can be torn down in the wrong order and abort."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class AccelerateLauncher(Launcher):
