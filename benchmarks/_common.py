@@ -98,3 +98,22 @@ def peak_tensor_bytes(fn, device: str = "cpu") -> tuple[int, object]:
         live += size
         peak = max(peak, live)
     return peak, out
+
+
+def run_on_tensors(tensors: dict, spec, overrides: list[str], out: Path) -> dict:
+    """A flowforge run (`experiments/rectified_flow_2d.toml` with `overrides`) training on in-memory
+    `tensors` (``{"x": (N, ...), "y": (N,) optional}``, also its held-out split) described by `spec`,
+    through a temporary data plugin ``memory``; returns the run's summary."""
+    import registry
+    from core.data import TensorDataSource
+    from core.run import run
+    from registry import hookimpl
+
+    class MemoryPlugin:
+        @hookimpl
+        def flowforge_register(self, register):
+            register("data", "memory", lambda: TensorDataSource(tensors, tensors, spec), None)
+
+    with registry.temporary_plugin(MemoryPlugin(), name="benchmark_memory_data"):
+        return run(ROOT / "experiments" / "rectified_flow_2d.toml", ["data={plugin='memory'}", *overrides],
+                   out=out, overwrite=True)

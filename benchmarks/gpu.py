@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common
-from _common import emit, table
+import _common  # noqa: F401
+from _common import emit, run_on_tensors, table
 
 import torch
 
@@ -43,14 +43,19 @@ def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def train_flops(batch: int) -> float:
-    """3 x the forward FLOPs of DiT-B/2 on one batch (backward = 2 x forward)."""
+def dit_b2() -> torch.nn.Module:
+    """DiT-B/2 for class-conditional 4x32x32 latents, on the GPU."""
     import registry
     from core.interfaces import DataSpec
+
+    return registry.build("backbone", {"plugin": "dit", "preset": "DiT-B/2"},
+                          spec=DataSpec(shape=SHAPE, num_classes=CLASSES)).cuda()
+
+
+def train_flops(model: torch.nn.Module, batch: int) -> float:
+    """3 x the forward FLOPs of `model` on one batch (backward = 2 x forward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = registry.build("backbone", {"plugin": "dit", "preset": "DiT-B/2"},
-                           spec=DataSpec(shape=SHAPE, num_classes=CLASSES)).cuda()
     x, t, y = (torch.randn(batch, *SHAPE, device="cuda"), torch.rand(batch, device="cuda"),
                torch.randint(CLASSES, (batch,), device="cuda"))
     with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
@@ -58,13 +63,8 @@ def train_flops(batch: int) -> float:
     return 3 * counter.get_total_flops()
 
 
-def plain_step_time(batch: int, steps: int, compile: bool) -> float:
-    """Seconds per step of a hand-written bf16 training step on GPU-resident data."""
-    import registry
-    from core.interfaces import DataSpec
-
-    model = registry.build("backbone", {"plugin": "dit", "preset": "DiT-B/2"},
-                           spec=DataSpec(shape=SHAPE, num_classes=CLASSES)).cuda()
+def plain_step_time(model: torch.nn.Module, batch: int, steps: int, compile: bool) -> float:
+    """Seconds per step of a hand-written bf16 training step of `model` on GPU-resident data."""
     x1 = torch.randn(batch, *SHAPE, device="cuda")
     y = torch.randint(CLASSES, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -95,32 +95,20 @@ def plain_step_time(batch: int, steps: int, compile: bool) -> float:
 
 def flowforge_step_time(batch: int, steps: int, compile: bool) -> float:
     """Seconds per step of a flowforge run (median of logged intervals after the first)."""
-    import registry
-    from core.data import TensorDataSource
     from core.interfaces import DataSpec
-    from core.run import run
-    from registry import hookimpl
 
     g = torch.Generator().manual_seed(0)
     n = 8 * batch
     data = {"x": torch.randn(n, *SHAPE, generator=g), "y": torch.randint(CLASSES, (n,), generator=g)}
-    spec = DataSpec(shape=SHAPE, num_classes=CLASSES)
-
-    class Latents:
-        @hookimpl
-        def flowforge_register(self, register):
-            register("data", "latents", lambda: TensorDataSource(data, data, spec), None)
-
     interval = max(1, steps // 4)
-    total = 5 * interval
-    overrides = ["data={plugin='latents'}", "backbone={plugin='dit', preset='DiT-B/2'}",
-                 "objective.label_dropout=0.1", f"trainer.steps={total}", f"trainer.batch_size={batch}",
-                 "trainer.precision='bf16'", f"trainer.compile={str(compile).lower()}", "trainer.progress='off'",
-                 f"trainer.log_every={interval}", "trainer.checkpoint_every=0", "trainer.lr=1e-4",
-                 "trainer.warmup_steps=10", "trainer.ema_decay=0.9999", "metrics=[]", "eval.num_pictures=0",
-                 "eval.untrained=false", "eval.floor=false"]
-    with tempfile.TemporaryDirectory() as tmp, registry.temporary_plugin(Latents(), name="benchmark_latents"):
-        run(_common.ROOT / "experiments" / "rectified_flow_2d.toml", overrides, out=Path(tmp) / "run", overwrite=True)
+    overrides = ["backbone={plugin='dit', preset='DiT-B/2'}", "objective.label_dropout=0.1",
+                 f"trainer.steps={5 * interval}", f"trainer.batch_size={batch}", "trainer.precision='bf16'",
+                 f"trainer.compile={str(compile).lower()}", "trainer.progress='off'", f"trainer.log_every={interval}",
+                 "trainer.checkpoint_every=0", "trainer.lr=1e-4", "trainer.warmup_steps=10",
+                 "trainer.ema_decay=0.9999", "metrics=[]", "eval.num_pictures=0", "eval.untrained=false",
+                 "eval.floor=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run_on_tensors(data, DataSpec(shape=SHAPE, num_classes=CLASSES), overrides, Path(tmp) / "run")
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["it_per_s"] for r in records if r.get("it_per_s")][1:]
     return 1.0 / statistics.median(rates)
@@ -137,12 +125,15 @@ def main() -> None:
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     compile = not args.no_compile
-    flops, peak = train_flops(args.batch), matmul_rate()
+    model = dit_b2()
+    flops, peak = train_flops(model, args.batch), matmul_rate()
     figures: dict = {"gpu": torch.cuda.get_device_name(), "batch": args.batch, "compile": compile,
                      "train_gflops_per_step": flops / 1e9, "matmul_tflops": peak / 1e12}
     rows = []
-    for name, measure in (("plain loop", plain_step_time), ("flowforge", flowforge_step_time)):
-        dt = measure(args.batch, args.steps, compile)
+    measures = {"plain loop": lambda: plain_step_time(model, args.batch, args.steps, compile),
+                "flowforge": lambda: flowforge_step_time(args.batch, args.steps, compile)}
+    for name, measure in measures.items():
+        dt = measure()
         fig = {"step_ms": 1000 * dt, "samples_per_s": args.batch / dt, "achieved_tflops": flops / dt / 1e12,
                "mfu": flops / dt / peak}
         figures[name] = fig

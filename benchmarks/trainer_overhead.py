@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import PeakRSS, emit, peak_tensor_bytes, table
+from _common import PeakRSS, emit, peak_tensor_bytes, run_on_tensors, table
 
 import torch
 
@@ -54,25 +54,13 @@ def memory_data(name: str, steps: int, batch: int):
 
 def flowforge_run(model_name: str, steps: int, out: Path) -> dict:
     """One flowforge run on in-memory data; returns its summary."""
-    import registry
-    from core.data import TensorDataSource
-    from core.run import run
-    from registry import hookimpl
-
     spec_cfg = MODELS[model_name]
     tensors, spec = memory_data(spec_cfg["data"], steps, spec_cfg["batch"])
-
-    class MemoryPlugin:
-        @hookimpl
-        def flowforge_register(self, register):
-            register("data", "memory", lambda: TensorDataSource(tensors, tensors, spec), None)
-
     backbone = "backbone={" + ", ".join(f"{k}={v!r}" for k, v in spec_cfg["backbone"].items()) + "}"
-    overrides = ["data={plugin='memory'}", backbone, f"trainer.steps={steps}", f"trainer.batch_size={spec_cfg['batch']}",
+    overrides = [backbone, f"trainer.steps={steps}", f"trainer.batch_size={spec_cfg['batch']}",
                  "trainer.progress='off'", f"trainer.log_every={steps}", "metrics=[]", "eval.num_pictures=0",
                  "eval.untrained=false", "eval.floor=false", "trainer.warmup_steps=10"]
-    with registry.temporary_plugin(MemoryPlugin(), name="benchmark_memory_data"):
-        return run(_common.ROOT / "experiments" / "rectified_flow_2d.toml", overrides, out=out, overwrite=True)
+    return run_on_tensors(tensors, spec, overrides, out)
 
 
 def device() -> torch.device:

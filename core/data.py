@@ -116,6 +116,14 @@ class TensorDataSource(DataSource):
         return {k: v[index] for k, v in self.held_out.items()}
 
 
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` on `device` without blocking the host: a CPU tensor bound for CUDA is pinned first (a
+    copy from pageable memory would wait for the stream to drain)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class _End:
     """Marks the end of a prefetched stream."""
 
@@ -148,8 +156,7 @@ def device_prefetch(batches: Iterator[Batch], device: torch.device | str, depth:
         if not cuda:
             return batch, None
         with torch.cuda.stream(stream):
-            moved = {k: v.pin_memory().to(device, non_blocking=True)
-                     if isinstance(v, Tensor) and v.device.type == "cpu" else v for k, v in batch.items()}
+            moved = {k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             done = torch.cuda.Event()
             done.record(stream)
         return moved, done

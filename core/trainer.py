@@ -46,7 +46,7 @@ from registry import ConfigError
 
 from . import checkpoint as ckpt
 from .config import Experiment, TrainerConfig, resolve
-from .data import derive_seed, device_prefetch
+from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
 from .ema import EMA
 from .generate import Components, evaluate, floor, generate, metric_names
@@ -400,20 +400,22 @@ class Trainer:
                 loss_sum += step_loss
                 loss_count += 1
             self.step += 1
-            writes = ((e.every and self.step % e.every == 0) or (e.samples_every and self.step % e.samples_every == 0)
-                      or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == total)
-            logs_now = self.step % cfg.log_every == 0 or self.step == total
-            if (writes or logs_now) and not every_step and self.scaler is None:
+            last = self.step == total  # the final evaluation, samples and checkpoint follow the loop
+            log_now = last or self.step % cfg.log_every == 0
+            evaluate_now = not last and has_metrics and bool(e.every) and self.step % e.every == 0
+            samples_now = not last and bool(e.samples_every) and self.step % e.samples_every == 0
+            checkpoint_now = not last and bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+            if not every_step and self.scaler is None and (log_now or evaluate_now or samples_now or checkpoint_now):
                 check_finite(loss_sum, checked_to, self.step - 1, self.run_dir)  # before anything is saved or reset
                 checked_to = self.step
-            if logs_now:
+            if log_now:
                 last_loss = self._log(loss_sum, loss_count, logs_sum, lr, t_log, skipped_in_window)
                 loss_sum.zero_()
                 loss_count, logs_sum, t_log, skipped_in_window = 0, {}, time.perf_counter(), 0
                 progress.update(self.step, loss=last_loss, lr=lr)
             elif progress.mode == "bar":
                 progress.update(self.step, loss=last_loss)
-            if e.every and self.step % e.every == 0 and self.step < total and has_metrics:
+            if evaluate_now:
                 result = self.evaluate(self.eval_model())
                 if self.is_main:
                     self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in result.items()}})
@@ -427,9 +429,9 @@ class Trainer:
                               f"{patience} evaluations (best {best['value']:.5g} at step {best['step']})")
                     stopped_early = True
                     break
-            if e.samples_every and self.step % e.samples_every == 0 and self.step < total:
+            if samples_now:
                 self.write_samples(f"step-{self.step:08d}")
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
+            if checkpoint_now:
                 self.save_checkpoint()
         loop_time = time.perf_counter() - t_loop
         if hasattr(batches, "close"):
@@ -500,14 +502,6 @@ class Trainer:
             record.update({k: v / max(1, steps) for k, v in read_logs(logs_sum).items()})
             self.run_dir.log(record)
         return mean
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device` without blocking the host: a CPU tensor bound for CUDA is pinned first (a
-    copy from pageable memory would wait for the stream to drain, every step)."""
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def accumulate_logs(sums: dict, logs: Mapping[str, Any], scale: float) -> None:

@@ -398,14 +398,14 @@ class ODESolver(Solver):
         return SolverResult(x=states[-1], nfe=nfe, trajectory=states if intermediates else None,
                             times=grid if intermediates else None)
 
-
     def _graph(self, model: Field, integrate, x: Tensor, exact: Tensor, y: Tensor | None, intermediates: bool):
-        """Replay (capturing first, when anything it depends on changed) the CUDA graph of `integrate`."""
-        device_grid = exact.to(device=x.device, dtype=floating(x))
-        key = (id(model), self.config.method, self.config.compile, tuple(exact.tolist()), intermediates,
-               x.shape, x.dtype, x.device, None if y is None else (y.shape, y.dtype))
+        """Replay (capturing first, when the model, the grid or an input's layout changed) the CUDA graph of
+        `integrate`. The cache holds the model itself, so its identity cannot be reused by another one."""
+        key = (tuple(exact.tolist()), intermediates, x.shape, x.dtype, x.device,
+               None if y is None else (y.shape, y.dtype))
         if self._graphed is None or self._graphed[0] != key or self._graphed[1] is not model:
             self._graphed = None  # release the old graph's memory pool before capturing the new one
+            device_grid = exact.to(device=x.device, dtype=floating(x))
             graphed = GraphedIntegration(lambda x_, y_: integrate(x_, y_, device_grid), x, y)
             self._graphed = (key, model, graphed)
         return self._graphed[2](x, y)
