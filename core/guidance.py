@@ -7,12 +7,19 @@ With guidance scale ``w`` the guided prediction is
 so ``w = 0`` is the conditional model, and ``null = num_classes`` is the label
 the model was trained on when the label was dropped. The conditional and
 unconditional halves are evaluated as one batch of ``2B``.
+
+Training the unconditional model: `drop_labels` replaces each label by the
+null label with probability ``p`` (the label dropout of every objective),
+drawing per example through `core.rng` so the choice does not depend on the
+process count.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from . import rng
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -36,3 +43,17 @@ def guided(model: nn.Module, scale: float, num_classes: int) -> nn.Module:
     if scale == 0.0 or num_classes <= 0:
         return model
     return ClassifierFreeGuidance(model, scale, num_classes)
+
+
+def drop_labels(y: Tensor, p: float, null_label: int, draw: rng.ExampleRandom | None = None,
+                stream: str = "label_dropout") -> Tensor:
+    """``y (B,)`` with each label replaced by `null_label` with probability `p`.
+
+    `draw` is the batch's `core.rng.for_batch` (per-example draws, stream `stream`); without it
+    the draw comes from torch's global RNG. ``p <= 0`` returns `y` unchanged and draws nothing.
+    """
+    if p <= 0:
+        return y
+    draw = draw if draw is not None else rng.GlobalRandom(y.shape[0])
+    drop = draw.rand(y.shape[1:], stream, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null_label), y)

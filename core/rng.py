@@ -87,6 +87,21 @@ def example_seeds(seed: int, step: int, index: Tensor) -> Tensor:
     return mix(index.to(torch.int64) * _GOLDEN + base)
 
 
+def shard_positions(per_process: int, rank: int, device: Any = None) -> Tensor:
+    """Global batch positions ``(per_process,)`` of `rank`'s contiguous share: ``rank * per_process + arange``.
+
+    The same rule as `core.data.step_indices`: rank ``r`` of ``W`` holds positions
+    ``[r P, (r + 1) P)`` of the global batch of ``W P`` examples.
+    """
+    start = rank * per_process
+    return torch.arange(start, start + per_process, device=device, dtype=torch.int64)
+
+
+def shard_seeds(seed: int, step: int, per_process: int, rank: int = 0, device: Any = None) -> Tensor:
+    """`example_seeds` of `rank`'s share of step `step` (``(per_process,)`` int64)."""
+    return example_seeds(seed, step, shard_positions(per_process, rank, device))
+
+
 def bits(seeds: Tensor, shape: Sequence[int], stream: str, offset: int = 0) -> Tensor:
     """Random 64-bit words ``(B, *shape)`` for examples with `seeds` (``(B,)`` int64) in `stream`."""
     n = math.prod(shape)

@@ -3,8 +3,10 @@
 Per optimizer step ``s`` (0-based), on each of ``W`` processes:
 
 1. take this rank's share of the global batch (``batch_size / W`` examples,
-   a pure function of seed, step and rank), split into ``grad_accum``
-   micro-batches;
+   a pure function of seed, step and rank), add ``batch["seeds"]``, the
+   `core.rng.example_seeds` of the examples' global positions (every
+   per-example draw of the objective is keyed by them, so it does not depend
+   on ``W`` or the split), and split into ``grad_accum`` micro-batches;
 2. for each micro-batch compute ``objective.loss`` under autocast and
    backpropagate ``loss / grad_accum`` (gradients are all-reduced once, on
    the last micro-batch);
@@ -45,6 +47,7 @@ import registry
 from registry import ConfigError
 
 from . import checkpoint as ckpt
+from . import rng
 from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
@@ -478,6 +481,7 @@ class Trainer:
 
     def _split(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         moved = {k: to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        moved["seeds"] = rng.shard_seeds(self.seed, self.step, self.per_process, self.rank, self.device)
         if self.cfg.channels_last:
             moved = {k: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.ndim == 4 else v
                      for k, v in moved.items()}

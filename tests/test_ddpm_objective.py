@@ -65,7 +65,7 @@ def test_model_is_called_at_the_times_of_the_sampled_steps(monkeypatch):
 
     torch.manual_seed(0)
     k = torch.randint(40, (32,))
-    monkeypatch.setattr(objective.sampler, "sample", lambda b, device: (k, torch.ones(b)))
+    monkeypatch.setattr(objective.sampler, "sample", lambda b, device, draw=None: (k, torch.ones(b)))
     objective.loss({"model": model}, {"x": torch.zeros(32, 2, 4)}, 0)
     torch.testing.assert_close(seen["t"], (1 - (k + 1) / 40).float())
 
@@ -85,7 +85,7 @@ def test_label_dropout_uses_the_null_label():
 def test_importance_weights_multiply_the_loss(monkeypatch):
     objective, _ = build()
     k, w = torch.tensor([0, 5, 39, 20]), torch.tensor([0.5, 1.0, 2.0, 4.0])
-    monkeypatch.setattr(objective.sampler, "sample", lambda b, device: (k, w))
+    monkeypatch.setattr(objective.sampler, "sample", lambda b, device, draw=None: (k, w))
     x = torch.rand(4, 2, 4)
     torch.manual_seed(0)
     loss, logs = objective.loss({"model": lambda x, t, y=None: torch.zeros_like(x)}, {"x": x}, 0)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core import rng
 from core.data import generator as make_generator
 from core.data import step_indices
 from core.interfaces import Batch, DataSource, DataSpec
@@ -59,12 +60,11 @@ NPZ_LAYOUT = ("a NumPy .npz archive (np.savez(path, x=..., y=...)) holding {x!r}
 def flip_mask(seed: int, step: int, per_rank: int, rank: int = 0, world_size: int = 1) -> Tensor:
     """Which of `rank`'s ``per_rank`` examples of step `step` are mirrored: BoolTensor ``(per_rank,)``.
 
-    Drawn for the whole global batch from ``(seed, "flip", step)`` and sliced like `step_indices`,
-    so the ranks' flips together are those of one process with the global batch.
+    Each example's flip is its own draw (`core.rng`, stream ``"flip"``) keyed by (seed, step, its
+    position in the global batch), the positions `step_indices` gives this rank, so the ranks'
+    flips together are those of one process with the global batch.
     """
-    g = make_generator(seed, "flip", step)
-    mask = torch.rand(per_rank * world_size, generator=g) < 0.5
-    return mask[rank * per_rank:(rank + 1) * per_rank]
+    return rng.uniform(rng.shard_seeds(seed, step, per_rank, rank), (), "flip") < 0.5
 
 
 def prefetched(make: Callable[[int], Batch], start_step: int, workers: int, depth: int = 0) -> Iterator[Batch]:

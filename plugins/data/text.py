@@ -11,8 +11,9 @@ in all; any other character reads as ``"?"``. With ``mask_token = true`` the
 vocabulary gains a mask token, id 96 (``spec.extra["mask_token"]``), for the
 mixture path's mask source. Split: the last ``held_out`` fraction of every
 file is held out. Examples are windows ``{"x": (B, seq_len)}`` (LongTensor) at
-uniformly random offsets of the joined training (or held-out) text, drawn per
-step and rank from seeded generators.
+uniformly random offsets of the joined training (or held-out) text; a training
+window's offset is a pure function of (seed, step, its global batch position)
+(`core.rng`), so any number of processes sees the same global batch.
 
 Pictures are text: `render` writes the decoded examples to ``PATH.txt`` and
 any text attached with `attach` (e.g. infilling examples from the
@@ -31,7 +32,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from core.data import generator as make_generator
+from core import rng
 from core.interfaces import Batch, DataSource, DataSpec
 from registry import ConfigError
 
@@ -115,17 +116,19 @@ class Text(DataSource):
                              vocab_size=len(ALPHABET) + config.mask_token, extra=extra)
         self.attached: dict[str, str] = {}
 
-    def _windows(self, text: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    def _windows(self, text: Tensor, n: int, generator: torch.Generator | None, start: Tensor | None = None) -> Tensor:
+        """``(n, seq_len)`` windows of `text` at `start` ``(n, 1)`` (drawn with `generator` when None)."""
         length = self.config.seq_len
-        start = torch.randint(0, len(text) - length + 1, (n, 1), generator=generator)
+        if start is None:
+            start = torch.randint(0, len(text) - length + 1, (n, 1), generator=generator)
         return text[start + torch.arange(length)].long()
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        step = start_step
-        while True:
-            g = make_generator(seed, "text-train", step, rank, world_size)
-            yield {"x": self._windows(self.train, batch_size, g)}
+        step, high = start_step, len(self.train) - self.config.seq_len + 1
+        while True:  # each window's start is its own draw, keyed by (seed, step, global batch position)
+            start = rng.randint(rng.shard_seeds(seed, step, batch_size, rank), 0, high, (1,), "text/window")
+            yield {"x": self._windows(self.train, batch_size, None, start)}
             step += 1
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:

@@ -6,7 +6,8 @@ examples are ``{"x": (B, 2)}`` LongTensors. Bin ``k`` stands for its centre
 ``low + (k + 1/2) (high - low) / bins`` (``dequantize``), which pictures and the
 ``dequantized`` metric use. With ``mask_token = true`` the vocabulary gains a
 mask token, id ``bins`` (``spec.extra["mask_token"]``), that the data never
-uses. Sampling is as in `toy2d`: fresh seeded draws per step and rank.
+uses. Sampling is as in `toy2d`: the global batch of each step drawn fresh from
+``(seed, step)`` and sliced by rank (the same examples on any number of processes).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class Toy2DDiscrete(DataSource):
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         step = start_step
-        while True:
-            yield {"x": self._draw(batch_size, make_generator(seed, "toy2d-discrete-train", step, rank, world_size))}
+        while True:  # the global batch of the step, sliced: the same examples on any number of processes
+            full = self._draw(batch_size * world_size, make_generator(seed, "toy2d-discrete-train", step))
+            yield {"x": full[rank * batch_size:(rank + 1) * batch_size]}
             step += 1
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:

@@ -31,7 +31,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from core.guidance import ClassifierFreeGuidance
+from core import rng
+from core.guidance import ClassifierFreeGuidance, drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective
 from registry import ConfigError
 
@@ -96,13 +97,13 @@ class DDPMObjective(Objective):
     def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         d = self.diffusion
         x_start = batch["x"]
-        k, weights = self.sampler.sample(x_start.shape[0], x_start.device)
-        noise = torch.randn_like(x_start)
+        draw = rng.for_batch(batch)
+        k, weights = self.sampler.sample(x_start.shape[0], x_start.device, draw=draw)
+        noise = draw.randn_like(x_start, "noise")
         x_t = d.q_sample(x_start, k, noise)
         y = batch.get("y")
-        if y is not None and self.config.label_dropout > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.config.label_dropout
-            y = torch.where(drop, torch.full_like(y, self.spec.num_classes), y)
+        if y is not None:
+            y = drop_labels(y, self.config.label_dropout, self.spec.num_classes, draw)
         output = models["model"](x_t, d.model_time(k, x_t), y).float()
         terms = d.training_losses(output, x_start.float(), x_t.float(), k, noise.float(), self.config.loss_type)
         self.sampler.update_with_local_losses(k, terms["loss"].detach())

@@ -15,7 +15,8 @@ uniform-step loss.
   hence the sampling distributions are identical on every rank. The history is
   part of `state_dict` (checkpointed with the objective).
 
-Draws use torch's global RNG (seeded per process by the trainer).
+Draws are per example through `core.rng` when the objective passes the batch's
+draws (training batches carry seeds), else torch's global RNG.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core import rng
 from registry import ConfigError
 
 
@@ -40,14 +42,25 @@ class ScheduleSampler:
         """Unnormalised sampling weights ``(T,)`` (float64), or None for uniform."""
         return None
 
-    def sample(self, batch: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """(steps ``(B,)`` LongTensor, importance weights ``(B,)`` float32), both on `device`."""
+    def sample(self, batch: int, device: torch.device | str,
+               draw: rng.ExampleRandom | None = None) -> tuple[Tensor, Tensor]:
+        """(steps ``(B,)`` LongTensor, importance weights ``(B,)`` float32), both on `device`.
+
+        With `draw` (a batch's `core.rng.for_batch`) each example's step comes from its own
+        uniform (stream ``"timestep"``; inverse CDF ``k = #{j : P_j <= u}``, ``P`` the cumulative
+        probabilities), else from torch's global RNG.
+        """
         w = self.weights()
         if w is None:
-            return (torch.randint(self.num_timesteps, (batch,), device=device),
-                    torch.ones(batch, device=device))
+            k = (torch.randint(self.num_timesteps, (batch,), device=device) if draw is None
+                 else draw.randint(0, self.num_timesteps, (), "timestep", device=device))
+            return k, torch.ones(batch, device=device)
         p = torch.from_numpy(w / w.sum())
-        k = torch.multinomial(p, batch, replacement=True)
+        if draw is None:
+            k = torch.multinomial(p, batch, replacement=True)
+        else:
+            u = draw.rand((), "timestep", dtype=torch.float64).cpu()
+            k = torch.searchsorted(torch.cumsum(p, 0), u, right=True).clamp_(max=len(p) - 1)
         weights = 1.0 / (len(p) * p[k])
         return k.to(device), weights.float().to(device)
 

@@ -40,6 +40,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from core import rng
+from core.guidance import drop_labels
 from core.interfaces import Batch, DataSpec, Objective, Path
 from core.nn import append_dims
 from registry import ConfigError
@@ -87,14 +89,6 @@ def generalized_kl(log_p: Tensor, x_1: Tensor, x_t: Tensor, jump_coefficient: Te
     return coef * torch.where(x_t == x_1, 1.0 - p_xt, -p_xt - log_p_x1)
 
 
-def drop_labels(y: Tensor, p: float, null_label: int) -> Tensor:
-    """Each label replaced by `null_label` with probability `p` (torch's global RNG)."""
-    if p <= 0:
-        return y
-    drop = torch.rand(y.shape, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, null_label), y)
-
-
 class DiscreteFlowMatching(Objective):
     """See the module docstring."""
 
@@ -105,15 +99,16 @@ class DiscreteFlowMatching(Objective):
 
     def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         x_1 = batch["x"]
-        t = torch.rand(x_1.shape[0], device=x_1.device) * self.config.t_max
-        x_0 = self.path.sample_source(x_1.shape, device=x_1.device)
-        x_t = self.path.sample(x_0, x_1, t).x_t
+        draw = rng.for_batch(batch)
+        t = draw.rand((), "time", device=x_1.device) * self.config.t_max
+        x_0 = self.path.sample_source(x_1.shape, device=x_1.device, draw=draw)
+        x_t = self.path.sample(x_0, x_1, t, draw=draw).x_t
         known = batch.get("known")
         if known is not None:
             x_t = torch.where(known, x_1, x_t)
         y = batch.get("y")
         if y is not None:
-            y = drop_labels(y, self.config.label_dropout, self.spec.num_classes)
+            y = drop_labels(y, self.config.label_dropout, self.spec.num_classes, draw)
         log_p = self.path.log_posterior(models["model"](x_t, t, y), x_t)
         gkl = generalized_kl(log_p, x_1, x_t, self.path.jump_coefficient(t))
         ce = -log_p.gather(-1, x_1.unsqueeze(-1)).squeeze(-1)

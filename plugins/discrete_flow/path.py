@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from core.interfaces import ConvexScheduler, DataSpec, Path, PathSample
+from core.rng import ExampleRandom
 from core.nn import append_dims
 from registry import ConfigError
 
@@ -132,18 +133,25 @@ class MixtureDiscretePath(Path):
         kappa, d_kappa = self.kappa(t)
         return d_kappa / (1.0 - kappa).clamp_min(KAPPA_EPS)
 
-    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, generator: torch.Generator | None = None) -> PathSample:
+    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor, generator: torch.Generator | None = None,
+               draw: ExampleRandom | None = None) -> PathSample:
         """``x_t`` keeps each data token of ``x_1 (B, ...)`` with probability ``kappa_t`` (``t (B,)``)
-        and the source token of ``x_0`` otherwise. ``target`` is ``x_1`` (models predict its posterior)."""
+        and the source token of ``x_0`` otherwise. ``target`` is ``x_1`` (models predict its posterior).
+        The uniforms come from `draw` (per example, `core.rng`, stream ``"path/keep"``) when given."""
         kappa = append_dims(self.kappa(t)[0], x_1.ndim)
-        keep = uniform(x_1.shape, generator, x_1.device).double() < kappa
+        u = (draw.rand(x_1.shape[1:], "path/keep", device=x_1.device) if draw is not None
+             else uniform(x_1.shape, generator, x_1.device))
+        keep = u.double() < kappa
         return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=torch.where(keep, x_1, x_0), target=x_1)
 
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
-        """``(B, ...)`` mask tokens, or tokens uniform over the data vocabulary."""
+                      device: torch.device | str | None = None, draw: ExampleRandom | None = None) -> Tensor:
+        """``(B, ...)`` mask tokens, or tokens uniform over the data vocabulary (drawn from `draw`,
+        per example with stream ``"source"``, when given, else from `generator`)."""
         if self.source == "mask":
             return torch.full(tuple(shape), self.mask_token, dtype=torch.long, device=device)
+        if draw is not None:
+            return draw.randint(0, self.data_vocab, tuple(shape)[1:], "source", device=device)
         gen_device = generator.device if generator is not None else device
         return torch.randint(self.data_vocab, tuple(shape), generator=generator, device=gen_device).to(device)
 

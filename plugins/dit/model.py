@@ -35,7 +35,10 @@ Class labels: ``y (B,)`` in ``[0, num_classes)``; ``y = None`` or the label
 guidance. ``class_dropout_prob`` replaces labels by that same null label in
 training mode only (DiT's ``LabelEmbedder``); objectives such as
 ``velocity_mse`` may drop labels too (their ``label_dropout``), also to
-``num_classes``: use one of the two, or the rates compound. For data without
+``num_classes``: use one of the two, or the rates compound. Prefer the
+objective's: it draws per example (`core.rng`), while a backbone sees no
+example seeds and draws from each process's torch RNG, so
+``class_dropout_prob`` makes training depend on the process count. For data without
 classes (``spec.num_classes == 0``) there is no label embedding and ``y`` is ignored.
 
 Time: ``t`` of shape ``(B,)`` in [0, 1] (a float or 0-d tensor broadcasts);
@@ -54,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from core.guidance import drop_labels
 from core.interfaces import DataSpec
 from core.nn import expand_t, timestep_embedding
 from registry import ConfigError, did_you_mean
@@ -212,9 +216,8 @@ class LabelEmbedder(nn.Module):
     def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        elif self.training and self.dropout_prob > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        elif self.training:
+            y = drop_labels(y, self.dropout_prob, self.num_classes)  # torch's RNG: per rank (see the module doc)
         return self.embedding_table(y)
 
 

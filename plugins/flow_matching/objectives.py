@@ -56,6 +56,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from core import rng
+from core.guidance import drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
@@ -119,21 +121,25 @@ VelocityMSEConfig = FlowMatchingConfig
 
 def sample_times(config: FlowMatchingConfig, n: int, device: torch.device | str | None = None, *,
                  scheduler: Scheduler | None = None, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
+                 dtype: torch.dtype = torch.float32, draw: rng.ExampleRandom | None = None) -> Tensor:
     """``n`` times ``(n,)`` in [0, 1] from the configured sampler.
 
-    Draws from `generator` when given (on its device), else from torch's global RNG
-    (the trainer's seeded state). ``log_normal`` maps noise levels to times with
-    `scheduler` (the cond_ot map ``1 / (1 + sigma)`` without one).
+    Draws per example from `draw` (a batch's `core.rng.for_batch`, stream ``"time"``) when given,
+    else from `generator` (on its device), else from torch's global RNG. ``log_normal`` maps
+    noise levels to times with `scheduler` (the cond_ot map ``1 / (1 + sigma)`` without one).
     """
     kind = config.time_sampler
     gdev = generator.device if generator is not None else device
+    if draw is None:
+        draw = rng.GlobalRandom(n, generator)
+    else:
+        gdev = device
 
     def rand() -> Tensor:
-        return torch.rand(n, device=gdev, generator=generator, dtype=dtype).to(device)
+        return draw.rand((), "time", device=gdev, dtype=dtype).to(device)
 
     def randn() -> Tensor:
-        return torch.randn(n, device=gdev, generator=generator, dtype=dtype).to(device)
+        return draw.randn((), "time", device=gdev, dtype=dtype).to(device)
 
     if kind == "uniform":
         return rand()
@@ -149,14 +155,6 @@ def sample_times(config: FlowMatchingConfig, n: int, device: torch.device | str 
         noise_level = 1.0 - u - s * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
         return (1.0 - noise_level).clamp(0.0, 1.0)
     raise ValueError(f"unknown time sampler {kind!r}")
-
-
-def drop_labels(y: Tensor, p: float, null_label: int) -> Tensor:
-    """Each label replaced by `null_label` with probability `p`."""
-    if p <= 0:
-        return y
-    drop = torch.rand(y.shape, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def loss_weights(kind: str, prediction: str, path: AffinePath, t: Tensor, *, gamma: float = 5.0,
@@ -203,15 +201,16 @@ class FlowMatching(Objective):
     def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         c = self.config
         x_1 = batch["x"]
+        draw = rng.for_batch(batch)
         x_0 = batch.get("x0")
         if x_0 is None:
-            x_0 = torch.randn_like(x_1)
+            x_0 = draw.randn_like(x_1, "noise")
         t_dtype = torch.float64 if x_1.dtype == torch.float64 else torch.float32
-        t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype)
+        t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype, draw=draw)
         ps = self.path.sample(x_0, x_1, t)
         y = batch.get("y")
         if y is not None:
-            y = drop_labels(y, c.label_dropout, self.spec.num_classes)
+            y = drop_labels(y, c.label_dropout, self.spec.num_classes, draw)
         pred = models["model"](ps.x_t, t, y)
         target = ps.target if c.prediction == "velocity" else self.path.target(ps, c.prediction)
         dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)  # >= float32

@@ -33,7 +33,9 @@ Class labels: with ``spec.num_classes > 0`` the label embedding has a learned
 extra row for the null label ``num_classes`` (classifier-free guidance);
 ``y = None`` means the null label. ``class_dropout_prob`` replaces labels by
 the null label in training mode only; objectives may drop labels themselves
-(to the same null label ``num_classes``): use one of the two. For data without
+(to the same null label ``num_classes``): use one of the two, preferably the
+objective's (drawn per example by `core.rng`; the backbone's comes from each
+process's torch RNG, so it depends on the process count). For data without
 classes there is no label embedding and ``y`` is ignored.
 
 ``t`` is ``(B,)`` in [0, 1] (a float or 0-d tensor broadcasts) and is
@@ -56,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from core.guidance import drop_labels
 from core.interfaces import DataSpec
 from core.nn import expand_t, timestep_embedding
 from registry import ConfigError, did_you_mean
@@ -421,9 +424,8 @@ class UNet(nn.Module):
         if self.label_emb is not None:
             if y is None:
                 y = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
-            elif self.training and self.config.class_dropout_prob > 0:
-                drop = torch.rand(y.shape, device=y.device) < self.config.class_dropout_prob
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            elif self.training:
+                y = drop_labels(y, self.config.class_dropout_prob, self.num_classes)  # torch's RNG: per rank
             emb = emb + self.label_emb(y)
         if self.discrete:
             b, _, hgt, wid = x.shape
