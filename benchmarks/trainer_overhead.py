@@ -4,6 +4,8 @@
 
 Same model (built through the registry with the same seed), same batch, AdamW, EMA (foreach lerp),
 warmup + cosine LR, the same velocity_mse objective with logit-normal times, data already in memory.
+The plain loop draws its noise and times per example through `core.rng` as the trainer's objective does
+(keyed by (seed, step, global example index)), so the ratio measures the trainer, not the RNG.
 Timing: flowforge's loop time (summary "loop_time_s") against the plain loop's, interleaved A/B runs in
 this process, the median of the per-pair ratios. Memory: the peak of live tensor bytes over the run
 (`_common.peak_tensor_bytes`: torch.cuda.max_memory_allocated's CPU analogue, from the profiler's
@@ -72,6 +74,7 @@ def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
     import time
 
     import registry
+    from core import rng
     from core.data import derive_seed
 
     spec_cfg = MODELS[model_name]
@@ -91,8 +94,9 @@ def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
     for step, x1 in enumerate(batches):
         if cuda:
             x1 = x1.pin_memory().to(dev, non_blocking=True)
-        x0 = torch.randn_like(x1)
-        t = torch.sigmoid(torch.randn(x1.shape[0], device=dev))
+        draw = rng.ExampleRandom(rng.shard_seeds(seed, step, batch, 0, dev))  # the trainer's per-example draws
+        x0 = draw.randn_like(x1, "noise")
+        t = torch.sigmoid(draw.randn((), "time", device=dev))
         tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
         xt = tb * x1 + (1 - tb) * x0
         loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
