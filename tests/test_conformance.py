@@ -641,6 +641,15 @@ class ForgetfulObjective(Objective):
         return err * self.calls, {}
 
 
+class GlobalNoiseObjective(Objective):
+    """Denoising with noise from torch's global RNG instead of the batch's seeds (core.rng)."""
+
+    def loss(self, models, batch, step):
+        x = batch["x"]
+        noisy = x + torch.randn_like(x)
+        return (models["model"](noisy, torch.full((len(x),), 0.5), None) - x).pow(2).mean(), {}
+
+
 class GlobalRNGData(DataSource):
     """Draws training batches from torch's global RNG instead of (seed, step, rank)."""
 
@@ -718,6 +727,7 @@ BROKEN = {
                                    "violates 'time conditions the output'"),
     ("objective", "tensor_logs"): (lambda: TensorLoggingObjective(), "violates 'logged values are floats'"),
     ("objective", "forgetful"): (lambda: ForgetfulObjective(), "violates 'same seed, same loss'"),
+    ("objective", "global_noise"): (lambda: GlobalNoiseObjective(), "violates 'per-example draws'"),
     ("data", "global_rng"): (lambda: GlobalRNGData(), r"violates 'deterministic in \(seed, step, rank\)'"),
     ("data", "rank_blind"): (lambda: RankBlindData(), "violates 'ranks partition the global batch'"),
     ("metric", "offset"): (lambda: OffsetMetric(), "violates 'a set against itself is at the best value'"),

@@ -25,6 +25,12 @@ The invariants, each named in the ``AssertionError`` that reports it:
 ``same seed, same loss``
     Under the same torch seed (and objective state) the loss is the same: all
     randomness comes from the trainer's seeded RNG.
+``per-example draws``
+    With ``batch["seeds"]`` (as the trainer passes it; the kit adds
+    `core.rng.example_seeds` when the batch has none) the loss is the same
+    under two different torch seeds: every draw that touches an example comes
+    from `core.rng.for_batch(batch)`, so it does not depend on the process
+    count or the micro-batch split. ``per_example_draws=False`` skips it.
 ``state_dict round trip``
     ``state_dict()`` is a mapping that survives ``torch.save`` /
     ``torch.load(weights_only=True)`` (a checkpoint is data, never code);
@@ -110,7 +116,7 @@ def _model(models: Mapping[str, nn.Module] | nn.Module) -> tuple[dict[str, nn.Mo
 
 def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module, batch: Mapping[str, Any], *,
                     name: str | None = None, step: int = 0, seed: int = 0,
-                    sampling: bool | None = None) -> None:
+                    sampling: bool | None = None, per_example_draws: bool = True) -> None:
     """Run every objective check (see the module docstring).
 
     Args:
@@ -123,6 +129,7 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
         seed: the torch seed used for the reproducibility checks.
         sampling: check ``sampling_model`` on ``batch["x"]``; default: when
             ``batch["x"]`` is a floating tensor.
+        per_example_draws: check that a seeded batch's loss ignores torch's global RNG.
     """
     make: Callable[[], Any] | None = None
     if not hasattr(objective, "loss") and callable(objective):
@@ -195,6 +202,8 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
     _require(_same(again, loss), who, "same seed, same loss",
              f"the loss is {again.item()!r} then {loss.item()!r} under the same seed and state "
              f"(draw randomness from torch's global RNG or a generator, and keep all state in state_dict)")
+    if per_example_draws:
+        _check_per_example_draws(objective, models, batch, saved, who, step, seed)
     if make is not None:
         fresh = make()
         with _checking(who, "state_dict round trip"):
@@ -219,3 +228,25 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
         model.train(was_training)
         _require(isinstance(out, Tensor) and out.shape == x.shape, who, "sampling_model",
                  f"field(x, t, y) returned shape {tuple(getattr(out, 'shape', ()))} for x of shape {tuple(x.shape)}")
+
+
+def _check_per_example_draws(objective: Any, models: Mapping[str, nn.Module], batch: Mapping[str, Any],
+                             saved: Any, who: str, step: int, seed: int) -> None:
+    """'per-example draws': a seeded batch gives the same loss under two torch seeds."""
+    from .. import rng
+
+    seeded = dict(batch)
+    if "seeds" not in seeded:
+        size = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        seeded["seeds"] = rng.example_seeds(seed, step, torch.arange(size))
+    losses = []
+    for torch_seed in (seed, seed + 1):
+        with _checking(who, "per-example draws"):
+            objective.load_state_dict(copy.deepcopy(saved))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch_seed)
+                losses.append(objective.loss(models, seeded, step)[0].detach())
+    _require(_same(losses[0], losses[1]), who, "per-example draws",
+             f"with batch['seeds'] the loss is {losses[0].item()!r} under one torch seed and {losses[1].item()!r} "
+             f"under another: draw through core.rng.for_batch(batch) (e.g. draw.randn_like(x, 'noise')), "
+             f"not torch's global RNG")
