@@ -72,3 +72,10 @@ def test_fallback_uses_global_rng():
     assert torch.equal(a, torch.randn(6, 2))
     seeded = rng.for_batch({**batch, "seeds": rng.example_seeds(0, 0, torch.arange(6))})
     assert seeded.randn_like(batch["x"], "noise").shape == (6, 2)
+
+
+def test_shard_seeds_of_the_ranks_are_the_global_batch_seeds():
+    whole = rng.example_seeds(7, 11, torch.arange(24))
+    for world in (1, 2, 3, 4):
+        per = 24 // world
+        assert torch.equal(torch.cat([rng.shard_seeds(7, 11, per, r) for r in range(world)]), whole)
