@@ -11,6 +11,7 @@ and the closest valid key.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,6 +54,15 @@ class ExperimentConfig:
     description: str = ""
 
 
+def _compiles(patterns: list[str]) -> bool:
+    try:
+        for p in patterns:
+            re.compile(p)
+    except re.error:
+        return False
+    return True
+
+
 @attrs.define
 class TrainerConfig:
     """``[trainer]``: optimisation, precision, checkpointing and logging.
@@ -68,6 +78,9 @@ class TrainerConfig:
         lr_scaling: "none", or scale lr by (batch_size / base_batch_size) ("linear") or its square root ("sqrt").
         base_batch_size: the batch size at which ``lr`` was tuned (for lr_scaling).
         weight_decay: AdamW weight decay.
+        no_decay_ndim: parameters with fewer dimensions get no weight decay (2: gains, biases,
+            scalars, as open_clip and TinyCLIP; 0: none excluded), see `core.optim`.
+        no_decay_patterns: regular expressions; parameters whose names match one get no weight decay.
         betas: AdamW betas.
         eps: AdamW epsilon.
         fused: use the fused AdamW kernel (GPU) — "auto" picks it on CUDA, foreach elsewhere.
@@ -103,6 +116,8 @@ class TrainerConfig:
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     base_batch_size: int = 256
     weight_decay: float = 0.0
+    no_decay_ndim: int = 0
+    no_decay_patterns: list[str] = attrs.Factory(list)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     fused: Literal["auto", "on", "off"] = "auto"
@@ -155,6 +170,8 @@ class TrainerConfig:
             (not (self.early_stopping_patience and not self.monitor), "early_stopping_patience",
              "a monitor metric too (set trainer.monitor)"),
             (self.log_every > 0, "log_every", "a positive integer"),
+            (self.no_decay_ndim >= 0, "no_decay_ndim", "a non-negative integer (0: no exclusion by rank)"),
+            (_compiles(self.no_decay_patterns), "no_decay_patterns", "a list of valid regular expressions"),
         ]
         for ok, key, expected in checks:
             if not ok:

@@ -52,6 +52,7 @@ from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
 from .ema import EMA
+from .optim import param_groups, scheduled_lr
 from .generate import Components, evaluate, floor, generate, metric_names
 from .progress import Progress
 from .rundir import RunDir
@@ -186,7 +187,7 @@ class Trainer:
                 print("flowforge: trainer.sync_batchnorm needs GPUs (NCCL); kept per-process BatchNorm on CPU")
         self.model = model
         self.emas = {rate: EMA(model, rate) for rate in cfg.ema_decays}
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = param_groups(model, cfg.weight_decay, cfg.no_decay_ndim, cfg.no_decay_patterns)
         fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps,
                                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
@@ -378,7 +379,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             lr = self.lr * lr_factor(self.step, cfg, total, self.warmup)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = scheduled_lr(group, lr)
             skipped = False
             if self.scaler is not None:
                 scale = self.scaler.get_scale()

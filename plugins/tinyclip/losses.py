@@ -39,10 +39,14 @@ gradient equal those of the whole batch at once, every example still sees
 all the negatives of the global batch, and only one chunk's activations are
 alive at a time (open_clip's accumulation and GradCache, inside the
 trainer's single ``backward``). Keep ``trainer.grad_accum = 1`` with it: the
-trainer's own micro-batches would each see only their own negatives. The
+trainer's own micro-batches would each see only their own negatives. On
+several processes the cache is gathered like any features (every rank's
+chunks are negatives of every row) and the gradients of the cached features
+include the other ranks' terms (through the differentiable gather); the
 recomputation calls the unwrapped module, outside DistributedDataParallel's
-forward, so a DDP-wrapped model on several processes is refused (its
-gradients would not be synchronised).
+forward, so the replay averages the parameter gradients over the processes
+itself: loss and gradients equal those of the global batch on one process
+(open_clip's ``--accum-freq`` under DDP).
 """
 
 from __future__ import annotations
@@ -136,26 +140,46 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 
 class _ChunkReplay(torch.autograd.Function):
-    """Forward: a zero scalar connected to the parameters. Backward: recompute one chunk's embeddings
-    with gradients and back-propagate the cached embedding gradients into the parameters."""
+    """Forward: a zero scalar connected to the parameters. Backward: recompute each chunk's embeddings
+    with gradients, back-propagate the cached embedding gradients (and the logit scale's) into the
+    parameters, and, when `sync`, average the parameter gradients over the processes (what
+    DistributedDataParallel's hooks would have done had the chunks gone through its forward)."""
 
     @staticmethod
-    def forward(ctx, module, image, text, grad_image, grad_text, autocast, *params):
-        ctx.module, ctx.autocast = module, autocast
-        ctx.save_for_backward(image, text, grad_image, grad_text)
-        return torch.zeros((), device=grad_image.device, dtype=grad_image.dtype)
+    def forward(ctx, module, chunks, grad_scale, autocast, sync, *params):
+        ctx.module, ctx.chunks, ctx.grad_scale, ctx.autocast, ctx.sync = module, chunks, grad_scale, autocast, sync
+        return torch.zeros((), device=params[0].device if params else None)
 
     @staticmethod
     def backward(ctx, grad_out):
-        image, text, grad_image, grad_text = ctx.saved_tensors
         params = [p for p in ctx.module.parameters() if p.requires_grad]
+        total = [torch.zeros_like(p) for p in params]
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(image.device.type, dtype=dtype, enabled=enabled):
-            emb_image, emb_text = ctx.module.encode_image(image), ctx.module.encode_text(text)
-        grads = torch.autograd.grad([emb_image, emb_text], params,
-                                    [(grad_image * grad_out).to(emb_image.dtype), (grad_text * grad_out).to(emb_text.dtype)],
-                                    allow_unused=True)
-        return (None, None, None, None, None, None, *grads)
+        for image, text, grad_image, grad_text in ctx.chunks:
+            with torch.enable_grad(), torch.autocast(image.device.type, dtype=dtype, enabled=enabled):
+                emb_image, emb_text = ctx.module.encode_image(image), ctx.module.encode_text(text)
+            grads = torch.autograd.grad([emb_image, emb_text], params,
+                                        [(grad_image * grad_out).to(emb_image.dtype),
+                                         (grad_text * grad_out).to(emb_text.dtype)], allow_unused=True)
+            _add(total, grads)
+        if ctx.grad_scale is not None:
+            with torch.enable_grad():
+                scale = ctx.module.scale()
+            if scale.requires_grad:
+                _add(total, torch.autograd.grad(scale, params, ctx.grad_scale * grad_out, allow_unused=True))
+        if ctx.sync:
+            flat = torch.cat([g.reshape(-1) for g in total])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            total = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)]
+        ctx.chunks = None
+        return (None, None, None, None, None, *total)
+
+
+def _add(total: list[Tensor], grads) -> None:
+    for acc, g in zip(total, grads):
+        if g is not None:
+            acc.add_(g)
 
 
 def cached_loss(model: nn.Module, image: Tensor, text: Tensor, loss_fn: FeatureLoss,
@@ -163,34 +187,29 @@ def cached_loss(model: nn.Module, image: Tensor, text: Tensor, loss_fn: FeatureL
     """``loss_fn`` of the whole batch, computed in `chunks` chunks with one chunk's activations alive at a time.
 
     Returns a scalar whose value and parameter gradients equal those of
-    ``loss_fn(*model(image, text))`` (see the module docstring).
+    ``loss_fn(*model(image, text))`` (see the module docstring). On several processes with a
+    DistributedDataParallel-wrapped `model`, the replayed gradients are averaged over the
+    processes inside the backward pass, so the result equals one process with the global batch.
     """
     module = unwrap(model)
     if chunks <= 1:
         return loss_fn(*model(image, text))
     if image.shape[0] < chunks:
         raise ValueError(f"a batch of {image.shape[0]} cannot be cut into {chunks} chunks")
-    if _world()[1] > 1 and module is not model:
-        raise ConfigError("accum_chunks > 1 recomputes the chunks outside DistributedDataParallel's forward, so "
-                          "its gradients would not be synchronised; use accum_chunks = 1 on several processes",
-                          ("accum_chunks",))
+    sync = _world()[1] > 1 and module is not model
     images, texts = image.chunk(chunks), text.chunk(chunks)
     with torch.no_grad():
         cache_image = torch.cat([module.encode_image(c) for c in images])
         cache_text = torch.cat([module.encode_text(c) for c in texts])
-    scale = module.scale()
+        scale = module.scale()
     leaves = [cache_image.requires_grad_(), cache_text.requires_grad_(), scale.detach().requires_grad_()]
     loss, logs = loss_fn(*leaves)
     grad_image, grad_text, grad_scale = torch.autograd.grad(loss, leaves, allow_unused=True)
-    total = loss.detach()
-    if grad_scale is not None:  # value 0, gradient dL/ds * ds/dparams
-        total = total + (scale * grad_scale - (scale * grad_scale).detach())
     params = [p for p in module.parameters() if p.requires_grad]
-    autocast = _autocast_state(image.device.type)
     sizes = [len(c) for c in images]
-    for ci, ct, gi, gt in zip(images, texts, grad_image.split(sizes), grad_text.split(sizes)):
-        total = total + _ChunkReplay.apply(module, ci, ct, gi, gt, autocast, *params)
-    return total, logs
+    replay = list(zip(images, texts, grad_image.split(sizes), grad_text.split(sizes)))
+    autocast = _autocast_state(image.device.type)
+    return loss.detach() + _ChunkReplay.apply(module, replay, grad_scale, autocast, sync, *params), logs
 
 
 # --------------------------------------------------------------------------- objectives

@@ -72,6 +72,9 @@ class CLIPConfig:
         text_pool: "eot" (the first end-of-text token) or "argmax" (the largest token id).
         eot_token: id of the end-of-text token (-1: from the data, else the largest id).
         logit_scale_init: initial log of the logit scale (log(1/0.07) = 2.6593).
+        fixed_logit_scale: fix the logit scale to this value (not its log) for the whole run: the
+            parameter holds log(value) and is not trained, also after weight inheritance
+            (TinyCLIP's ``--logit-scale 50``, which refills it after every step; 0: learned).
         gradient_checkpointing: recompute each block's activations in the backward pass (less memory).
         inherit_from: a run directory, a checkpoint file or a Hugging Face CLIP directory whose
             weights initialise this model by weight inheritance (empty: random initialisation).
@@ -100,6 +103,7 @@ class CLIPConfig:
     text_pool: Literal["eot", "argmax"] = "eot"
     eot_token: int = -1
     logit_scale_init: float = math.log(1 / 0.07)
+    fixed_logit_scale: float = 0.0
     gradient_checkpointing: bool = False
     inherit_from: str = ""
     inherit_weights: Literal["ema", "model"] = "ema"
@@ -116,6 +120,9 @@ class CLIPConfig:
                 raise ConfigError(f"expected a non-negative integer (0: default), got {getattr(self, key)!r}", (key,))
         if self.mlp_ratio <= 0:
             raise ConfigError(f"expected a positive number, got {self.mlp_ratio!r}", ("mlp_ratio",))
+        if not 0 <= self.fixed_logit_scale <= MAX_LOGIT_SCALE:
+            raise ConfigError(f"expected a number in [0, {MAX_LOGIT_SCALE:g}] (0: learned), got "
+                              f"{self.fixed_logit_scale!r}", ("fixed_logit_scale",))
 
 
 @attrs.frozen
@@ -338,6 +345,12 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.set_grad_checkpointing(gradient_checkpointing)
 
+    def fix_logit_scale(self, value: float) -> None:
+        """Hold the logit scale at `value` (``log_scale = log(value)``, no gradient)."""
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(value))
+        self.logit_scale.requires_grad_(False)
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations during the backward pass (both towers)."""
         self.visual.gradient_checkpointing = self.text.gradient_checkpointing = enabled
@@ -374,4 +387,6 @@ def build(config: CLIPConfig, spec: DataSpec) -> CLIP:
         teacher = load_clip(config.inherit_from, spec, weights=config.inherit_weights, key="inherit_from")
         inherit(model, teacher, vision_layers=config.inherit_vision_layers or None,
                 text_layers=config.inherit_text_layers or None)
+    if config.fixed_logit_scale:
+        model.fix_logit_scale(config.fixed_logit_scale)
     return model
