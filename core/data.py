@@ -36,6 +36,15 @@ def generator(*parts: Any, device: str | torch.device = "cpu") -> torch.Generato
     return g
 
 
+def reference_index(total: int, n: int, generator: torch.Generator) -> Tensor:
+    """Rows of a held-out split of `total` rows that ``reference(n, generator)`` returns, ``(n,)``: a random
+    subset without replacement when ``n <= total`` (all of them, permuted, when ``n == total``), else
+    ``n`` draws with replacement."""
+    if n <= total:
+        return torch.randperm(total, generator=generator)[:n]
+    return torch.randint(total, (n,), generator=generator)
+
+
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     """The seeded permutation of ``range(n)`` for `epoch` (cached: computed once per epoch, not per step)."""
@@ -108,12 +117,12 @@ class TensorDataSource(DataSource):
             yield {k: v[index] for k, v in self.train.items()}  # index tensors directly: no list round trip
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:
-        total = len(next(iter(self.held_out.values())))
-        if n <= total:
-            index = torch.randperm(total, generator=generator)[:n]
-        else:
-            index = torch.randint(total, (n,), generator=generator)
+        index = reference_index(len(next(iter(self.held_out.values()))), n, generator)
         return {k: v[index] for k, v in self.held_out.items()}
+
+    def reference_slice(self, n: int, seed: int, start: int, stop: int) -> Batch:
+        index = reference_index(len(next(iter(self.held_out.values()))), n, torch.Generator().manual_seed(seed))
+        return {k: v[index[start:stop]] for k, v in self.held_out.items()}
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:

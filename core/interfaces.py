@@ -240,6 +240,16 @@ class DataSource(abc.ABC):
         the runner uses them for the data-vs-data floor of sample metrics.
         """
 
+    def reference_slice(self, n: int, seed: int, start: int, stop: int) -> Batch:
+        """Examples ``start .. stop - 1`` of ``reference(n, torch.Generator().manual_seed(seed))``.
+
+        Evaluation reads one global reference selection in blocks, each rank its own, so the set is the
+        same on any number of processes. This default draws the whole selection and slices it (``O(n)``
+        per call); sources that index a held-out split override it to read only those rows.
+        """
+        batch = self.reference(n, torch.Generator().manual_seed(seed))
+        return {k: v[start:stop] for k, v in batch.items()}
+
     def render(self, batch: Batch, path: str) -> list[str]:
         """Save a picture of (generated) examples to ``path`` (a file name without
         extension); return the files written. Default: nothing."""

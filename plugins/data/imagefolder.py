@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.data import StepBatchSampler
+from core.data import StepBatchSampler, reference_index
 from core.interfaces import Batch, DataSource, DataSpec
 from registry import ConfigError
 
@@ -228,9 +228,13 @@ class ImageFolder(DataSource):
         yield from self._loader(self.train, FlipBatches(steps, self.config.flip))
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:
-        total = len(self.held_out)
-        index = (torch.randperm(total, generator=generator)[:n] if n <= total
-                 else torch.randint(total, (n,), generator=generator)).tolist()
+        return self._held_out_rows(reference_index(len(self.held_out), n, generator).tolist())
+
+    def reference_slice(self, n: int, seed: int, start: int, stop: int) -> Batch:
+        index = reference_index(len(self.held_out), n, torch.Generator().manual_seed(seed))
+        return self._held_out_rows(index[start:stop].tolist())
+
+    def _held_out_rows(self, index: list[int]) -> Batch:
         chunk = 256
         batches = [[(i, False) for i in index[k:k + chunk]] for k in range(0, len(index), chunk)]
         parts = list(self._loader(self.held_out, batches))

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import struct
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -45,8 +43,9 @@ from torch import Tensor
 
 from core import rng
 from core.data import generator as make_generator
-from core.data import step_indices
+from core.data import reference_index, step_indices
 from core.interfaces import Batch, DataSource, DataSpec
+from core.npzfile import read_npz
 from registry import ConfigError
 
 from .render import grid_png
@@ -195,6 +194,10 @@ class ArraySource(DataSource):
             index = torch.randint(total, (n,), generator=generator)
         return self._batch(self.held_out, index.numpy())
 
+    def reference_slice(self, n: int, seed: int, start: int, stop: int) -> Batch:
+        index = reference_index(len(self.held_out), n, torch.Generator().manual_seed(seed))[start:stop]
+        return self._batch(self.held_out, index.numpy())
+
     def render(self, batch: Batch, path: str) -> list[str]:
         x = batch["x"]
         value_range = self.value_range
@@ -216,65 +219,6 @@ def split_fraction(n: int, fraction: float, seed: int, labels: np.ndarray | None
 
 
 # --------------------------------------------------------------------------- .npz reading
-def _memmap_member(path: Path, info: zipfile.ZipInfo) -> np.memmap | None:
-    """The member as a read-only memory map when it is stored uncompressed in a format we can place; else None."""
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with path.open("rb") as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        fh.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(fh)
-        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in readers:
-            return None
-        shape, fortran, dtype = readers[version](fh)
-        offset = fh.tell()
-    if dtype.hasobject:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-def read_npz(path: Path, keys: list[str], optional: set[str], mmap: bool, where: tuple[str, ...], layout: str) -> dict[str, np.ndarray]:
-    """The arrays `keys` of the archive at `path` (those in `optional` may be absent).
-
-    Raises:
-        ConfigError: (at key path `where`) the file is missing, not a .npz archive, lacks a key,
-            or holds Python objects.
-    """
-    if not path.is_file():
-        raise ConfigError(f"no file {str(path)!r}: expected {layout}", where)
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ConfigError(f"{str(path)!r} is not a .npz archive ({exc}): expected {layout}", where) from None
-    out: dict[str, np.ndarray] = {}
-    with zf:
-        members = {name[:-4]: info for info in zf.infolist() if (name := info.filename).endswith(".npy")}
-        for key in keys:
-            info = members.get(key)
-            if info is None:
-                if key in optional:
-                    continue
-                raise ConfigError(f"{str(path)!r} has no array {key!r} (it holds: {', '.join(sorted(members)) or 'none'}); "
-                                  f"expected {layout}", where)
-            try:
-                array = _memmap_member(path, info) if mmap else None
-                if array is None:
-                    with zf.open(info) as fh:
-                        array = np.lib.format.read_array(fh, allow_pickle=False)
-            except ValueError as exc:
-                raise ConfigError(f"array {key!r} of {str(path)!r} cannot be read without unpickling ({exc}); "
-                                  f"expected plain numeric arrays", where) from None
-            except (OSError, EOFError, zipfile.BadZipFile, struct.error) as exc:
-                raise ConfigError(f"array {key!r} of {str(path)!r} is corrupt ({exc})", where) from None
-            out[key] = array
-    return out
-
-
 @attrs.define
 class NpzConfig:
     """Options of the npz data source.
