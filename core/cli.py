@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("core.commands.sample", "draw samples from a run's checkpoint (picture, optional .npz)"),
     "eval": ("core.commands.eval", "a run's metrics over solvers, evaluation counts and guidance (table, plot)"),
     "compare": ("core.commands.compare", "compare runs: differing config keys and summaries, loss curves"),
+    "export": ("core.commands.export", "write a run's model as safetensors + config (from_pretrained loads it)"),
 }
 
 
