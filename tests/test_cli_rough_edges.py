@@ -50,3 +50,21 @@ def test_set_on_a_list_entry_reaches_the_resolved_experiment():
 
     exp = config.load("experiments/rectified_flow_2d.toml", ["metrics.1.projections=123"])
     assert exp.metrics[1]["plugin"] == "sliced_wasserstein" and exp.metrics[1]["projections"] == 123
+
+
+def test_a_project_folder_with_its_own_core_package_still_runs_flowforge(tmp_path):
+    """The README's coexistence rule: the console script does not put the working folder on sys.path."""
+    import os
+    import shutil
+    import subprocess
+
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("raise ImportError('the project\\'s own core package')\n")
+    script = shutil.which("flowforge")
+    assert script is not None, "the flowforge console script is installed by pip install -e ."
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([script, "plugins"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "solver:ode" in done.stdout, done.stderr
+    shadowed = subprocess.run([os.sys.executable, "-m", "core.run", "--help"], cwd=tmp_path, capture_output=True,
+                              text=True, env=env, timeout=120)
+    assert shadowed.returncode != 0 and "own core package" in shadowed.stderr  # why the README says: use `flowforge run`
