@@ -20,15 +20,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("core.commands.sample", "draw samples from a run's checkpoint (picture, optional .npz)"),
     "eval": ("core.commands.eval", "a run's metrics over solvers, evaluation counts and guidance (table, plot)"),
     "compare": ("core.commands.compare", "compare runs: differing config keys and summaries, loss curves"),
+    "export": ("core.commands.export", "write a run's model as safetensors + config (from_pretrained loads it)"),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowforge", description="flowforge: plugin-based generative modelling")
+    parser.add_argument("--version", action="version", version=f"flowforge {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen is not None and chosen not in COMMANDS:
+        from registry import did_you_mean
+
+        print(f"flowforge: unknown command {chosen!r}{did_you_mean(chosen, list(COMMANDS))}; "
+              f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if name == chosen:
@@ -46,6 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("flowforge")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "(not installed)"
 
 
 if __name__ == "__main__":

@@ -273,16 +273,37 @@ def set_keys(raw: Mapping[str, Any], items: Sequence[tuple[list[str], Any, str]]
     """A copy of `raw` with each (key path, value, text for messages) set."""
     out = copy.deepcopy(dict(raw))
     for keys, value, text in items:
-        node = out
+        node: Any = out
         for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
+            child = _child(node, key, keys[:depth + 1], text)
             if child is None:
                 child = node[key] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth + 1])} is not a table")
             node = child
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], keys, text)] = value
+        else:
+            node[keys[-1]] = value
     return out
+
+
+def _list_index(node: list, key: str, keys: Sequence[str], text: str) -> int:
+    """``metrics.0.x``: the position `key` in a list of tables, checked."""
+    if not key.lstrip("-").isdigit():
+        raise ConfigError(f"--set {text!r}: {'.'.join(keys[:keys.index(key)])} is a list; "
+                          f"address an entry by its index (0..{len(node) - 1}), got {key!r}")
+    index = int(key)
+    if not -len(node) <= index < len(node):
+        raise ConfigError(f"--set {text!r}: index {index} is out of range; the list has {len(node)} entries")
+    return index
+
+
+def _child(node: Any, key: str, path: Sequence[str], text: str) -> Any:
+    """The entry `key` of a table, or of a list of tables (``metrics.0``)."""
+    if isinstance(node, list):
+        return node[_list_index(node, key, list(path), text)]
+    return node.get(key)
 
 
 def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:

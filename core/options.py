@@ -53,6 +53,9 @@ def describe(*names: str) -> str:
     """Text for ``flowforge plugins --options [KIND] NAME``."""
     if len(names) == 2:
         kind, name = names
+        if kind not in registry.kinds():
+            raise ConfigError(f"--options: unknown kind {kind!r}{registry.did_you_mean(kind, registry.kinds())}; "
+                              f"kinds: {', '.join(sorted(registry.kinds()))}")
         kinds = [kind]
     elif len(names) == 1:
         name = names[0]

@@ -23,10 +23,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: runs/<experiment.name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the run directory")
+    parser.add_argument("--smoke", action="store_true",
+                        help="quick look: cap every phase (steps, evaluation, metric budgets; see core/smoke.py)")
 
 
 def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None,
-        resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        resume: bool = False, overwrite: bool = False, smoke: bool = False) -> dict[str, Any]:
     """Validate, prepare the run directory and launch training; return the summary.
 
     A file with ``[[stages]]`` runs each stage in ``OUT/<k>-<name>/`` (base file
@@ -41,6 +43,10 @@ def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None 
         raw = config.apply_overrides(raw, overrides)
     except ConfigError as exc:
         raise exc.within(file=str(file)) from None
+    if smoke:
+        from .smoke import apply_smoke
+
+        raw = apply_smoke(raw, str(file))
     base, stages = config.split_stages(raw, str(file))
     if not stages:
         return run_config(config.resolve(base, file=str(file)), out, resume, overwrite)
@@ -106,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        summary = run(args.file, args.overrides, args.out, args.resume, args.overwrite)
+        summary = run(args.file, args.overrides, args.out, args.resume, args.overwrite, args.smoke)
     except (ConfigError, KeyboardInterrupt) as exc:
         return report(exc)
     except Exception as exc:  # noqa: BLE001

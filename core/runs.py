@@ -87,8 +87,11 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         checkpoint: a specific checkpoint file (default: the newest in ``checkpoints/``).
     """
+    from .pretrained import from_pretrained, is_pretrained
     from .trainer import build_components
 
+    if checkpoint is None and is_pretrained(root):
+        return from_pretrained(root, overrides, device=device)
     exp = load_experiment(root, overrides)
     run_dir = RunDir(root)
     path = Path(checkpoint) if checkpoint is not None else ckpt.latest(run_dir.checkpoints)

@@ -40,6 +40,16 @@ def main(args: argparse.Namespace) -> int:
             if info.error:
                 print(f"  {info.name}: {info.error}")
                 continue
-            comps = ", ".join(f"{kind}:{name}" for kind, name in sorted(info.components))
-            print(f"  {info.name} ({info.module}): {comps or '(no components)'}")
+            print(f"  {info.name} ({info.module})" + ("" if info.components else ": (no components)"))
+            for kind, name in sorted(info.components):
+                doc = _doc(kind, name)
+                print(f"    {kind}:{name}" + (f"  {doc}" if doc else ""))
     return 0
+
+
+def _doc(kind: str, name: str) -> str:
+    """The one-line ``doc=`` of a registration ("" when it has none)."""
+    try:
+        return registry.get(kind, name).doc or ""
+    except Exception:  # noqa: BLE001 - a listing never fails on one component
+        return ""

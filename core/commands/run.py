@@ -22,4 +22,6 @@ def main(args: argparse.Namespace) -> int:
         argv.append("--resume")
     if args.overwrite:
         argv.append("--overwrite")
+    if args.smoke:
+        argv.append("--smoke")
     return run_main(argv)

@@ -81,5 +81,18 @@ class Toy2D(DataSource):
     def reference(self, n: int, generator: torch.Generator) -> Batch:
         return {"x": sample_toy2d(self.config.dataset, n, generator, self.config.noise)}
 
+    def in_support(self, x: Tensor) -> Tensor | None:
+        """``(N,)`` bools: whether each point of `x` ``(N, 2)`` lies where the density is positive.
+
+        Only the checkerboard has a bounded support: the 8 cells ``[2i, 2i+2) x [2j, 2j+2)``,
+        ``-2 <= i, j < 2``, with ``i - j`` even. The other data sets add Gaussian noise (support
+        everywhere): None.
+        """
+        if self.config.dataset != "checkerboard":
+            return None
+        cell = torch.floor(x / 2)
+        inside = ((x >= -4) & (x < 4)).all(dim=1)
+        return inside & ((cell[:, 0] - cell[:, 1]) % 2 == 0)
+
     def render(self, batch: Batch, path: str) -> list[str]:
         return [scatter_png(batch["x"], path, title=f"{self.config.dataset} ({len(batch['x'])} samples)", lim=4.5)]

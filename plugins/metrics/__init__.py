@@ -20,3 +20,5 @@ def flowforge_register(register):
     register("metric", "precision_recall", "plugins.metrics.feature_metrics:make_precision_recall",
              "plugins.metrics.feature_metrics:PrecisionRecallConfig",
              doc="precision and recall of generated samples (k-NN manifolds in feature space); higher is better")
+    register("metric", "off_support", "plugins.metrics.support:make_off_support", None,
+             doc="fraction of generated samples outside the data's known support (floor 0) with its standard error")

@@ -1,0 +1,70 @@
+"""The command line's rough edges (issue: the researcher's first hour)."""
+
+import pytest
+
+from core import cli
+from core.config import apply_overrides
+from registry import ConfigError
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("flowforge ")
+
+
+def test_mistyped_command_suggests_the_nearest(capsys):
+    assert cli.main(["smaple", "runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'smaple'" in err and '"sample"' in err
+
+
+def test_options_with_a_mistyped_kind_names_the_kind(capsys):
+    assert cli.main(["plugins", "--options", "sovler", "ode"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown kind 'sovler'" in err and '"solver"' in err
+
+
+def test_plugins_listing_shows_registration_docs(capsys):
+    assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "solver:ode" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("data:digits"))
+    assert "digits" in line.split("data:digits", 1)[1]  # the doc= text follows the name
+
+
+def test_set_addresses_an_entry_of_a_list_of_tables():
+    raw = {"metrics": [{"plugin": "a", "num_samples": 5}, {"plugin": "b"}]}
+    out = apply_overrides(raw, ["metrics.0.num_samples=100", "metrics.-1.x=2"])
+    assert out["metrics"] == [{"plugin": "a", "num_samples": 100}, {"plugin": "b", "x": 2}]
+    assert raw["metrics"][0]["num_samples"] == 5  # the input is not changed
+    with pytest.raises(ConfigError, match="address an entry by its index"):
+        apply_overrides(raw, ["metrics.first.num_samples=1"])
+    with pytest.raises(ConfigError, match="out of range; the list has 2 entries"):
+        apply_overrides(raw, ["metrics.2.num_samples=1"])
+
+
+def test_set_on_a_list_entry_reaches_the_resolved_experiment():
+    from core import config
+
+    exp = config.load("experiments/rectified_flow_2d.toml", ["metrics.1.projections=123"])
+    assert exp.metrics[1]["plugin"] == "sliced_wasserstein" and exp.metrics[1]["projections"] == 123
+
+
+def test_a_project_folder_with_its_own_core_package_still_runs_flowforge(tmp_path):
+    """The README's coexistence rule: the console script does not put the working folder on sys.path."""
+    import os
+    import shutil
+    import subprocess
+
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("raise ImportError('the project\\'s own core package')\n")
+    script = shutil.which("flowforge")
+    assert script is not None, "the flowforge console script is installed by pip install -e ."
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([script, "plugins"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "solver:ode" in done.stdout, done.stderr
+    shadowed = subprocess.run([os.sys.executable, "-m", "core.run", "--help"], cwd=tmp_path, capture_output=True,
+                              text=True, env=env, timeout=120)
+    assert shadowed.returncode != 0 and "own core package" in shadowed.stderr  # why the README says: use `flowforge run`

@@ -1,0 +1,16 @@
+"""docs/api.md's example runs as written on a trained run."""
+
+import re
+from pathlib import Path
+
+from core.run import main as run_main
+
+
+def test_api_example_runs(tmp_path):
+    out = tmp_path / "run"
+    assert run_main(["experiments/rectified_flow_2d.toml", "--out", str(out), "--set", "trainer.steps=3",
+                     "--set", "trainer.batch_size=64", "--set", "metrics=[]", "--set", "eval.num_pictures=4"]) == 0
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/api.md", "exec"), {"RUN": out, "tmp": tmp_path})
