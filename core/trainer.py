@@ -45,6 +45,7 @@ import registry
 from registry import ConfigError
 
 from . import checkpoint as ckpt
+from . import validate
 from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
@@ -122,6 +123,8 @@ def build_components(exp: Experiment) -> Components:
     sections, file = exp.components, exp.file
     data = _build("data", "data", sections["data"], file)
     spec = data.spec
+    validate.conditioning({"eval": registry.unstructure(exp.eval), **{k: v for k, v in sections.items() if k != "data"},
+                           **{f"metrics[{i}]": m for i, m in enumerate(exp.metrics)}}, spec.num_classes, file)
     scheduler = _build("scheduler", "scheduler", sections["scheduler"], file, spec=spec) if "scheduler" in sections else None
     path = _build("path", "path", sections["path"], file, spec=spec, scheduler=scheduler) if "path" in sections else None
     with torch.random.fork_rng(devices=[]):
@@ -162,6 +165,7 @@ class Trainer:
                               ("trainer", "batch_size"), exp.file)
         self.accum, self.per_process = accum, per_process
         self.components = build_components(exp)
+        validate.monitor_result(cfg.monitor, self.components.metrics, exp.file)
         n = getattr(self.components.data, "num_examples", None)
         if cfg.epochs or cfg.warmup_epochs:
             if not n:

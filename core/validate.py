@@ -15,10 +15,10 @@ and infinities for every float option (see `registry.convert.NON_FINITE`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from registry import ConfigError
+from registry import ConfigError, did_you_mean
 
 
 def _values(value: Any) -> Iterable[Any]:
@@ -66,3 +66,38 @@ def device_available(device: str, key: str = "device") -> None:
     index = str(device).partition(":")[2]
     if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise ConfigError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", (key,))
+
+
+#: Options that only mean something for class-conditional data (the null label is ``num_classes``).
+CONDITIONING_KEYS = ("label_dropout", "class_dropout_prob", "guidance_scale")
+
+
+def conditioning(sections: Mapping[str, Mapping[str, Any]], num_classes: int, file: str | None = None) -> None:
+    """Refuse label dropout and guidance (any non-zero `CONDITIONING_KEYS` option) on data without labels.
+
+    `sections`: key path -> resolved mapping, e.g. ``{"objective": {...}, "metrics[0]": {...}, "eval": {...}}``.
+    """
+    if num_classes > 0:
+        return
+    for section, mapping in sections.items():
+        for key in CONDITIONING_KEYS:
+            value = mapping.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0:
+                raise ConfigError(f"{key} = {value} needs class-conditional data, but the data has no class labels "
+                                  f"(num_classes = 0): set it to 0 or use labelled data", (section, key), file)
+
+
+def monitor_result(monitor: str, metrics: Mapping[str, Any], file: str | None = None) -> None:
+    """``trainer.monitor = "NAME/RESULT"`` must be one of the results metric NAME declares in ``result_names``.
+
+    A metric declares ``result_names = ()`` for a single number, ``("precision", "recall")`` for a table;
+    a metric that declares nothing is not checked.
+    """
+    name, _, result = monitor.partition("/")
+    declared = getattr(metrics.get(name), "result_names", None)
+    if not monitor or declared is None:
+        return
+    valid = [f"{name}/{r}" for r in declared] or [name]
+    if monitor not in valid:
+        raise ConfigError(f"{monitor!r} is not an evaluation result{did_you_mean(monitor, valid)}; metric {name!r} "
+                          f"reports: {', '.join(valid)}", ("trainer", "monitor"), file)

@@ -231,6 +231,7 @@ def structure(mapping: Mapping[str, Any], cls: type, path: tuple[str, ...] = ())
         raise
     except Exception as exc:  # noqa: BLE001 - translated into a ConfigError
         found = _messages(exc, cls, ()) or [((), str(exc))]
+        found.sort(key=lambda item: not item[1].startswith("unknown key"))  # a misspelt key before the key it misses
         first_path, first_msg = found[0]
         extra = "".join(f"\n  also {'.'.join(p) or '(top)'}: {m}" for p, m in found[1:])
         raise ConfigError(first_msg + extra, (*path, *first_path)) from None

@@ -244,7 +244,7 @@ SIZE_CASES: list[tuple[str, tuple, Any]] = [
     ("discrete_flow_2d", ("solver", "steps"), 0),
     ("discrete_flow_2d", ("scheduler", "n"), NAN),
     ("discrete_flow_2d", ("data", "bins"), 0),
-    ("tinyclip_distill", ("backbone", "vision_width"), 0),
+    ("tinyclip_distill", ("backbone", "vision_width"), -1),
     ("tinyclip_distill", ("backbone", "text_depth"), -1),
     ("likelihood_2d", ("metrics", 1, "rtol"), -1.0),
     ("rectified_flow_2d", ("launcher", "device"), "cuda"),

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import attrs
 
 from core.interfaces import Launcher
+from core.validate import device_available
 from registry import ConfigError
 
 
@@ -55,6 +56,7 @@ class AccelerateConfig:
     threads_per_process: int = 0
 
     def __attrs_post_init__(self) -> None:
+        device_available(self.device)
         if self.num_processes < 1:
             raise ConfigError(f"expected a positive integer, got {self.num_processes}", ("num_processes",))
         if self.num_machines < 1:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import attrs
 
 from core.interfaces import Launcher
+from core.validate import device_available
 
 
 @attrs.define
@@ -19,6 +20,9 @@ class LocalConfig:
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __attrs_post_init__(self) -> None:
+        device_available(self.device)
 
 
 class LocalLauncher(Launcher):
