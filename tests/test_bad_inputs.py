@@ -335,7 +335,8 @@ def check(case: Case, status: int | str, stderr: str, out: Path) -> None:
 
 
 def _all_cases() -> list[Case]:
-    return generated_cases(_resolved()) + special_cases(_resolved())
+    resolved = _resolved()
+    return generated_cases(resolved) + special_cases(resolved)
 
 
 _CASES: list[Case] | None = None
@@ -372,3 +373,37 @@ def test_bad_inputs_in_process(resolved: dict[str, dict], tmp_path: Path, monkey
     print(f"{len(table())} cases, {len(failures)} failing; slowest:", sorted(durations)[-5:])
     Path(os.environ.get("BAD_INPUTS_LOG", os.devnull)).write_text("\n".join(failures) + "\n" + "\n".join(f"{d:.2f} {i}" for d, i in sorted(durations)))
     assert not failures, f"{len(failures)} of {len(table())} cases not refused cleanly:\n" + "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- real subprocesses
+def test_bad_inputs_as_real_commands(resolved: dict[str, dict], tmp_path: Path) -> None:
+    """Three rows as real ``python -m core.run`` / ``flowforge sample`` processes, run in parallel.
+
+    These are the ones whose failure happened outside the config code path (reading the file, preparing
+    the directory, picking the device); the in-process table covers everything else.
+    """
+    base = tmp_path / "base.toml"
+    base.write_text(tomli_w.dumps(_without_none(resolved["rectified_flow_2d"])))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    fake_run = tmp_path / "fake_run"
+    fake_run.mkdir()
+    commands = {
+        "not UTF-8": ([_non_utf8(tmp_path, _without_none(resolved["rectified_flow_2d"])), "--out", str(tmp_path / "o1")],
+                      "UTF-8", tmp_path / "o1"),
+        "--out below a regular file": ([str(base), "--out", str(blocker / "run")], "is a file", blocker / "run"),
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "core.run", *argv], cwd=tmp_path, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (argv, _, _) in commands.items()}
+    procs["sample --device cuda"] = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "sample", str(fake_run), "--device", "cuda"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    commands["sample --device cuda"] = ([], "--device", fake_run)
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        _, key, out = commands[name]
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
+        assert "Traceback" not in err and key in err, f"{name}:\n{err}"
+        assert not out.exists() or not any(out.iterdir()), f"{name}: wrote into {out}"
