@@ -71,8 +71,10 @@ def check_finite(loss: torch.Tensor, first: int, last: int, run_dir: Any) -> Non
     where = (f"at step {first}; stopped before applying it" if first == last else
              f"at one of steps {first}-{last} (on an accelerator the loss is checked at each log, checkpoint, "
              f"evaluation and sample, not every step)")
+    saved = ckpt.latest(run_dir.checkpoints) if getattr(run_dir, "checkpoints", None) is not None else None
+    state = f"The last good checkpoint {saved} is intact" if saved else "No checkpoint had been written yet"
     raise NonFiniteLossError(
-        f"loss is {loss.item()} {where}. The last good checkpoint in {run_dir.checkpoints} is intact "
+        f"loss is {loss.item()} {where}. {state} "
         f"(try a lower trainer.lr, trainer.grad_clip, or fp32 precision)")
 
 
