@@ -74,7 +74,10 @@ def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, ov
 
     out = Path(out) if out else Path("runs") / exp.experiment.name
     run_dir = RunDir(out)
-    launcher = registry.build("launcher", exp.components["launcher"])
+    try:
+        launcher = registry.build("launcher", exp.components["launcher"])
+    except ConfigError as exc:
+        raise exc.within("launcher", file=exp.file) from None
     created = _not_yet_there(out)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     text = config.dumps(exp)

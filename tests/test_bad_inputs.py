@@ -407,3 +407,20 @@ def test_bad_inputs_as_real_commands(resolved: dict[str, dict], tmp_path: Path) 
         assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err}"
         assert "Traceback" not in err and key in err, f"{name}:\n{err}"
         assert not out.exists() or not any(out.iterdir()), f"{name}: wrote into {out}"
+
+
+def test_a_cuda_launcher_is_checked_when_launching_not_when_reading_a_run(monkeypatch) -> None:
+    """launcher.device = "cuda" is refused by the launcher (before anything is written), while the
+    same config still resolves, so a run trained on a GPU can be sampled on a machine without one."""
+    import torch
+
+    import registry
+    from core import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raw = _without_none(_resolved()["rectified_flow_2d"])
+    raw["launcher"] = {"plugin": "local", "device": "cuda"}
+    config.resolve(raw)
+    for plugin in ("local", "accelerate"):
+        with pytest.raises(registry.ConfigError, match="no CUDA device"):
+            registry.build("launcher", {"plugin": plugin, "device": "cuda"})

@@ -56,7 +56,6 @@ class AccelerateConfig:
     threads_per_process: int = 0
 
     def __attrs_post_init__(self) -> None:
-        device_available(self.device)
         if self.num_processes < 1:
             raise ConfigError(f"expected a positive integer, got {self.num_processes}", ("num_processes",))
         if self.num_machines < 1:
@@ -136,6 +135,7 @@ class AccelerateLauncher(Launcher):
 
     def __init__(self, config: AccelerateConfig | None = None):
         self.config = config or AccelerateConfig()
+        device_available(self.config.device)  # here, not in the config: a run trained on GPUs samples anywhere
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         kwargs = dict(accelerator_kwargs)

@@ -21,15 +21,13 @@ class LocalConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def __attrs_post_init__(self) -> None:
-        device_available(self.device)
-
 
 class LocalLauncher(Launcher):
     """Runs ``entry(accelerator, *args)`` in this process with an `accelerate.Accelerator`."""
 
     def __init__(self, config: LocalConfig | None = None):
         self.config = config or LocalConfig()
+        device_available(self.config.device)  # here, not in the config: a run trained on a GPU samples anywhere
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         import torch
