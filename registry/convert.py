@@ -115,7 +115,8 @@ def _allowing_non_finite(value: Any, tp: Any) -> Any:
 def _attrs_structure_fn(conv: cattrs.Converter) -> Any:
     """The converter's attrs hook, with `_allowing_non_finite` on the fields marked `NON_FINITE`."""
     def factory(cls: type) -> Any:
-        attrs.resolve_types(cls)
+        if any(isinstance(f.type, str) for f in attrs.fields(cls)):
+            attrs.resolve_types(cls)  # PEP 563 annotations
         overrides = {f.name: cattrs.gen.override(struct_hook=_allowing_non_finite)
                      for f in attrs.fields(cls) if f.metadata.get(NON_FINITE)}
         return cattrs.gen.make_dict_structure_fn(cls, conv, **overrides)
