@@ -22,6 +22,8 @@ import attrs
 import registry
 from registry import ConfigError, did_you_mean
 
+from .validate import non_negative, positive
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -172,6 +174,10 @@ class TrainerConfig:
             (self.log_every > 0, "log_every", "a positive integer"),
             (self.no_decay_ndim >= 0, "no_decay_ndim", "a non-negative integer (0: no exclusion by rank)"),
             (_compiles(self.no_decay_patterns), "no_decay_patterns", "a list of valid regular expressions"),
+            (self.weight_decay >= 0, "weight_decay", "a non-negative number"),
+            (all(0.0 <= b < 1.0 for b in self.betas), "betas", "two numbers in [0, 1) (AdamW's beta1, beta2)"),
+            (self.eps > 0, "eps", "a positive number"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "a number in [0, 1]"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -203,6 +209,10 @@ class EvalConfig:
     use_ema: bool = True
     untrained: bool = True
     floor: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        non_negative(self, "every", "samples_every", "num_pictures")
+        positive(self, "num_samples", "batch_size")
 
 
 CORE_SECTIONS: dict[str, type] = {"experiment": ExperimentConfig, "trainer": TrainerConfig, "eval": EvalConfig}
@@ -243,8 +253,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"experiment file not found: {path}")
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text: byte {exc.object[exc.start]:#04x} on line {line} "
+                          f"(TOML files are UTF-8; re-save the file as UTF-8)", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the experiment file: {exc.strerror}", file=str(path)) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
 
@@ -348,7 +365,18 @@ def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
                 metrics.append(registry.resolved(kind, item))
             except ConfigError as exc:
                 raise exc.within(f"{name}[{index}]", file=file) from None
+    check_monitor(core["trainer"].monitor, metrics, file)
     return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file)
+
+
+def check_monitor(monitor: str, metrics: Sequence[Mapping[str, Any]], file: str | None = None) -> None:
+    """``trainer.monitor`` must name one of the ``[[metrics]]`` (``NAME`` or ``NAME/RESULT``)."""
+    from .generate import metric_names
+
+    names = metric_names(metrics)
+    if monitor and monitor.split("/")[0] not in names:
+        raise ConfigError(f"{monitor!r} is not an evaluation result{did_you_mean(monitor, names)}; the metrics are: "
+                          f"{', '.join(names) or '(none: add [[metrics]])'}", ("trainer", "monitor"), file)
 
 
 @attrs.define

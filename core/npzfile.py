@@ -45,6 +45,11 @@ def memmap_member(path: Path, info: zipfile.ZipInfo) -> np.memmap | None:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
+def _starts_like_zip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def read_npz(path: Path, keys: list[str], optional: set[str], mmap: bool, where: tuple[str, ...], layout: str) -> dict[str, np.ndarray]:
     """The arrays `keys` of the archive at `path` (those in `optional` may be absent).
 
@@ -57,6 +62,10 @@ def read_npz(path: Path, keys: list[str], optional: set[str], mmap: bool, where:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
+        if _starts_like_zip(path):
+            raise ConfigError(f"{str(path)!r} is truncated: it starts like a .npz archive but its end (the zip "
+                              f"directory) is missing after {path.stat().st_size} bytes; an interrupted copy or "
+                              f"write? Copy or regenerate it", where) from None
         raise ConfigError(f"{str(path)!r} is not a .npz archive ({exc}): expected {layout}", where) from None
     out: dict[str, np.ndarray] = {}
     with zf:
@@ -68,6 +77,9 @@ def read_npz(path: Path, keys: list[str], optional: set[str], mmap: bool, where:
                     continue
                 raise ConfigError(f"{str(path)!r} has no array {key!r} (it holds: {', '.join(sorted(members)) or 'none'}); "
                                   f"expected {layout}", where)
+            if info.header_offset + info.compress_size > path.stat().st_size:
+                raise ConfigError(f"array {key!r} of {str(path)!r} is truncated: the archive ends before its data "
+                                  f"does; copy or regenerate the file", where)
             try:
                 array = memmap_member(path, info) if mmap else None
                 if array is None:

@@ -80,15 +80,54 @@ def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, ov
 
     out = Path(out) if out else Path("runs") / exp.experiment.name
     run_dir = RunDir(out)
+    try:
+        launcher = registry.build("launcher", exp.components["launcher"])
+    except ConfigError as exc:
+        raise exc.within("launcher", file=exp.file) from None
+    created = _not_yet_there(out)
     run_dir.prepare(resume=resume, overwrite=overwrite)
     text = config.dumps(exp)
     run_dir.write_config(text)
     run_dir.write_env()
-    launcher = registry.build("launcher", exp.components["launcher"])
     # Precision (autocast, fp16 loss scaling) is the trainer's business: one Accelerator
     # configuration per process, whatever the experiment (accelerate's state is a singleton).
     accelerator_kwargs: dict[str, Any] = {}
-    return launcher.launch(train_entry, exp.to_dict(), exp.file, str(out), resume, accelerator_kwargs=accelerator_kwargs)
+    try:
+        return launcher.launch(train_entry, exp.to_dict(), exp.file, str(out), resume, accelerator_kwargs=accelerator_kwargs)
+    except ConfigError:
+        if not resume:
+            _discard_unstarted(run_dir, created)
+        raise
+
+
+def _not_yet_there(out: Path) -> Path | None:
+    """The topmost missing folder of `out` (what preparing the run directory creates), or None."""
+    created = None
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--out {out}: {folder} is a file, not a directory; choose another run directory")
+            break
+        created = folder
+    return created
+
+
+def _discard_unstarted(run_dir: Any, created: Path | None) -> None:
+    """After a build error (a ConfigError before the first step), remove what this run wrote.
+
+    Only a run that logged nothing and saved no checkpoint is removed, so the corrected re-run needs no --overwrite.
+    """
+    import shutil
+
+    if run_dir.metrics.exists() or (run_dir.checkpoints.is_dir() and any(run_dir.checkpoints.iterdir())):
+        return
+    for path in (run_dir.config, run_dir.env):
+        path.unlink(missing_ok=True)
+    for folder in (run_dir.checkpoints, run_dir.samples):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if created is not None and created.is_dir() and not any(created.rglob("*")):
+        shutil.rmtree(created)
 
 
 def report(exc: BaseException) -> int:

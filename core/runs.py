@@ -28,6 +28,7 @@ from .config import Experiment
 from .config import load as load_config
 from .generate import Components
 from .rundir import RunDir
+from .validate import device_available
 
 
 @attrs.define
@@ -60,10 +61,14 @@ class LoadedRun:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"``: the first GPU when one is visible, else the CPU."""
+    """``"auto"``: the first GPU when one is visible, else the CPU; ConfigError for a device that is not there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device_available(device, "--device")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r}: {exc}") from None
 
 
 def load_experiment(root: str | Path, overrides: Sequence[str] = ()) -> Experiment:
@@ -92,6 +97,7 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
 
     if checkpoint is None and is_pretrained(root):
         return from_pretrained(root, overrides, device=device)
+    dev = pick_device(device)
     exp = load_experiment(root, overrides)
     run_dir = RunDir(root)
     path = Path(checkpoint) if checkpoint is not None else ckpt.latest(run_dir.checkpoints)
@@ -117,7 +123,6 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
         raise ConfigError(f"checkpoint {path} does not match the model of {run_dir.config} with these overrides: "
                           f"{str(exc).strip().splitlines()[0][:300]}") from None
     components.objective.load_state_dict(state.get("objective", {}))
-    dev = pick_device(device)
     model.to(dev).eval().requires_grad_(False)
     return LoadedRun(run_dir=run_dir, exp=exp, components=components, model=model, weights=weights,
                      step=int(state["step"]), checkpoint=path, device=dev)

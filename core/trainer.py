@@ -48,6 +48,7 @@ from registry import ConfigError
 
 from . import checkpoint as ckpt
 from . import rng
+from . import validate
 from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
@@ -74,8 +75,10 @@ def check_finite(loss: torch.Tensor, first: int, last: int, run_dir: Any) -> Non
     where = (f"at step {first}; stopped before applying it" if first == last else
              f"at one of steps {first}-{last} (on an accelerator the loss is checked at each log, checkpoint, "
              f"evaluation and sample, not every step)")
+    saved = ckpt.latest(run_dir.checkpoints) if getattr(run_dir, "checkpoints", None) is not None else None
+    state = f"The last good checkpoint {saved} is intact" if saved else "No checkpoint had been written yet"
     raise NonFiniteLossError(
-        f"loss is {loss.item()} {where}. The last good checkpoint in {run_dir.checkpoints} is intact "
+        f"loss is {loss.item()} {where}. {state} "
         f"(try a lower trainer.lr, trainer.grad_clip, or fp32 precision)")
 
 
@@ -126,6 +129,8 @@ def build_components(exp: Experiment) -> Components:
     sections, file = exp.components, exp.file
     data = _build("data", "data", sections["data"], file)
     spec = data.spec
+    validate.conditioning({"eval": registry.unstructure(exp.eval), **{k: v for k, v in sections.items() if k != "data"},
+                           **{f"metrics[{i}]": m for i, m in enumerate(exp.metrics)}}, spec.num_classes, file)
     scheduler = _build("scheduler", "scheduler", sections["scheduler"], file, spec=spec) if "scheduler" in sections else None
     path = _build("path", "path", sections["path"], file, spec=spec, scheduler=scheduler) if "path" in sections else None
     with torch.random.fork_rng(devices=[]):
@@ -166,6 +171,7 @@ class Trainer:
                               ("trainer", "batch_size"), exp.file)
         self.accum, self.per_process = accum, per_process
         self.components = build_components(exp)
+        validate.monitor_result(cfg.monitor, self.components.metrics, exp.file)
         n = getattr(self.components.data, "num_examples", None)
         if cfg.epochs or cfg.warmup_epochs:
             if not n:

@@ -1,14 +1,21 @@
 """Strict structuring of plain mappings (from TOML) into attrs config classes.
 
 cattrs does the work; this module makes it strict (no silent `"5" -> 5` or
-`2.7 -> 2`, unknown keys forbidden) and turns its exception groups into one
-`ConfigError` whose message names the key path, what was expected, and the
-closest valid key.
+`2.7 -> 2`, unknown keys forbidden, NaN and infinities refused) and turns its
+exception groups into one `ConfigError` whose message names the key path, what
+was expected, and the closest valid key.
+
+Every float option must be finite (TOML's ``nan``, ``inf`` and ``-inf`` are
+refused, inside lists and unions too) unless its field opts in with
+``attrs.field(..., metadata={NON_FINITE: True})``, e.g. an upper bound whose
+documented "no bound" value is ``inf``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
+import math
 import pathlib
 import typing
 from collections.abc import Mapping
@@ -16,6 +23,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import cattrs.gen
 from cattrs.errors import (
     AttributeValidationNote,
     BaseValidationError,
@@ -24,6 +32,10 @@ from cattrs.errors import (
 )
 
 from .errors import ConfigError, did_you_mean
+
+#: attrs field metadata key: ``metadata={NON_FINITE: True}`` lets a float option be NaN or infinite.
+NON_FINITE = "flowforge_non_finite"
+_non_finite_ok: contextvars.ContextVar[bool] = contextvars.ContextVar("flowforge_non_finite_ok", default=False)
 
 
 def _type_name(tp: Any) -> str:
@@ -55,7 +67,10 @@ def _strict_int(value: Any, _: Any) -> int:
 def _strict_float(value: Any, _: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Mismatch(float, value)
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value) and not _non_finite_ok.get():
+        raise _NonFinite(value)
+    return value
 
 
 def _strict_str(value: Any, _: Any) -> str:
@@ -82,6 +97,32 @@ class _Mismatch(TypeError):
         super().__init__(f"expected {_type_name(expected)}, got {value!r}")
 
 
+class _NonFinite(_Mismatch):
+    def __init__(self, value: float):
+        TypeError.__init__(self, f"expected a finite number, got {value}")
+        self.expected, self.value = float, value
+
+
+def _allowing_non_finite(value: Any, tp: Any) -> Any:
+    """Structure one field whose metadata opts in to NaN and infinities."""
+    token = _non_finite_ok.set(True)
+    try:
+        return converter.structure(value, tp)
+    finally:
+        _non_finite_ok.reset(token)
+
+
+def _attrs_structure_fn(conv: cattrs.Converter) -> Any:
+    """The converter's attrs hook, with `_allowing_non_finite` on the fields marked `NON_FINITE`."""
+    def factory(cls: type) -> Any:
+        if any(isinstance(f.type, str) for f in attrs.fields(cls)):
+            attrs.resolve_types(cls)  # PEP 563 annotations
+        overrides = {f.name: cattrs.gen.override(struct_hook=_allowing_non_finite)
+                     for f in attrs.fields(cls) if f.metadata.get(NON_FINITE)}
+        return cattrs.gen.make_dict_structure_fn(cls, conv, **overrides)
+    return factory
+
+
 def _is_literal(tp: Any) -> bool:
     return typing.get_origin(tp) is typing.Literal
 
@@ -105,6 +146,8 @@ def _structure_union(value: Any, tp: Any) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
         return None
+    if isinstance(value, float) and not math.isfinite(value) and not _non_finite_ok.get():
+        raise _NonFinite(value)
     errors = []
     for arg in args:
         if arg is type(None):
@@ -126,6 +169,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(pathlib.Path, _strict_path)
     conv.register_structure_hook_func(_is_literal, _structure_literal)
     conv.register_structure_hook_func(_is_union, _structure_union)
+    conv.register_structure_hook_factory(attrs.has, _attrs_structure_fn(conv))
     conv.register_unstructure_hook(pathlib.Path, str)
     conv.register_unstructure_hook(enum.Enum, lambda e: e.value)
     return conv
@@ -188,6 +232,7 @@ def structure(mapping: Mapping[str, Any], cls: type, path: tuple[str, ...] = ())
         raise
     except Exception as exc:  # noqa: BLE001 - translated into a ConfigError
         found = _messages(exc, cls, ()) or [((), str(exc))]
+        found.sort(key=lambda item: not item[1].startswith("unknown key"))  # a misspelt key before the key it misses
         first_path, first_msg = found[0]
         extra = "".join(f"\n  also {'.'.join(p) or '(top)'}: {m}" for p, m in found[1:])
         raise ConfigError(first_msg + extra, (*path, *first_path)) from None

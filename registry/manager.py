@@ -45,6 +45,10 @@ def _resolve(ref: Any) -> Any:
     return obj
 
 
+class _HookFailed(PluginError):
+    """A plugin's register hook raised; none of its components were added."""
+
+
 @attrs.define
 class Component:
     """One registered component: what `build` needs to make it."""
@@ -58,10 +62,19 @@ class Component:
     doc: str | None = None
 
     def factory(self) -> Callable[..., Any]:
-        return _resolve(self.factory_ref)
+        return self._resolve(self.factory_ref, "factory")
 
     def config_class(self) -> type | None:
-        return _resolve(self.config_ref) if self.config_ref is not None else None
+        return self._resolve(self.config_ref, "config class") if self.config_ref is not None else None
+
+    def _resolve(self, ref: Any, what: str) -> Any:
+        """`_resolve`, with a dangling reference reported as a `PluginError` naming the distribution."""
+        try:
+            return _resolve(ref)
+        except (ImportError, AttributeError) as exc:
+            raise PluginError(f"{self.kind} {self.name!r} of plugin {self.plugin!r} (distribution "
+                              f"{self.distribution!r}): its {what} {ref!r} cannot be loaded: {type(exc).__name__}: "
+                              f"{exc}; reinstall or fix that distribution") from exc
 
 
 @attrs.define
@@ -96,13 +109,28 @@ class Registry:
         self._components: dict[str, dict[str, Component]] = {}
         self._plugins: dict[str, PluginInfo] = {}
         self._loaded = False
+        self._loading = False
 
     # -- loading -----------------------------------------------------------------
     def load(self) -> None:
-        """Load every entry point of the group (once), honouring FLOWFORGE_PLUGINS."""
-        if self._loaded:
+        """Load every entry point of the group (once), honouring FLOWFORGE_PLUGINS.
+
+        A plugin that fails to import, or whose register hook raises, is reported with its
+        distribution and skipped; the others load. A duplicate component name raises
+        `PluginError`; the registry is then not marked loaded, so a later `load` tries again
+        (plugins already loaded stay, each plugin's components are added all at once or not at all).
+        """
+        if self._loaded or self._loading:
             return
-        self._loaded = True
+        self._loading = True
+        try:
+            self._load_entry_points()
+            self._load_env_modules()
+            self._loaded = True
+        finally:
+            self._loading = False
+
+    def _load_entry_points(self) -> None:
         selected = os.environ.get(ENV_VAR)
         allow = None if selected is None else {s.strip() for s in selected.split(",") if s.strip()}
         seen: set[tuple[str, str]] = set()
@@ -113,6 +141,8 @@ class Registry:
                 continue
             seen.add((ep.name, ep.value))
             if allow is not None and dist != HOME_DISTRIBUTION and ep.name not in allow and dist not in allow:
+                continue
+            if ep.name in self._plugins:  # loaded (or reported) by an earlier, interrupted load
                 continue
             try:
                 module = ep.load()
@@ -125,7 +155,9 @@ class Registry:
                     file=sys.stderr,
                 )
                 continue
-            self.add_plugin(module, name=ep.name, distribution=dist, version=version)
+            self._add_reporting(module, ep.name, dist, version)
+
+    def _load_env_modules(self) -> None:
         for module_name in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV_VAR, "").split(","))):
             if module_name in self._plugins:
                 continue
@@ -138,7 +170,16 @@ class Registry:
                 print(f"flowforge: warning: plugin module {module_name!r} from {MODULES_ENV_VAR} failed to import "
                       f"({detail})", file=sys.stderr)
                 continue
-            self.add_plugin(module, name=module_name, distribution=f"({MODULES_ENV_VAR})")
+            self._add_reporting(module, module_name, f"({MODULES_ENV_VAR})", "")
+
+    def _add_reporting(self, module: Any, name: str, dist: str, version: str) -> None:
+        """`add_plugin`, with a raising register hook reported (naming the distribution) and skipped."""
+        try:
+            self.add_plugin(module, name=name, distribution=dist, version=version)
+        except _HookFailed as exc:
+            self._plugins[name] = PluginInfo(name, dist, version, getattr(module, "__name__", name), error=str(exc))
+            print(f"flowforge: warning: {exc}; its components were skipped, set {ENV_VAR} to choose which plugins load",
+                  file=sys.stderr)
 
     def add_plugin(self, plugin: Any, name: str | None = None, distribution: str = "(local)", version: str = "") -> PluginInfo:
         """Register a hook-implementing object (a module or any object) and its components.
@@ -170,9 +211,11 @@ class Registry:
             for impl in self._pm.hook.flowforge_register.get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function(register=register)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - nothing of this plugin is kept
             self._pm.unregister(plugin)
-            raise
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            raise _HookFailed(f"plugin {name!r} from distribution {distribution!r}: its flowforge_register hook "
+                              f"raised {detail}") from exc
         for comp in pending:
             taken = self._components.get(comp.kind, {}).get(comp.name)
             if taken is not None or sum(c.kind == comp.kind and c.name == comp.name for c in pending) > 1:
@@ -269,7 +312,14 @@ class Registry:
         comp, config = self.configure(kind, mapping)
         factory = comp.factory()
         kwargs = _accepted_kwargs(factory, context)
-        return factory(**kwargs) if config is None else factory(config, **kwargs)
+        try:
+            return factory(**kwargs) if config is None else factory(config, **kwargs)
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug, named with its distribution
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            raise PluginError(f"{kind} {comp.name!r} of plugin {comp.plugin!r} (distribution {comp.distribution!r}) "
+                              f"failed to build: {detail}") from exc
 
     @contextlib.contextmanager
     def temporary_plugin(self, plugin: Any, name: str | None = None, distribution: str = "(test)") -> Iterator[PluginInfo]:

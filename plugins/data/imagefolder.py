@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -106,9 +107,14 @@ class ImageFiles(torch.utils.data.Dataset):
 
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                image.load()
-                arr = center_crop_arr(image.convert(self.mode), self.resolution)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image.load()
+                    arr = center_crop_arr(image.convert(self.mode), self.resolution)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ConfigError(f"refused image {path!r}: it is larger than Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                              f"pixels (PIL.Image.MAX_IMAGE_PIXELS), a possible decompression bomb ({exc})", ("root",)) from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise ConfigError(f"cannot decode image {path!r}: {exc}", ("root",)) from None
         if arr.ndim == 2:
@@ -116,6 +122,21 @@ class ImageFiles(torch.utils.data.Dataset):
         if flip:
             arr = arr[:, ::-1]
         return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C")), self.labels[index]
+
+
+def without_worker_traceback(loader: Iterable[Batch]) -> Iterator[Batch]:
+    """Iterate a DataLoader; a `ConfigError` raised in a worker is re-raised with its message only.
+
+    torch re-raises a worker's exception as ``ConfigError("Caught ConfigError in DataLoader worker
+    process N. Original Traceback ...")``; the last line of that text is the original message.
+    """
+    try:
+        yield from loader
+    except ConfigError as exc:
+        if "Original Traceback" not in exc.message:
+            raise
+        last = exc.message.strip().splitlines()[-1]
+        raise ConfigError(last.partition("ConfigError: ")[2] or last) from None
 
 
 def collate(items: list[tuple[Tensor, int]], discrete: bool, conditional: bool) -> dict[str, Tensor]:
@@ -225,7 +246,7 @@ class ImageFolder(DataSource):
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                       rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         steps = StepBatchSampler(len(self.train), batch_size, seed, start_step, rank, world_size)
-        yield from self._loader(self.train, FlipBatches(steps, self.config.flip))
+        yield from without_worker_traceback(self._loader(self.train, FlipBatches(steps, self.config.flip)))
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:
         return self._held_out_rows(reference_index(len(self.held_out), n, generator).tolist())
@@ -237,7 +258,7 @@ class ImageFolder(DataSource):
     def _held_out_rows(self, index: list[int]) -> Batch:
         chunk = 256
         batches = [[(i, False) for i in index[k:k + chunk]] for k in range(0, len(index), chunk)]
-        parts = list(self._loader(self.held_out, batches))
+        parts = list(without_worker_traceback(self._loader(self.held_out, batches)))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def render(self, batch: Batch, path: str) -> list[str]:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from core.data import generator as make_generator
 from core.interfaces import Batch, DataSource, DataSpec
+from core.validate import non_negative
 
 from .render import scatter_png
 
@@ -33,6 +34,9 @@ class Toy2DConfig:
 
     dataset: Literal["checkerboard", "moons", "eight_gaussians", "two_spirals"] = "checkerboard"
     noise: float = 0.1
+
+    def __attrs_post_init__(self) -> None:
+        non_negative(self, "noise")
 
 
 def sample_toy2d(name: str, n: int, generator: torch.Generator, noise: float = 0.1) -> Tensor:

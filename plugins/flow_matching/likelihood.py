@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from core.interfaces import DataSource, DataSpec, Field
+from core.validate import non_negative, positive
 from registry import ConfigError
 
 from .paths import AffinePath
@@ -202,6 +203,8 @@ class LikelihoodConfig:
         for key in ("num_probes", "steps", "num_samples", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)}", (key,))
+        positive(self, "atol", "rtol")
+        non_negative(self, "sampling_eps")
 
 
 def build_scheduler(spec: str | dict[str, Any], key: str = "scheduler"):

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import attrs
 
 from core.interfaces import Launcher
+from core.validate import device_available
 from registry import ConfigError
 
 
@@ -134,6 +135,7 @@ class AccelerateLauncher(Launcher):
 
     def __init__(self, config: AccelerateConfig | None = None):
         self.config = config or AccelerateConfig()
+        device_available(self.config.device)  # here, not in the config: a run trained on GPUs samples anywhere
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         kwargs = dict(accelerator_kwargs)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import attrs
 
 from core.interfaces import Launcher
+from core.validate import device_available
 
 
 @attrs.define
@@ -26,6 +27,7 @@ class LocalLauncher(Launcher):
 
     def __init__(self, config: LocalConfig | None = None):
         self.config = config or LocalConfig()
+        device_available(self.config.device)  # here, not in the config: a run trained on a GPU samples anywhere
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         import torch

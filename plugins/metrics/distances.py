@@ -13,9 +13,12 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from core.validate import positive
+
 
 class _TwoSampleMetric(Metric):
     higher_is_better = False
+    result_names: tuple[str, ...] = ()  # one number
     full_state_update = False
 
     def __init__(self, **kwargs):
@@ -69,6 +72,9 @@ class SlicedWassersteinConfig:
 
     projections: int = 256
     seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        positive(self, "projections")
 
 
 class SlicedWasserstein(_TwoSampleMetric):

@@ -105,6 +105,7 @@ class _FeatureMetric(Metric):
     """Accumulates extractor features of reference and generated examples (list states, concatenated across ranks)."""
 
     higher_is_better = False
+    result_names: tuple[str, ...] = ()  # one number
     full_state_update = False
 
     def __init__(self, extractor: FeatureExtractor, **kwargs):
@@ -200,6 +201,7 @@ class PrecisionRecall(_FeatureMetric):
     """Improved precision and recall (k-NN manifolds in feature space); ``compute()`` -> {"precision", "recall"}."""
 
     higher_is_better = True
+    result_names = ("precision", "recall")
 
     def __init__(self, extractor: FeatureExtractor, k: int = 3, **kwargs):
         super().__init__(extractor, **kwargs)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from core.interfaces import DataSpec
 from core.nn import expand_t, timestep_embedding
+from core.validate import positive
 
 
 @attrs.define
@@ -46,6 +47,9 @@ class MLPConfig:
     activation: Literal["silu", "gelu", "relu"] = "silu"
     token_dim: int = 16
     out_channels_mult: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        positive(self, "hidden", "depth", "time_dim", "time_scale", "token_dim", "out_channels_mult")
 
 
 _ACT = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
