@@ -64,6 +64,44 @@ def load(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_newest_readable(directory: str | Path, report: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint in `directory` that loads, or None when there is none.
+
+    Unreadable newer files (a crash on a file system without atomic rename, a disk error) are
+    skipped, each one named through ``report(message)``; ConfigError when none of them loads.
+    """
+    found = list_checkpoints(directory)
+    failures = []
+    for _, path in reversed(found):
+        try:
+            state = load(path)
+        except ConfigError as exc:
+            failures.append(str(exc))
+            if report is not None:
+                report(f"flowforge: skipping unreadable checkpoint: {exc}")
+            continue
+        if failures and report is not None:
+            report(f"flowforge: resuming from {path.name}, the newest readable checkpoint")
+        return path, state
+    if failures:
+        raise ConfigError("no readable checkpoint in " + str(directory) + ": " + "; ".join(failures))
+    return None
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries `save_atomic` leaves when killed mid-write (``.NAME.tmp-PID``); return them.
+
+    Call it only while holding the run directory's lock (no live writer).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def path_for(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step-{step:08d}.pt"
 

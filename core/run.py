@@ -1,13 +1,19 @@
 """Run an experiment: ``python -m core.run FILE.toml [--set k=v ...] [--out DIR] [--resume]``.
 
-Validates the whole file first (errors exit with status 2 and no traceback),
-writes the run directory's config.toml and env.json, and hands the training
-entry point to the experiment's launcher.
+Validates the whole file first (errors exit with status 2 and no traceback) and
+hands `run_entry` to the experiment's launcher. One writer: global rank 0 alone
+locks and prepares the run directory, writes config.toml, env.json, metrics,
+checkpoints and the summary, and prints; the other ranks wait for it and read.
+
+Exit status: 0 done, 1 a failed run (non-finite loss, a rank that died), 2 a
+configuration or run-directory error, ``128 + N`` stopped by signal N after
+writing a checkpoint (SIGINT 130, SIGUSR1 138, SIGUSR2 140, SIGTERM 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +60,8 @@ def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None 
         config.resolve(config.stage_config(base, stage, "{previous}"), file=str(file))
     first = config.resolve(config.stage_config(base, stages[0], None), file=str(file))
     root = Path(out) if out else Path("runs") / first.experiment.name
-    if root.exists() and any(root.iterdir()) and not (resume or overwrite):
+    primary = _hosts_rank_zero(registry.build("launcher", first.components["launcher"]))
+    if primary and root.exists() and any(root.iterdir()) and not (resume or overwrite):
         raise ConfigError(f"run directory {root} already holds a run; pass --resume, --overwrite or --out DIR")
     summaries, previous = [], None
     for index, stage in enumerate(stages):
@@ -65,7 +72,8 @@ def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None 
 
             summaries.append(json.loads((stage_dir / "summary.json").read_text()))
         else:
-            print(f"stage {index} ({stage.name}) -> {stage_dir}")
+            if primary:
+                print(f"stage {index} ({stage.name}) -> {stage_dir}")
             has_run = (stage_dir / "config.toml").exists()
             summaries.append(run_config(exp, stage_dir, resume=resume and has_run, overwrite=overwrite or not has_run))
         previous = str(stage_dir)
@@ -73,31 +81,108 @@ def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None 
 
 
 def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run one validated `core.config.Experiment`."""
-    from . import config
+    """Run one validated `core.config.Experiment`; return the summary (None on ranks other than 0).
+
+    The process that will host global rank 0 checks the run directory first (read-only: a clear
+    error before any worker starts); the writing itself happens in `run_entry`, on global rank 0.
+    """
     from .rundir import RunDir
-    from .trainer import train_entry
 
     out = Path(out) if out else Path("runs") / exp.experiment.name
-    run_dir = RunDir(out)
     try:
         launcher = registry.build("launcher", exp.components["launcher"])
     except ConfigError as exc:
         raise exc.within("launcher", file=exp.file) from None
+    run_dir = RunDir(out)
     created = _not_yet_there(out)
-    run_dir.prepare(resume=resume, overwrite=overwrite)
-    text = config.dumps(exp)
-    run_dir.write_config(text)
-    run_dir.write_env()
+    # after a build error, remove what this run wrote, never what an earlier or a live run wrote
+    writer = (_hosts_rank_zero(launcher) or os.environ.get("RANK", "0") == "0") and not run_dir.config.exists()
+    if _hosts_rank_zero(launcher):
+        run_dir.check(resume=resume, overwrite=overwrite)
     # Precision (autocast, fp16 loss scaling) is the trainer's business: one Accelerator
     # configuration per process, whatever the experiment (accelerate's state is a singleton).
     accelerator_kwargs: dict[str, Any] = {}
     try:
-        return launcher.launch(train_entry, exp.to_dict(), exp.file, str(out), resume, accelerator_kwargs=accelerator_kwargs)
+        return launcher.launch(run_entry, exp.to_dict(), exp.file, str(out), overwrite, resume,
+                               accelerator_kwargs=accelerator_kwargs)
     except ConfigError:
-        if not resume:
+        if writer and not resume:
             _discard_unstarted(run_dir, created)
         raise
+
+
+def _hosts_rank_zero(launcher: Any) -> bool:
+    """Whether this process will be (or start) global rank 0 and no peer is running yet.
+
+    False inside ``torchrun`` / ``accelerate launch`` workers (rank 0 checks there, after the
+    rendezvous, so that a refusal reaches every rank) and on machines other than machine 0.
+    """
+    if "WORLD_SIZE" in os.environ and ("RANK" in os.environ or "LOCAL_RANK" in os.environ):
+        return False
+    return bool(getattr(launcher, "hosts_rank_zero", True))
+
+
+def run_entry(accelerator: Any, config: dict[str, Any], file: str | None, out: str, overwrite: bool,
+              resume: bool) -> dict[str, Any] | None:
+    """What every launcher runs on every process (picklable, top-level).
+
+    Global rank 0 prepares the run directory (lock, overwrite, config.toml, env.json) while the
+    others wait for its outcome (`open_shared`); then every rank trains. Signals stop the run at
+    the next step boundary with a checkpoint (`core.signals`). A job restarted with
+    ``resume = True`` (a requeue) resumes: ``overwrite`` applies to the first start only.
+    """
+    from . import signals
+    from .config import dumps, resolve
+    from .rundir import RunDir
+    from .trainer import Trainer
+
+    exp = resolve(config, file=file)
+    run_dir = RunDir(out)
+    with signals.stop_on_signals():
+        open_shared(accelerator, run_dir, dumps(exp), resume=resume, overwrite=overwrite and not resume)
+        try:
+            summary = Trainer(accelerator, exp, run_dir, resume=resume).fit()
+        finally:
+            run_dir.release_lock()
+    return summary if accelerator.is_main_process else None
+
+
+def open_shared(accelerator: Any, run_dir: Any, config_text: str, *, resume: bool, overwrite: bool) -> None:
+    """Global rank 0 prepares `run_dir` and writes config.toml and env.json; every rank gets its outcome.
+
+    The broadcast of the outcome is the barrier: the other ranks wait for it (bounded by the process
+    group's timeout) and raise rank 0's error, so a refusal ends every rank with rank 0's message.
+    """
+    error: BaseException | None = None
+    outcome = ("ok", "")
+    if accelerator.is_main_process:
+        try:
+            run_dir.prepare(resume=resume, overwrite=overwrite)
+            run_dir.write_config(config_text, resume=resume)
+            run_dir.write_env()
+        except ConfigError as exc:
+            error, outcome = exc, ("config", str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised on rank 0
+            error, outcome = exc, ("error", f"{type(exc).__name__}: {exc}")
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [outcome]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(f"rank {accelerator.process_index}: no word from rank 0 about the run directory "
+                               f"{run_dir.root} ({first[:300]}); see rank 0's output") from None
+        outcome = box[0]
+    if error is not None:
+        if outcome[0] == "error" and accelerator.is_main_process:
+            run_dir.release_lock()
+        raise error
+    if outcome[0] == "config":
+        raise ConfigError(f"rank 0 refused the run directory: {outcome[1]}")
+    if outcome[0] == "error":
+        raise RuntimeError(f"rank 0 could not prepare the run directory {run_dir.root}: {outcome[1]}")
 
 
 def _not_yet_there(out: Path) -> Path | None:
@@ -131,7 +216,8 @@ def _discard_unstarted(run_dir: Any, created: Path | None) -> None:
 
 
 def report(exc: BaseException) -> int:
-    """Print a user-facing error and return the exit status."""
+    """Print a user-facing error and return the exit status (see docs/launching.md)."""
+    from .signals import StopRequested
     from .trainer import NonFiniteLossError
 
     if isinstance(exc, ConfigError):
@@ -140,6 +226,9 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, NonFiniteLossError):
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if isinstance(exc, StopRequested):
+        print(f"flowforge: {exc}", file=sys.stderr)
+        return exc.exit_status
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted; continue with --resume (steps since the last checkpoint are lost)", file=sys.stderr)
         return 130
@@ -147,19 +236,16 @@ def report(exc: BaseException) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .signals import StopRequested
+    from .trainer import NonFiniteLossError
+
     parser = argparse.ArgumentParser(prog="python -m core.run", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     try:
         summary = run(args.file, args.overrides, args.out, args.resume, args.overwrite, args.smoke)
-    except (ConfigError, KeyboardInterrupt) as exc:
+    except (ConfigError, KeyboardInterrupt, NonFiniteLossError, StopRequested) as exc:
         return report(exc)
-    except Exception as exc:  # noqa: BLE001
-        from .trainer import NonFiniteLossError
-
-        if isinstance(exc, NonFiniteLossError):
-            return report(exc)
-        raise
     _print_summary(summary)
     return 0
 

@@ -47,8 +47,7 @@ import registry
 from registry import ConfigError
 
 from . import checkpoint as ckpt
-from . import rng
-from . import validate
+from . import rng, signals, validate
 from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
@@ -260,10 +259,10 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self) -> bool:
-        path = ckpt.latest(self.run_dir.checkpoints)
-        if path is None:
+        found = ckpt.load_newest_readable(self.run_dir.checkpoints, report=print if self.is_main else None)
+        if found is None:
             return False
-        state = ckpt.load(path)
+        path, state = found
         try:
             self.raw_model.load_state_dict(state["model"])
             for rate, e in self.emas.items():
@@ -293,6 +292,10 @@ class Trainer:
             torch.manual_seed(derive_seed(self.seed, "train", self.rank, "resumed", self.step))
         else:
             torch.manual_seed(derive_seed(self.seed, "train", self.rank, "resumed", self.step))
+        if self.is_main:
+            dropped = self.run_dir.truncate_metrics(self.step)
+            print(f"flowforge: resumed from step {self.step} ({path.name})"
+                  + (f"; dropped {dropped} metrics.jsonl record(s) logged after it" if dropped else ""))
         return True
 
     # -- evaluation ----------------------------------------------------------------
@@ -443,6 +446,9 @@ class Trainer:
                 self.write_samples(f"step-{self.step:08d}")
             if checkpoint_now:
                 self.save_checkpoint()
+            stop = None if last else signals.should_stop(self.acc, every_step or log_now)
+            if stop:
+                self._stop(stop, saved=checkpoint_now, batches=batches, progress=progress)
         loop_time = time.perf_counter() - t_loop
         if hasattr(batches, "close"):
             batches.close()  # stops a prefetching thread and releases the data plugin's workers
@@ -485,6 +491,15 @@ class Trainer:
             self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
             self.run_dir.write_summary(summary)
         return summary
+
+    def _stop(self, signum: int, saved: bool, batches: Any, progress: Progress) -> None:
+        """A signal asked to stop: checkpoint at this step boundary (unless just done), then raise StopRequested."""
+        if not saved:
+            self.save_checkpoint()
+        if hasattr(batches, "close"):
+            batches.close()
+        progress.close()
+        raise signals.StopRequested(signum, self.step, str(ckpt.path_for(self.run_dir.checkpoints, self.step)))
 
     def _split(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         moved = {k: to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

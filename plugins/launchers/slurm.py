@@ -5,13 +5,14 @@ task when ``gpus_per_node = 0``). Each task exports the ``torch.distributed``
 environment from Slurm's (submitit's ``TorchDistributedEnvironment``) and runs
 the training entry point with an ``accelerate.Accelerator``. On preemption or
 time-out the job checkpoints itself (submitit's ``Checkpointable``) and is
-requeued with ``resume = True``, so it continues from the last checkpoint the
-trainer wrote. ``executor = "local"`` runs the same job through submitit's
+requeued with ``resume = True``, so it continues from the checkpoint the
+trainer writes at the step boundary after the signal (see `TrainJob`). ``executor = "local"`` runs the same job through submitit's
 local executor (how the tests exercise it).
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -83,18 +84,36 @@ class TrainJob:
 
     The entry point's last positional argument is its ``resume`` flag (see
     `core.interfaces.Launcher`).
+
+    Preemption: submitit's own handler of its preemption signal (SIGUSR2) would checkpoint and
+    requeue at once, in the middle of a step. Inside the entry the trainer takes that signal
+    instead (`core.signals`): it finishes the step, writes a checkpoint and raises `StopRequested`;
+    then this job calls submitit's saved handler, which does exactly what it would have done
+    (``checkpoint()`` -> the resumed `DelayedSubmission` is dumped -> the job is requeued: ``scontrol
+    requeue`` on Slurm, exit status 144 that the local executor restarts).
     """
 
     def __init__(self, entry: Callable[..., Any], args: tuple, accelerator_kwargs: Mapping[str, Any], device: str):
         self.entry, self.args, self.accelerator_kwargs, self.device = entry, tuple(args), dict(accelerator_kwargs), device
 
     def __call__(self) -> Any:
+        from core.signals import StopRequested
+
         submitit = _submitit()
         env = submitit.JobEnvironment()
+        preemption = env._usr_sig()
+        requeue = signal.getsignal(preemption)  # submitit's checkpoint_and_try_requeue
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         accelerator = make_accelerator(self.accelerator_kwargs, self.device)
-        return self.entry(accelerator, *self.args)
+        try:
+            return self.entry(accelerator, *self.args)
+        except StopRequested as exc:
+            if exc.signum != preemption or not callable(requeue):
+                raise
+            print(f"flowforge: {exc}; requeueing through submitit", flush=True)
+            requeue(exc.signum, None)  # exits on the rank that requeues (global rank 0)
+            return None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on preemption or time-out: resubmit, resuming from the last checkpoint."""
