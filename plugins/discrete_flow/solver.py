@@ -1,6 +1,8 @@
 """The discrete Euler solver: simulates the CTMC of a mixture path from t=0 to t=1.
 
-On the uniform grid ``t_k = k / steps``, with ``h = t_{k+1} - t_k`` and the
+On a time grid ``t_0 < t_1 < ... < t_N`` (uniform ``t_k = k / steps`` by default, or any
+increasing list ``times`` in [0, 1], as Meta's solver takes any ``time_grid``), with
+``h = t_{k+1} - t_k`` and the
 model's posterior ``p_{1|t}(. | x_t)`` (from its logits, through the path),
 each position ``i`` of ``x_t`` takes one step of the probability velocity
 
@@ -10,8 +12,10 @@ each position ``i`` of ``x_t`` takes one step of the probability velocity
 `plugins.discrete_flow.path`): with total jump rate ``lambda^i = sum_{x != x_t^i} u(x)``
 the position jumps with probability ``1 - exp(-h lambda^i)``, to ``x`` with
 probability ``u(x) / lambda^i``, and stays otherwise. The last step draws
-``x_1 ~ p_{1|t}(. | x_t)`` directly (the velocity's rate ``1 / (1 - kappa)``
-diverges at ``t = 1``). Model evaluations: ``steps``.
+``x_1 ~ p_{1|t}(. | x_t)`` directly when the grid ends at ``t = 1`` (the velocity's rate
+``1 / (1 - kappa)`` diverges there); a grid ending earlier takes a jump step there too and
+returns ``x_{t_N}``. Both the velocity and ``beta`` of step ``k`` are evaluated at ``t_k``.
+Model evaluations: ``N`` (``steps``, or ``len(times) - 1``).
 
 ``div_free`` sets ``beta_t``: a constant (``div_free = 0.5``) or ``"sym"``,
 ``beta_t = sym_scale * t^sym_t_power * (1 - t)^sym_one_minus_t_power`` — the
@@ -54,6 +58,8 @@ class DiscreteEulerConfig:
 
     Attributes:
         steps: number of uniform steps from t=0 to t=1 (= model evaluations).
+        times: an explicit strictly increasing time grid in [0, 1] (overrides steps); the
+            solver starts at times[0] and ends at times[-1].
         div_free: coefficient beta_t of the divergence-free term: a number, or "sym"
             for sym_scale * t^sym_t_power * (1 - t)^sym_one_minus_t_power.
         sym_scale: scale of the "sym" coefficient.
@@ -63,6 +69,7 @@ class DiscreteEulerConfig:
     """
 
     steps: int = 100
+    times: list[float] | None = None
     div_free: float | str = 0.0
     sym_scale: float = 12.0
     sym_t_power: float = 2.0
@@ -72,6 +79,11 @@ class DiscreteEulerConfig:
     def __attrs_post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"expected a positive integer, got {self.steps!r}", ("steps",))
+        if self.times is not None:
+            ts = [float(v) for v in self.times]
+            if len(ts) < 2 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] > 1:
+                raise ConfigError(f"expected at least two strictly increasing times in [0, 1], got {self.times!r}",
+                                  ("times",))
         if isinstance(self.div_free, str) and self.div_free != "sym":
             raise ConfigError(f"expected a non-negative number or \"sym\", got {self.div_free!r}", ("div_free",))
         if not isinstance(self.div_free, str) and self.div_free < 0:
@@ -99,7 +111,9 @@ class DiscreteEulerSolver(Solver):
         self.beta = config.beta()
 
     def time_grid(self) -> Tensor:
-        """``(steps + 1,)`` float64 times from 0 to 1."""
+        """``(N + 1,)`` float64 times: ``times``, or ``steps + 1`` uniform ones from 0 to 1."""
+        if self.config.times is not None:
+            return torch.tensor(self.config.times, dtype=torch.float64)
         return torch.linspace(0.0, 1.0, self.config.steps + 1, dtype=torch.float64)
 
     def jump_rates(self, posterior: Tensor, x_t: Tensor, t: Tensor, beta: float = 0.0) -> Tensor:
@@ -125,13 +139,13 @@ class DiscreteEulerSolver(Solver):
         """
         cdtype = _DTYPES[self.config.categorical_dtype]
         grid = self.time_grid()
-        steps, batch = self.config.steps, x_init.shape[0]
+        steps, batch = grid.shape[0] - 1, x_init.shape[0]
         x = x_init.clone()
         traj = [x] if intermediates else None
         for k in range(steps):
             t = grid[k].to(x.device).expand(batch)
             posterior = self.path.posterior(model(x, t.float(), y), x)
-            if k == steps - 1:
+            if k == steps - 1 and float(grid[-1]) == 1.0:
                 x_next = categorical(posterior, generator, cdtype)
             else:
                 h = float(grid[k + 1] - grid[k])
