@@ -35,5 +35,15 @@ def flowforge_register(register):
              doc="ancestral DDPM sampling p(x_{k-1} | x_k), optionally over respaced steps")
     register("solver", "ddim", "plugins.ddpm.solvers:DDIMSolver", "plugins.ddpm.solvers:DDIMConfig",
              doc="DDIM sampling with eta over respaced steps (e.g. respacing = \"ddim50\")")
+    register("solver", "dpm_solver", "plugins.ddpm.dpm_solver:DPMSolver", "plugins.ddpm.dpm_solver:DPMSolverConfig",
+             doc="DPM-Solver++ 2M / 3M / 2S and SDE variants in log-SNR, with dynamic thresholding (diffusers' numbers)")
+    register("solver", "unipc", "plugins.ddpm.unipc:UniPCSolver", "plugins.ddpm.unipc:UniPCConfig",
+             doc="UniPC predictor-corrector (bh1 / bh2), data prediction (diffusers' UniPCMultistepScheduler)")
+    register("solver", "euler", "plugins.ddpm.edm:EulerSolver", "plugins.ddpm.edm:EDMConfig",
+             doc="EDM Euler with churn (S_churn, S_noise, S_tmin, S_tmax) in sigma space (Karras et al. Algorithm 2)")
+    register("solver", "heun", "plugins.ddpm.edm:HeunSolver", "plugins.ddpm.edm:EDMConfig",
+             doc="EDM Heun (2nd order) with churn, Karras et al. Algorithm 2")
+    register("solver", "euler_ancestral", "plugins.ddpm.edm:EulerAncestralSolver", "plugins.ddpm.edm:AncestralEulerConfig",
+             doc="Euler ancestral (k-diffusion / diffusers' EulerAncestralDiscreteScheduler), eta")
     register("metric", "ddpm_bpd", "plugins.ddpm.metrics:make_bpd", "plugins.ddpm.metrics:BpdConfig",
              doc="variational bound in bits per dimension over every diffusion step; lower is better")
