@@ -74,7 +74,7 @@ def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
     monkeypatch.setattr(ReflowPairs, "_generate", boom)
     second = registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "num_pairs": 200})
     assert torch.equal(first.pairs["x1"], second.pairs["x1"]) and second.cache_file == first.cache_file
-    with pytest.raises(AssertionError, match="regenerated"):  # another solver is another key
+    with pytest.raises((AssertionError, registry.PluginError), match="regenerated"):  # another solver is another key
         registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "num_pairs": 200,
                                 "solver": {"method": "euler", "steps": 3}})
 
