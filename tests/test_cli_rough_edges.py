@@ -68,3 +68,36 @@ def test_a_project_folder_with_its_own_core_package_still_runs_flowforge(tmp_pat
     shadowed = subprocess.run([os.sys.executable, "-m", "core.run", "--help"], cwd=tmp_path, capture_output=True,
                               text=True, env=env, timeout=120)
     assert shadowed.returncode != 0 and "own core package" in shadowed.stderr  # why the README says: use `flowforge run`
+
+
+def _tiny_run(tmp_path, *extra):
+    from core.run import main
+    from tests.conftest import RF2D, TINY_RF2D
+
+    out = tmp_path / "run"
+    args = [str(RF2D), "--out", str(out), "--overwrite", *(a for kv in (*TINY_RF2D, *extra) for a in ("--set", kv))]
+    assert main(args) == 0
+    return out, args
+
+
+def test_resume_asking_fewer_steps_than_the_checkpoint_is_an_error(tmp_path, capsys):
+    from core.run import main
+
+    out, args = _tiny_run(tmp_path)
+    capsys.readouterr()
+    resumed = [a if a != "--overwrite" else "--resume" for a in args] + ["--set", "trainer.steps=10"]
+    assert main(resumed) == 2
+    err = capsys.readouterr().err
+    assert "trainer.steps" in err and "already at step 20" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_model_mismatch_names_the_mismatched_parameters(tmp_path, capsys):
+    from core.run import main
+
+    out, args = _tiny_run(tmp_path)
+    capsys.readouterr()
+    resumed = [a if a != "--overwrite" else "--resume" for a in args] + ["--set", "backbone.hidden=48",
+                                                                         "--set", "trainer.steps=30"]
+    assert main(resumed) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "size mismatch for" in err and "torch.Size([48" in err, err
