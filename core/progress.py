@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 
@@ -69,3 +71,19 @@ class Progress:
         if self.mode == "bar":
             self.stream.write("\n")
             self.stream.flush()
+
+
+@contextmanager
+def phase(what: str, detail: str = "", enabled: bool = True, stream: TextIO | None = None) -> Iterator[None]:
+    """Announce a phase that shows no step counter (an evaluation, the data floor) and its duration:
+
+        flowforge: evaluating the untrained model (4000 samples; energy_distance, sliced_wasserstein) ...
+        flowforge: evaluating the untrained model: done in 3.1 s
+    """
+    out = stream or sys.stderr
+    if enabled:
+        print(f"flowforge: {what}" + (f" ({detail})" if detail else "") + " ...", file=out, flush=True)
+    started = time.perf_counter()
+    yield
+    if enabled:
+        print(f"flowforge: {what}: done in {time.perf_counter() - started:.1f} s", file=out, flush=True)

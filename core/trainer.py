@@ -55,6 +55,7 @@ from .ema import EMA
 from .optim import param_groups, scheduled_lr
 from .generate import Components, evaluate, floor, generate, metric_names
 from .progress import Progress
+from .progress import phase as progress_phase
 from .rundir import RunDir
 
 
@@ -308,6 +309,12 @@ class Trainer:
         return evaluate(self.components, model, e.num_samples, self.seed, rank=self.rank, world_size=self.world,
                         guidance_scale=e.guidance_scale, batch_size=e.batch_size, device=self.device)
 
+    def phase(self, what: str) -> Any:
+        """Announce an evaluation phase and its duration on the main process (see `core.progress.phase`)."""
+        names = ", ".join(self.components.metrics) or "no metrics"
+        return progress_phase(what, f"{self.exp.eval.num_samples} samples; {names}",
+                              enabled=self.is_main and self.cfg.progress != "off")
+
     def write_samples(self, tag: str, model: nn.Module | None = None) -> list[str]:
         if not self.is_main or not self.components.can_generate or self.exp.eval.num_pictures <= 0:
             return []
@@ -346,9 +353,12 @@ class Trainer:
         has_metrics = bool(self.components.metrics)
         if not resumed and has_metrics:
             if e.floor:
-                self.state["floor"] = floor(self.components, e.num_samples, self.seed, rank=self.rank, world_size=self.world)
+                with self.phase("computing the data floor"):
+                    self.state["floor"] = floor(self.components, e.num_samples, self.seed, rank=self.rank,
+                                                world_size=self.world)
             if e.untrained:
-                self.state["untrained"] = self.evaluate(self.eval_model())
+                with self.phase("evaluating the untrained model"):
+                    self.state["untrained"] = self.evaluate(self.eval_model())
         start_step, t_start = self.step, time.perf_counter()
         progress = Progress(total, start_step, cfg.progress if self.is_main else "off", cfg.log_every)
         batches = self.components.data.train_batches(self.per_process, seed=self.seed, start_step=self.step,
@@ -457,7 +467,10 @@ class Trainer:
         if hasattr(batches, "close"):
             batches.close()  # stops a prefetching thread and releases the data plugin's workers
         progress.close()
-        final = self.evaluate(self.eval_model()) if has_metrics else {}
+        final = {}
+        if has_metrics:
+            with self.phase("evaluating the trained model"):
+                final = self.evaluate(self.eval_model())
         if final and self._monitor_improved(final):
             self.save_checkpoint(best=True)
         self.save_checkpoint()

@@ -101,3 +101,20 @@ def test_a_checkpoint_model_mismatch_names_the_mismatched_parameters(tmp_path, c
     assert main(resumed) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and "size mismatch for" in err and "torch.Size([48" in err, err
+
+
+def test_evaluation_phases_and_resume_are_announced(tmp_path, capsys):
+    from core.run import main
+
+    out, args = _tiny_run(tmp_path)
+    err = capsys.readouterr().err
+    order = ["computing the data floor (64 samples", "computing the data floor: done in",
+             "evaluating the untrained model (64 samples", "evaluating the untrained model: done in",
+             "train 20/20", "evaluating the trained model (64 samples", "evaluating the trained model: done in"]
+    positions = [err.find(text) for text in order]
+    assert -1 not in positions and positions == sorted(positions), err
+    resumed = [a if a != "--overwrite" else "--resume" for a in args] + ["--set", "trainer.steps=25"]
+    assert main(resumed) == 0
+    printed = capsys.readouterr()
+    assert "resumed from step 20" in printed.out
+    assert "untrained model" not in printed.err and "evaluating the trained model" in printed.err
