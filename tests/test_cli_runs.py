@@ -110,7 +110,31 @@ def test_eval_sweeps_methods_and_steps(rf_run, tmp_path, capsys):
     md = (out / "eval.md").read_text()
     assert "Data-vs-data floor" in md and md.count("\n| ode |") == 4
     data = json.loads((out / "eval.json").read_text())
-    assert set(data["floor"]) == {"energy_distance", "sliced_wasserstein"}
+    assert set(data["floor"]) == {"energy_distance", "sliced_wasserstein", "energy_distance_se", "sliced_wasserstein_se"}
+    assert data["repeats"] == 3 and "standard error" in md and " ± " in md
+
+
+def test_eval_error_bars_are_the_spread_of_independent_repeats(rf_run, tmp_path):
+    """The `_se` column is s / sqrt(R) of R single-seed evaluations (seeds seed .. seed+R-1)."""
+    import math
+    import statistics
+
+    single = []
+    for seed in (5, 6, 7):
+        out = tmp_path / f"one{seed}"
+        assert cli(["eval", str(rf_run), "--steps", "4", "-n", "64", "--seed", str(seed), "--repeats", "1",
+                    "--no-floor", "--out", str(out)]) == 0
+        row = read_csv(out / "eval.csv")[0]
+        assert "energy_distance_se" not in row
+        single.append(float(row["energy_distance"]))
+    out = tmp_path / "three"
+    assert cli(["eval", str(rf_run), "--steps", "4", "-n", "64", "--seed", "5", "--repeats", "3", "--out", str(out)]) == 0
+    row = read_csv(out / "eval.csv")[0]
+    assert math.isclose(float(row["energy_distance"]), statistics.mean(single), rel_tol=1e-6)
+    assert math.isclose(float(row["energy_distance_se"]), statistics.stdev(single) / math.sqrt(3), rel_tol=1e-6)
+    floor = json.loads((out / "eval.json").read_text())["floor"]
+    assert floor["energy_distance_se"] > 0
+    assert cli(["eval", str(rf_run), "--repeats", "0"]) == 2
 
 
 def test_eval_default_sweep_is_around_the_run_steps(rf_run):

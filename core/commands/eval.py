@@ -8,6 +8,13 @@ feeds them to the experiment's sample metrics, or to those named with
 ``--metric``. Without any sweep option, a solver with a ``steps`` option is
 swept over a quarter, a half, one and two times the run's steps.
 
+Each point, and the data floor, is evaluated ``--repeats R`` times (default 3)
+with the noise and held-out seeds ``seed, seed + 1, ...``; the table gives the
+mean and its standard error ``se = s / sqrt(R)`` (s the sample standard
+deviation over the repeats) as ``METRIC`` and ``METRIC_se``. A model that
+scores "below the floor" by less than the two standard errors is not better
+than the data.
+
 Writes ``OUT/eval.md`` and ``OUT/eval.csv`` (one row per point: the settings,
 model evaluations per sample, every metric, seconds) and ``OUT/eval.png``
 (each metric against model evaluations, the data-vs-data floor dashed), and
@@ -54,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--num-samples", type=int, default=None,
                         help="generated (and held-out) examples per point (default: the run's eval.num_samples)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the noise (default: the run's seed)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="evaluations per point (seeds seed, seed+1, ...) for the mean and its standard error")
     parser.add_argument("--metric", action="append", default=[], metavar="PLUGIN|{TOML}",
                         help="evaluate this metric instead of the run's (repeatable): a plugin name, or an inline "
                              "TOML table such as '{plugin = \"kid\", subset_size = 500}'")
@@ -97,9 +106,24 @@ def _sweep_axes(args: argparse.Namespace, solver: dict[str, Any]) -> dict[str, l
     return axes
 
 
+def mean_and_se(results: list[dict[str, float]]) -> dict[str, float]:
+    """``{k: mean over results, k_se: s / sqrt(R)}`` for R >= 2 results (s: sample standard deviation);
+    just the values for R = 1."""
+    if len(results) == 1:
+        return dict(results[0])
+    out: dict[str, float] = {}
+    for key in results[0]:
+        values = [float(r[key]) for r in results]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+        out[key], out[f"{key}_se"] = mean, math.sqrt(var / len(values))
+    return out
+
+
 def sweep(run: Any, axes: dict[str, list[Any]], solvers: list[str] | None, guidances: list[float], n: int, seed: int,
-          batch_size: int, log=print) -> list[dict[str, Any]]:
-    """Evaluate the run's sample metrics at every point of the sweep; one dict per point."""
+          batch_size: int, log=print, repeats: int = 1) -> list[dict[str, Any]]:
+    """Evaluate the run's sample metrics at every point of the sweep, `repeats` times each (seeds seed,
+    seed + 1, ...); one dict per point with the mean of each metric and, for repeats > 1, its standard error."""
     import attrs
 
     from core.data import generator as make_generator
@@ -117,8 +141,8 @@ def sweep(run: Any, axes: dict[str, list[Any]], solvers: list[str] | None, guida
             _, nfe = generate(components, run.model, 1, make_generator(seed, "eval-nfe"), device=run.device)
             for w in guidances:
                 t0 = time.perf_counter()
-                result = evaluate(components, run.model, n, seed, guidance_scale=w, batch_size=batch_size,
-                                  device=run.device)
+                result = mean_and_se([evaluate(components, run.model, n, seed + r, guidance_scale=w,
+                                               batch_size=batch_size, device=run.device) for r in range(repeats)])
                 row = {"solver": plugin, **dict(zip(keys, values)), "guidance": w, "nfe": nfe, **result,
                        "seconds": round(time.perf_counter() - t0, 3)}
                 log("  " + "  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -145,11 +169,16 @@ def plot(rows: list[dict[str, Any]], metric_keys: list[str], setting_keys: list[
             label = ", ".join(f"{k}={r.get(k)}" for k in group_keys) or "run"
             groups.setdefault(label, []).append(r)
         for label, items in groups.items():
-            pts = sorted((r[x_key], r[key]) for r in items if isinstance(r.get(key), (int, float)))
+            pts = sorted((r[x_key], r[key], r.get(f"{key}_se", 0.0)) for r in items
+                         if isinstance(r.get(key), (int, float)))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[2 * p[2] for p in pts], marker="o",
+                            capsize=3, label=label)
         if key in floor:
             ax.axhline(floor[key], ls="--", color="grey", label="data vs data")
+            if floor.get(f"{key}_se"):
+                ax.axhspan(floor[key] - 2 * floor[f"{key}_se"], floor[key] + 2 * floor[f"{key}_se"], color="grey",
+                           alpha=0.15)
         if x_key == "nfe" and len({r["nfe"] for r in rows}) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xlabel("model evaluations per sample" if x_key == "nfe" else "guidance scale")
@@ -195,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("this run has no sample metrics to sweep; name some with --metric "
                           f"(installed: {', '.join(registry.available('metric'))})")
     e = run.exp.eval
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     n = args.num_samples or e.num_samples
     seed = run.exp.experiment.seed if args.seed is None else args.seed
     batch_size = args.batch_size or e.batch_size
@@ -207,20 +238,24 @@ def main(args: argparse.Namespace) -> int:
     print(f"evaluating {run.run_dir.root} (step {run.step}, {run.weights} weights) on {n} samples per point")
 
     sampled = attrs.evolve(c, metrics=sample_metrics)
-    rows = sweep(attrs.evolve(run, components=sampled), axes, args.solver, guidances, n, seed, batch_size)
-    floor_values = floor(sampled, n, seed) if args.floor else {}
+    rows = sweep(attrs.evolve(run, components=sampled), axes, args.solver, guidances, n, seed, batch_size,
+                 repeats=args.repeats)
+    floor_values = mean_and_se([floor(sampled, n, seed + r) for r in range(args.repeats)]) if args.floor else {}
     model_values = evaluate(attrs.evolve(c, metrics=model_metrics), run.model, n, seed, device=run.device) \
         if model_metrics else {}
 
     setting_keys = ["solver", *axes, "guidance"]
-    metric_keys = [k for k in rows[0] if k not in setting_keys and k not in ("nfe", "seconds")]
-    columns = [*setting_keys, "nfe", *metric_keys, "seconds"]
+    metric_keys = [k for k in rows[0] if k not in setting_keys and k not in ("nfe", "seconds") and not k.endswith("_se")]
+    columns = [*setting_keys, "nfe", *(c for k in metric_keys for c in (k, f"{k}_se") if c in rows[0]), "seconds"]
+    repeated = (f"mean and standard error (`_se`) over {args.repeats} seeds ({seed} to {seed + args.repeats - 1})"
+                if args.repeats > 1 else f"seed {seed}, no error bars (--repeats 1)")
     preamble = (f"# Evaluation of {run.name}\n\nrun `{run.run_dir.root}`, step {run.step}, {run.weights} weights, "
-                f"{n} generated vs {n} held-out examples per row, seed {seed}; nfe = model evaluations per sample "
+                f"{n} generated vs {n} held-out examples per row, {repeated}; nfe = model evaluations per sample "
                 f"(a guided evaluation runs the conditional and unconditional halves as one batch).")
     if floor_values:
         preamble += "\n\nData-vs-data floor (two independent held-out samples of the same size): " + \
-            ", ".join(f"{k} = {v:.5g}" for k, v in floor_values.items())
+            ", ".join(f"{k} = {v:.5g}" + (f" ± {floor_values[k + '_se']:.2g}" if k + "_se" in floor_values else "")
+                      for k, v in floor_values.items() if not k.endswith("_se"))
     if model_values:
         preamble += "\n\nModel metrics (independent of the sampler): " + \
             ", ".join(f"{k} = {v:.5g}" for k, v in model_values.items())
@@ -229,6 +264,7 @@ def main(args: argparse.Namespace) -> int:
                       f"{run.name} (step {run.step}, {run.weights})"))
     (out / "eval.json").write_text(json.dumps(
         {"run": str(run.run_dir.root), "step": run.step, "weights": run.weights, "num_samples": n, "seed": seed,
+         "repeats": args.repeats,
          "rows": rows, "floor": floor_values, "model_metrics": model_values}, indent=2, default=str) + "\n")
     files.append(out / "eval.json")
     print((out / "eval.md").read_text())
