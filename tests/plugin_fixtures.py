@@ -141,3 +141,16 @@ def ranks_entry(accelerator, out_dir):
     """Launcher entry: every rank writes its rank and world size (launcher conformance)."""
     Path(out_dir, f"rank{accelerator.process_index}").write_text(str(accelerator.num_processes))
     return accelerator.process_index
+
+
+def dying_rank_entry(accelerator, signum):
+    """Launcher entry: rank 1 is killed by `signum` (as the out-of-memory killer would) while rank 0 waits in a
+    collective; the launcher must name rank 1, not report rank 0's broken connection."""
+    import os
+
+    import torch.distributed as dist
+
+    if accelerator.process_index == 1:
+        os.kill(os.getpid(), signum)
+    dist.barrier()
+    return 0

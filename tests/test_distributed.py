@@ -166,3 +166,12 @@ def test_launcher_options_are_validated(capsys, tmp_path):
     code = main([str(RF2D), "--set", "launcher={plugin='accelerate', num_machines=2, machine_rank=0}",
                  "--out", str(tmp_path / "r")])
     assert code == 2 and "main_process_port" in capsys.readouterr().err
+
+
+def test_a_rank_killed_mid_run_is_named_with_its_signal(plugin_env):
+    import signal
+
+    launcher = registry.build("launcher", {"plugin": "accelerate", "num_processes": 2, "timeout_s": 60})
+    with pytest.raises(RuntimeError, match=r"rank 1 died \(exit -9, SIGKILL\)") as info:
+        launcher.launch(plugin_fixtures.dying_rank_entry, signal.SIGKILL, accelerator_kwargs={})
+    assert "Traceback" not in str(info.value)
