@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import registry
@@ -108,6 +108,8 @@ def test_ddim_eta0_is_deterministic_for_any_model():
 @settings(max_examples=20, deadline=None)
 @given(st.sampled_from(["linear", "cosine"]), st.integers(21, 300), st.sampled_from(["", "ddim7", "5,3"]))
 def test_ddim_eta1_variance_is_the_ancestral_fixed_small_variance(schedule, T, respacing):
+    # "ddimN" exists only when some integer stride s gives exactly N steps 0, s, 2s, ... (guided-diffusion)
+    assume(respacing != "ddim7" or any(len(range(0, T, s)) == 7 for s in range(1, T)))
     d = GaussianDiffusion.named(schedule, T, variance="fixed_small").respaced(respacing)
     k = torch.arange(d.num_timesteps)
     like = torch.zeros(d.num_timesteps, dtype=torch.float64)
