@@ -71,15 +71,19 @@ class Group:
         return torch.device("cpu")
 
     def gather_cat(self, rows: Tensor) -> Tensor:
-        """Every rank's ``rows (N_r, ...)`` concatenated in rank order, ``(sum N_r, ...)``, on every rank (CPU)."""
+        """Every rank's ``rows (N_r, ...)`` concatenated in rank order, ``(sum N_r, ...)``, on every rank (CPU).
+        A rank may hold no rows (any empty tensor): the dtype and trailing shape are those of the others."""
         rows = rows.detach()
         if not self.active:
             return rows.cpu()
         import torch.distributed as dist
 
-        counts = [int(c) for c in self.gather_objects(int(rows.shape[0]))]
+        shapes = self.gather_objects((int(rows.shape[0]), str(rows.dtype).removeprefix("torch."), tuple(rows.shape[1:])))
+        counts = [c for c, _, _ in shapes]
+        _, dtype, trailing = max(shapes, key=lambda s: s[0])  # a rank without rows may not know the dtype
         device = self._device()
-        padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=device)
+        rows = rows.reshape(rows.shape[0], *trailing).to(getattr(torch, dtype))
+        padded = torch.zeros((max(counts), *trailing), dtype=rows.dtype, device=device)
         padded[: rows.shape[0]] = rows.to(device)
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded)

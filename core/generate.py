@@ -3,8 +3,9 @@
 ``generate`` draws ``x_0 ~ p_0`` from the path, and integrates the objective's
 sampling field (optionally guided) with the solver. ``evaluate`` feeds
 generated and held-out examples to the experiment's metrics; under several
-processes each rank generates its own share (no padded duplicates) and the
-metrics (torchmetrics) gather their states.
+processes each rank generates its own blocks of the one global set and the
+samples are gathered before the metrics see them, so every number is the same
+on 1, 2 or 8 processes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from .collectives import Group, blocks, local_metrics, sync_allowed
+from .data import derive_seed
 from .data import generator as make_generator
+
 from .guidance import guided
 from .interfaces import Batch, DataSource, DataSpec, Objective, Path, SampleMetric, Solver
 
@@ -71,53 +75,81 @@ def generate(components: Components, model: nn.Module, n: int, generator: torch.
     return out, nfe
 
 
-def _share(n: int, rank: int, world_size: int) -> int:
-    return n // world_size + (1 if rank < n % world_size else 0)
-
-
 def _to_floats(name: str, value: Any) -> dict[str, float]:
     if isinstance(value, Mapping):
         return {f"{name}/{k}": float(v) for k, v in value.items()}
     return {name: float(value)}
 
 
-def _compute_sample_metrics(metrics: Mapping[str, SampleMetric], real: Tensor, fake: Tensor) -> dict[str, float]:
+def sample_metrics_of(components: Components) -> dict[str, SampleMetric]:
+    """The metrics that compare generated with held-out samples (model metrics have ``evaluate``)."""
+    return {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
+
+
+def _compute_sample_metrics(metrics: Mapping[str, SampleMetric], real: Tensor, fake: Tensor,
+                            group: Group) -> dict[str, float]:
+    """Every metric on the gathered ``real`` and ``fake`` (the same on every rank): computed once, on rank 0,
+    without the metrics' own cross-process synchronisation, and broadcast."""
     out: dict[str, float] = {}
-    for name, metric in metrics.items():
-        metric.reset()
-        metric.update(real, real=True)
-        metric.update(fake, real=False)
-        out.update(_to_floats(name, metric.compute()))
-        metric.reset()
-    return out
+    if group.is_main:
+        with local_metrics():
+            for name, metric in metrics.items():
+                if hasattr(metric, "distributed_available_fn"):
+                    metric.distributed_available_fn = sync_allowed
+                metric.reset()
+                metric.update(real, real=True)
+                metric.update(fake, real=False)
+                out.update(_to_floats(name, metric.compute()))
+                metric.reset()
+    return group.broadcast(out)
+
+
+def _reference(data: DataSource, n: int, seed: int, parts: list[tuple[int, int]], group: Group, *keys: Any) -> Tensor:
+    """Rows ``0 .. n - 1`` of one global held-out selection (seeded by `seed` and `keys`), each rank reading
+    its `parts`, gathered in global order: the same set on any number of processes."""
+    selection = derive_seed(seed, *keys)
+    mine = [data.reference_slice(n, selection, a, b)["x"] for a, b in parts]
+    return group.gather_cat(torch.cat(mine) if mine else torch.empty(0))
 
 
 def evaluate(components: Components, model: nn.Module, n: int, seed: int, *, rank: int = 0, world_size: int = 1,
              guidance_scale: float = 0.0, batch_size: int = 1000, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Every metric of the experiment for `model`: generated vs held-out (sample metrics) and model metrics."""
+    """Every metric of the experiment for `model`: `n` generated vs `n` held-out examples (sample metrics)
+    and the model metrics.
+
+    The `n` examples are cut into blocks of `batch_size`; block ``[a, b)`` is generated from its own
+    generator (seeded by `seed` and `a`) and compared with rows ``a .. b - 1`` of one global held-out
+    selection, and the ranks share whole blocks (`core.collectives.blocks`). So the generated and the
+    reference sets, and hence every sample metric, do not depend on the number of processes.
+    """
     out: dict[str, float] = {}
-    sample_metrics = {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
+    sample_metrics = sample_metrics_of(components)
     if sample_metrics and components.can_generate:
-        share = _share(n, rank, world_size)
-        fake, _ = generate(components, model, share, make_generator(seed, "eval-generate", rank),
-                           guidance_scale=guidance_scale, batch_size=batch_size, device=device)
-        real = components.data.reference(share, make_generator(seed, "eval-reference", rank))
-        out.update(_compute_sample_metrics(sample_metrics, real["x"], fake["x"]))
+        group = Group(rank, world_size)
+        parts = blocks(n, batch_size, rank, world_size)
+        fake = [generate(components, model, b - a, make_generator(seed, "eval-generate", a),
+                         guidance_scale=guidance_scale, batch_size=batch_size, device=device)[0]["x"] for a, b in parts]
+        fake_all = group.gather_cat(torch.cat(fake) if fake else torch.empty(0))
+        real_all = _reference(components.data, n, seed, parts, group, "eval-reference")
+        out.update(_compute_sample_metrics(sample_metrics, real_all, fake_all, group))
     for name, metric in components.metrics.items():
         if hasattr(metric, "evaluate"):
             out.update(_to_floats(name, metric.evaluate(model, components.data, make_generator(seed, "eval-model", rank))))
     return out
 
 
-def floor(components: Components, n: int, seed: int, *, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Sample metrics between two independent held-out samples of size `n`: the best a model can score."""
-    sample_metrics = {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
+def floor(components: Components, n: int, seed: int, *, rank: int = 0, world_size: int = 1,
+          batch_size: int = 1000) -> dict[str, float]:
+    """Sample metrics between two independent held-out selections of size `n`: the best a model can score.
+    Like `evaluate`, the same on any number of processes."""
+    sample_metrics = sample_metrics_of(components)
     if not sample_metrics:
         return {}
-    share = _share(n, rank, world_size)
-    a = components.data.reference(share, make_generator(seed, "floor-a", rank))
-    b = components.data.reference(share, make_generator(seed, "floor-b", rank))
-    return _compute_sample_metrics(sample_metrics, a["x"], b["x"])
+    group = Group(rank, world_size)
+    parts = blocks(n, batch_size, rank, world_size)
+    a = _reference(components.data, n, seed, parts, group, "floor-a")
+    b = _reference(components.data, n, seed, parts, group, "floor-b")
+    return _compute_sample_metrics(sample_metrics, a, b, group)
 
 
 def metric_names(metrics: Sequence[Mapping[str, Any]]) -> list[str]:

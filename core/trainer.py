@@ -355,7 +355,7 @@ class Trainer:
             if e.floor:
                 with self.phase("computing the data floor"):
                     self.state["floor"] = floor(self.components, e.num_samples, self.seed, rank=self.rank,
-                                                world_size=self.world)
+                                                world_size=self.world, batch_size=e.batch_size)
             if e.untrained:
                 with self.phase("evaluating the untrained model"):
                     self.state["untrained"] = self.evaluate(self.eval_model())

@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
     sampled = attrs.evolve(c, metrics=sample_metrics)
     rows = sweep(attrs.evolve(run, components=sampled), axes, args.solver, guidances, n, seed, batch_size,
                  repeats=args.repeats)
-    floor_values = mean_and_se([floor(sampled, n, seed + r) for r in range(args.repeats)]) if args.floor else {}
+    floor_values = mean_and_se([floor(sampled, n, seed + r, batch_size=batch_size) for r in range(args.repeats)]) if args.floor else {}
     model_values = evaluate(attrs.evolve(c, metrics=model_metrics), run.model, n, seed, device=run.device) \
         if model_metrics else {}
 
