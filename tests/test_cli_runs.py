@@ -15,6 +15,7 @@ import sys
 import types
 
 import numpy as np
+import torch
 import pytest
 
 from core.cli import main as cli
@@ -92,9 +93,32 @@ def test_sample_digits_grid_with_labels_and_guidance(digits_run, capsys):
     png, npz = info["files"]
     assert png.startswith(str(digits_run / "samples")) and png.endswith(".png")
     data = np.load(npz)
-    assert data["x"].shape == (20, 1, 8, 8) and np.isfinite(data["x"]).all()
-    assert list(data["y"][:4]) == [3, 7, 3, 7]
+    assert data["arr_0"].shape == (20, 8, 8, 1) and data["arr_0"].dtype == np.uint8  # as the ADM evaluator reads
+    assert list(data["arr_1"][:4]) == [3, 7, 3, 7]
     assert info["guidance_scale"] == 1.5
+
+
+def test_sample_streams_blocks_and_writes_uint8_images_like_guided_diffusion(digits_run, tmp_path, capsys):
+    """Whole block k of -n N is block k of any other -n; arr_0 is uint8((x + 1) * 127.5) in NHWC; the PNG
+    folder holds the same pixels; the picture shows only --grid samples."""
+    from PIL import Image
+
+    from core.commands.sample import to_uint8_nhwc
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    assert cli(["sample", str(digits_run), "-n", "8", "--batch-size", "4", "--npz", "--out", str(small)]) == 0
+    assert cli(["sample", str(digits_run), "-n", "30", "--batch-size", "4", "--npz", "--grid", "8",
+                "--png-folder", str(tmp_path / "pngs"), "--out", str(big)]) == 0
+    a, b = np.load(f"{small}.npz"), np.load(f"{big}.npz")
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"][:8])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"][:8])
+    assert b["arr_0"].shape == (30, 8, 8, 1) and b["arr_1"].shape == (30,)
+    pngs = sorted((tmp_path / "pngs").glob("*.png"))
+    assert len(pngs) == 30 and pngs[0].name == "000000.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[29])), b["arr_0"][29, ..., 0])
+    x = torch.tensor([[[[-1.0, -0.999, 0.0, 1.0, 1.5]]]])
+    assert to_uint8_nhwc(x).reshape(-1).tolist() == [0, 0, 127, 255, 255]
+    assert Image.open(f"{big}.png").size[0] < Image.open(f"{small}.png").size[0] * 3  # 8 shown, not 30
 
 
 # --------------------------------------------------------------------------- eval

@@ -3,8 +3,19 @@
 Loads the EMA weights (``--no-ema``: the raw weights), integrates with the
 run's solver or another one (``--solver``, ``--steps``, ``--method``, or any
 ``--set solver.KEY=VALUE``), with classifier-free guidance scale ``--guidance``,
-and writes a picture through the data source's ``render()`` (a PNG grid or a
-scatter plot) and, with ``--npz``, the samples themselves.
+and writes a picture of the first ``--grid`` samples through the data source's
+``render()`` (a PNG grid or a scatter plot) and, with ``--npz``, all of them.
+
+Samples are generated in blocks of ``--batch-size`` and streamed to disk, so
+``-n 50000`` holds one block (and the picture's samples) in memory. Block
+``[a, b)`` is drawn from its own generator (seeded by ``--seed`` and ``a``):
+the whole blocks of a run do not depend on ``-n`` (the first ``k B`` samples of
+``-n 50000`` are those of ``-n k B``). Image data (examples ``(C, H, W)``
+in [-1, 1]) is written as the ADM evaluator, torch-fidelity and clean-fid read
+it: ``arr_0`` uint8 ``(N, H, W, C)`` with ``uint8((x + 1) * 127.5)`` clamped to
+[0, 255] (guided-diffusion's conversion), ``arr_1`` the labels of a
+class-conditional model; ``--png-folder DIR`` also writes one PNG per sample.
+Other data is written as ``x`` (and ``y``).
 """
 
 from __future__ import annotations
@@ -13,8 +24,12 @@ import argparse
 import json
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
+
+from registry import ConfigError
 
 NAME = "sample"
 HELP = "draw samples from a run's checkpoint (PNG grid or scatter plot, optional .npz)"
@@ -42,14 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the labels (default 0)")
     parser.add_argument("--labels", help="class labels, comma-separated, cycled to -n (default: uniform draws)")
     parser.add_argument("--out", help="output file stem (default RUN_DIR/samples/sample-<settings>)")
-    parser.add_argument("--npz", action="store_true", help="also write the samples (x, y) to OUT.npz")
+    parser.add_argument("--npz", action="store_true",
+                        help="also write every sample to OUT.npz (images: uint8 arr_0 NHWC and arr_1 labels; else x, y)")
+    parser.add_argument("--png-folder", help="also write each image sample as DIR/NNNNNN.png (for folder-based FID tools)")
+    parser.add_argument("--grid", type=int, default=None,
+                        help="samples shown in the picture (default: 64 for images, up to 20000 points otherwise)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from core.data import generator as make_generator
-    from core.generate import generate
     from core.runs import load_run, solver_overrides
-    from registry import ConfigError
 
     overrides = [*solver_overrides(args.solver, steps=args.steps, method=args.method), *args.overrides]
     run = load_run(args.run_dir, overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
@@ -58,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate")
     if args.num < 1:
         raise ConfigError(f"-n expects a positive number of samples, got {args.num}")
+    if args.grid is not None and args.grid < 0:
+        raise ConfigError(f"--grid expects a number of samples >= 0, got {args.grid}")
     guidance = run.exp.eval.guidance_scale if args.guidance is None else args.guidance
     labels = None
     if args.labels:
@@ -70,9 +88,23 @@ def main(args: argparse.Namespace) -> int:
         if not given or not all(0 <= v < c.spec.num_classes for v in given):
             raise ConfigError(f"--labels expects class labels in 0..{c.spec.num_classes - 1}, got {args.labels!r}")
         labels = torch.tensor(given).repeat(-(-args.num // len(given)))[: args.num]
-    batch, nfe = generate(c, run.model, args.num, make_generator(args.seed, "sample-cli"), labels=labels,
-                          guidance_scale=guidance, batch_size=args.batch_size or run.exp.eval.batch_size,
-                          device=run.device)
+    stem = _stem(args, run, guidance)
+    batch, nfe, files_written = stream_samples(c, run.model, args, labels, guidance,
+                                               args.batch_size or run.exp.eval.batch_size, run.device, stem)
+    non_finite = batch.pop("non_finite", 0)
+    solver = run.exp.components["solver"]
+    files = (list(c.data.render(batch, str(stem))) if len(batch.get("x", ())) else []) + files_written
+    info = {"run": str(run.run_dir.root), "step": run.step, "weights": run.weights, "solver": solver,
+            "nfe": nfe, "guidance_scale": guidance, "seed": args.seed, "num": args.num, "files": files}
+    if non_finite:
+        print(f"warning: {non_finite} non-finite values in the samples")
+    print(json.dumps(info))
+    if not files:
+        print(f"note: the data source {run.exp.components['data']['plugin']!r} renders no pictures; use --npz")
+    return 0
+
+
+def _stem(args: argparse.Namespace, run: Any, guidance: float) -> Path:
     solver = run.exp.components["solver"]
     parts = [str(solver["plugin"])]
     if "method" in solver:
@@ -84,17 +116,87 @@ def main(args: argparse.Namespace) -> int:
     if stem.suffix in (".png", ".npz"):
         stem = stem.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    files = list(c.data.render(batch, str(stem)))
-    if args.npz:
-        arrays = {k: v.cpu().numpy() for k, v in batch.items()}
-        np.savez_compressed(f"{stem}.npz", **arrays)
+    return stem
+
+
+def is_image(shape: tuple[int, ...], kind: str) -> bool:
+    """Examples ``(C, H, W)`` with 1, 3 or 4 channels of continuous values."""
+    return kind == "continuous" and len(shape) == 3 and shape[0] in (1, 3, 4)
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` in [-1, 1] -> ``(B, H, W, C)`` uint8: ``uint8(clamp((x + 1) * 127.5, 0, 255))``
+    (truncation, as guided-diffusion's sample script)."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _npz_members(spec: Any, n: int, conditional: bool) -> dict[str, tuple[Any, tuple[int, ...], int]]:
+    if is_image(spec.shape, spec.kind):
+        c, h, w = spec.shape
+        members = {"arr_0": (np.uint8, (h, w, c), n)}
+        return {**members, "arr_1": (np.int64, (), n)} if conditional else members
+    dtype = np.float32 if spec.kind == "continuous" else np.int64
+    members = {"x": (dtype, tuple(spec.shape), n)}
+    return {**members, "y": (np.int64, (), n)} if conditional else members
+
+
+def stream_samples(c: Any, model: Any, args: argparse.Namespace, labels: torch.Tensor | None, guidance: float,
+                   batch_size: int, device: Any, stem: Path) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """Generate ``args.num`` samples block by block, streaming them to ``--npz`` / ``--png-folder``.
+
+    Returns (the first ``--grid`` samples as a batch, model evaluations per sample, files written).
+    """
+    from core.collectives import blocks
+    from core.data import generator as make_generator
+    from core.generate import generate
+    from core.npzfile import NpzWriter
+    from core.progress import Progress
+
+    image = is_image(c.spec.shape, c.spec.kind)
+    keep = args.grid if args.grid is not None else (64 if image else 20000)
+    conditional = c.spec.num_classes > 0
+    writer = NpzWriter(f"{stem}.npz", _npz_members(c.spec, args.num, conditional)) if args.npz else None
+    folder = Path(args.png_folder) if args.png_folder else None
+    if folder is not None:
+        if not image:
+            raise ConfigError("--png-folder: this data set's samples are not images; use --npz")
+        folder.mkdir(parents=True, exist_ok=True)
+    kept: dict[str, list[torch.Tensor]] = {}
+    all_labels, nfe, non_finite = [], 0, 0
+    progress = Progress(args.num, 0, "auto", every=1, label="sample")
+    for a, b in blocks(args.num, batch_size):
+        block, nfe = generate(c, model, b - a, make_generator(args.seed, "sample-cli", a),
+                              labels=None if labels is None else labels[a:b], guidance_scale=guidance,
+                              batch_size=batch_size, device=device)
+        x = block["x"]
+        if x.is_floating_point():
+            non_finite += int((~torch.isfinite(x)).sum())
+        if a < keep:
+            for k, v in block.items():
+                kept.setdefault(k, []).append(v[: keep - a])
+        if "y" in block:
+            all_labels.append(block["y"].cpu())
+        if writer is not None:
+            writer.write(*(("arr_0", to_uint8_nhwc(x)) if image else ("x", x.cpu().numpy())))
+        if folder is not None:
+            _write_pngs(folder, a, to_uint8_nhwc(x))
+        progress.update(b)
+    progress.close()
+    files = []
+    if writer is not None:
+        if conditional:
+            writer.write("arr_1" if image else "y", torch.cat(all_labels).numpy())
+        writer.close()
         files.append(f"{stem}.npz")
-    x = batch["x"]
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        print(f"warning: {int((~torch.isfinite(x)).sum())} non-finite values in the samples")
-    info = {"run": str(run.run_dir.root), "step": run.step, "weights": run.weights, "solver": solver,
-            "nfe": nfe, "guidance_scale": guidance, "seed": args.seed, "num": args.num, "files": files}
-    print(json.dumps(info))
-    if not files:
-        print(f"note: the data source {run.exp.components['data']['plugin']!r} renders no pictures; use --npz")
-    return 0
+    if folder is not None:
+        files.append(str(folder))
+    batch = {k: torch.cat(v) for k, v in kept.items()}
+    batch["non_finite"] = non_finite
+    return batch, nfe, files
+
+
+def _write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
+    from PIL import Image
+
+    for i, img in enumerate(images):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{start + i:06d}.png")
