@@ -7,7 +7,7 @@ samples outside the 8 cells; data floor 0) and the energy distance, mean +- stan
 seeds, and the training wall time, to docs/results/rf2d_sharpness.md, and puts the two seed-0
 pictures side by side in docs/results/rf2d_old_vs_new.png.
 
-    python benchmarks/rf2d_sharpness.py [--seeds 3] [--jobs 1] [--work runs/rf2d_sharpness] [--set k=v ...]
+    python benchmarks/rf2d_sharpness.py [--seeds 3] [--jobs 1] [--work runs/rf2d_sharpness] [--set k=v ...] [--reuse]
 
 ``--set`` overrides are applied to both configs (e.g. ``--set trainer.steps=500`` for a quick look).
 ``--jobs 2`` trains two runs at once (faster, but the wall times then include the contention).
@@ -33,8 +33,10 @@ CONFIGS = {"old (before issue 25)": OLD, "new (committed)": []}
 METRICS = 'metrics=[{plugin="off_support"},{plugin="energy_distance"}]'
 
 
-def train(label: str, overrides: list[str], seed: int, work: Path, extra: list[str]) -> dict:
+def train(label: str, overrides: list[str], seed: int, work: Path, extra: list[str], reuse: bool = False) -> dict:
     out = work / f"{'old' if label.startswith('old') else 'new'}-seed{seed}"
+    if reuse and (out / "summary.json").exists():
+        return _result(label, seed, out)
     sets = [*overrides, f"experiment.seed={seed}", METRICS, "trainer.checkpoint_every=0",
             'trainer.progress="off"', *extra]
     cmd = [sys.executable, "-m", "core.run", str(EXPERIMENT), "--out", str(out), "--overwrite"]
@@ -44,6 +46,10 @@ def train(label: str, overrides: list[str], seed: int, work: Path, extra: list[s
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return _result(label, seed, out)
+
+
+def _result(label: str, seed: int, out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     m = summary["metrics"]
     return {"label": label, "seed": seed, "off": m["off_support/fraction"], "energy": m["energy_distance"],
@@ -82,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "rf2d_sharpness")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a run whose summary.json already exists in --work instead of training it again")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args(argv)
 
     jobs = [(label, ov, seed) for seed in range(args.seeds) for label, ov in CONFIGS.items()]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda j: train(*j, args.work, args.overrides), jobs))
+        results = list(pool.map(lambda j: train(*j, args.work, args.overrides, args.reuse), jobs))
 
     lines = [
         "# Rectified flow on the checkerboard: old vs new `rectified_flow_2d.toml`",
