@@ -8,7 +8,10 @@ hidden layer:
 
     h_0 = x,  h_{k+1} = act(W_k [h_k, c] + b_k),  out = W_L [h_L, c] + b_L
 
-where ``c = [emb(t), emb(y)]``. Output: ``(B, *shape)`` (continuous, times
+where ``c = [emb(t), emb(y)]``. With ``input_freqs = K > 0`` (continuous data only) the input is
+NeRF's positional encoding of the flattened ``x`` instead,
+``h_0 = [x, sin(2^k x / input_scale), cos(2^k x / input_scale)]`` for ``k < K`` (elementwise), which
+lets a small MLP represent sharp edges of a low-dimensional density (e.g. the checkerboard's cells). Output: ``(B, *shape)`` (continuous, times
 ``out_channels_mult`` along the first data axis for learned variances) or
 ``(B, *shape, V)`` logits (discrete).
 """
@@ -23,7 +26,8 @@ from torch import Tensor, nn
 
 from core.interfaces import DataSpec
 from core.nn import expand_t, timestep_embedding
-from core.validate import positive
+from registry import ConfigError
+from core.validate import non_negative, positive
 
 
 @attrs.define
@@ -38,6 +42,9 @@ class MLPConfig:
         activation: silu, gelu or relu.
         token_dim: embedding size per token for discrete data.
         out_channels_mult: 2 makes the output twice the data's channels (learned variances).
+        input_freqs: K > 0 feeds [x, sin(2^k x / input_scale), cos(2^k x / input_scale)], k < K,
+            instead of x (positional encoding; continuous data only). 0: x itself.
+        input_scale: length scale of the lowest input frequency (about the data's extent).
     """
 
     hidden: int = 512
@@ -47,9 +54,12 @@ class MLPConfig:
     activation: Literal["silu", "gelu", "relu"] = "silu"
     token_dim: int = 16
     out_channels_mult: int = 1
+    input_freqs: int = 0
+    input_scale: float = 1.0
 
     def __attrs_post_init__(self) -> None:
-        positive(self, "hidden", "depth", "time_dim", "time_scale", "token_dim", "out_channels_mult")
+        positive(self, "hidden", "depth", "time_dim", "time_scale", "token_dim", "out_channels_mult", "input_scale")
+        non_negative(self, "input_freqs")
 
 
 _ACT = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -66,7 +76,12 @@ class MLP(nn.Module):
         for s in spec.shape:
             numel *= s
         self.numel = numel
-        in_dim = numel * config.token_dim if self.discrete else numel
+        if self.discrete and config.input_freqs:
+            raise ConfigError("input_freqs encodes continuous inputs; discrete data is embedded (token_dim)",
+                              ("input_freqs",))
+        in_dim = numel * config.token_dim if self.discrete else numel * (1 + 2 * config.input_freqs)
+        self.register_buffer("freqs", 2.0 ** torch.arange(config.input_freqs) / config.input_scale,
+                             persistent=False)
         if self.discrete:
             self.token_embed = nn.Embedding(spec.vocab_size, config.token_dim)
             out_dim = numel * spec.vocab_size
@@ -90,6 +105,9 @@ class MLP(nn.Module):
         batch = x.shape[0]
         t = expand_t(t, batch, device=x.device)
         h = self.token_embed(x).reshape(batch, -1) if self.discrete else x.reshape(batch, -1)
+        if self.config.input_freqs:
+            args = (h[:, :, None] * self.freqs.to(h.dtype)).reshape(batch, -1)
+            h = torch.cat([h, torch.sin(args), torch.cos(args)], dim=-1)
         cond = [timestep_embedding(t, self.config.time_dim, self.config.time_scale).to(h.dtype)]
         if self.label_embed is not None:
             if y is None:
