@@ -246,6 +246,9 @@ class Registry:
                     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
                     raise _HookFailed(f"plugin {name!r} from distribution {distribution!r}: its {hook} hook "
                                       f"raised {detail}") from exc
+        clash = clashes(new, self._kinds, self._commands)
+        if clash:
+            raise PluginError(f"{clash}; uninstall one, or set {ENV_VAR} to load only the plugins you want")
         for comp in new.components:
             taken = self._components.get(comp.kind, {}).get(comp.name)
             if taken is not None or sum(c.kind == comp.kind and c.name == comp.name for c in new.components) > 1:
@@ -255,9 +258,6 @@ class Registry:
                     f" (plugin {taken.plugin if taken else name!r}) and by distribution {distribution!r} (plugin {name!r}); "
                     f"uninstall one, or set {ENV_VAR} to load only the plugins you want"
                 )
-        clash = clashes(new, self._kinds, self._commands)
-        if clash:
-            raise PluginError(f"{clash}; uninstall one, or set {ENV_VAR} to load only the plugins you want")
         return new
 
     def remove_plugin(self, name: str) -> None:
