@@ -9,7 +9,7 @@ Public API::
     registry.temporary_plugin(obj)             # context manager, for tests
     registry.declared_kinds()                  # kinds plugins declared (flowforge_register_kinds)
     registry.commands()                        # subcommands plugins added (flowforge_register_commands)
-    registry.hook                              # -> registry.default.hook, pluggy's hook relay
+    registry.default.hook                      # pluggy's hook relay (trainer events)
     ConfigError                                # the user-facing error type (exit status 2)
 
 The registry is kind-agnostic: kinds are plain names.
