@@ -153,7 +153,7 @@ def main() -> None:
     if args.memory_worker:
         memory_worker(args.memory_worker, args.model, args.steps)
         return
-    try:  # a run mirrors its logs to TensorBoard when installed: import it outside the timed loops
+    try:  # a [[loggers]] tensorboard entry imports it: import it outside the timed loops
         importlib.import_module("torch.utils.tensorboard")
     except ImportError:
         pass

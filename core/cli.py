@@ -2,7 +2,9 @@
 
 Each subcommand is a module in ``core.commands`` exposing ``NAME``, ``HELP``,
 ``add_arguments(parser)`` and ``main(args) -> int``; it is imported only when
-it runs, so ``flowforge plugins`` starts fast.
+it runs, so ``flowforge plugins`` starts fast. Plugins add commands with the
+``flowforge_register_commands`` hook (`plugin_commands`); they are looked up only
+when the command line does not name a built-in command (or asks for the list).
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def plugin_commands() -> dict[str, object]:
+    """The plugins' subcommands (`registry.Command`) by name; one that takes a built-in name is skipped, with a warning."""
+    import registry
+
+    out = {}
+    for command in registry.commands():
+        if command.name in COMMANDS:
+            print(f"flowforge: warning: command {command.name!r} of plugin {command.plugin!r} (distribution "
+                  f"{command.distribution!r}) has the name of a built-in command and was skipped", file=sys.stderr)
+            continue
+        out[command.name] = command
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowforge", description="flowforge: plugin-based generative modelling")
     parser.add_argument("--version", action="version", version=f"flowforge {_version()}")
@@ -31,11 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     modules = {}
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    if chosen is not None and chosen not in COMMANDS:
+    extra = plugin_commands() if chosen not in COMMANDS else {}
+    if chosen is not None and chosen not in COMMANDS and chosen not in extra:
         from registry import did_you_mean
 
-        print(f"flowforge: unknown command {chosen!r}{did_you_mean(chosen, list(COMMANDS))}; "
-              f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        names = [*COMMANDS, *extra]
+        print(f"flowforge: unknown command {chosen!r}{did_you_mean(chosen, names)}; "
+              f"commands: {', '.join(names)}", file=sys.stderr)
         return 2
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -43,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
             modules[name] = module
+    for name, command in extra.items():
+        p = sub.add_parser(name, help=f"{command.help} (plugin {command.plugin})")
+        if name == chosen:
+            command.add_arguments(p)
+            modules[name] = command
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

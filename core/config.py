@@ -40,8 +40,9 @@ COMPONENT_SECTIONS: dict[str, str] = {
     "launcher": "launcher",
 }
 REQUIRED_SECTIONS = ("data", "backbone", "objective")
-#: A list of tables, each a ``metric`` component: ``[[metrics]] plugin = "..."``.
-LIST_SECTIONS: dict[str, str] = {"metrics": "metric"}
+#: Lists of tables, each entry a component: ``[[metrics]] plugin = "..."``; ``[[loggers]]`` (default
+#: none) receive every metrics.jsonl record, which is always written.
+LIST_SECTIONS: dict[str, str] = {"metrics": "metric", "loggers": "logger"}
 #: ``[[stages]]``: a run of several trainings, each the base file plus overrides (see `split_stages`).
 STAGES_KEY = "stages"
 PREVIOUS = "{previous}"
@@ -228,6 +229,8 @@ class Experiment:
     components: dict[str, dict[str, Any]]
     metrics: list[dict[str, Any]]
     file: str | None = None
+    #: the other list sections (``loggers``, and those of plugin-declared kinds): section -> entries
+    lists: dict[str, list[dict[str, Any]]] = attrs.Factory(dict)
 
     def section(self, name: str) -> dict[str, Any] | None:
         """The resolved mapping of a component section, or None when absent."""
@@ -238,11 +241,11 @@ class Experiment:
         out: dict[str, Any] = {}
         for name in CORE_SECTIONS:
             out[name] = registry.unstructure(getattr(self, name))
-        for name in COMPONENT_SECTIONS:
-            if name in self.components:
-                out[name] = copy.deepcopy(self.components[name])
-        if self.metrics:
-            out["metrics"] = copy.deepcopy(self.metrics)
+        for name, mapping in self.components.items():
+            out[name] = copy.deepcopy(mapping)
+        for name, entries in {"metrics": self.metrics, **self.lists}.items():
+            if entries:
+                out[name] = copy.deepcopy(entries)
         return out
 
 
@@ -323,25 +326,59 @@ def _child(node: Any, key: str, path: Sequence[str], text: str) -> Any:
     return node.get(key)
 
 
-def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
-    """Validate `raw` (a parsed experiment file) and fill in every default.
+def declared_kinds() -> list[registry.Kind]:
+    """The kinds plugins declared (`registry.declared_kinds`); PluginError when one takes a section
+    or a kind name of flowforge's own."""
+    own_sections = {*CORE_SECTIONS, *COMPONENT_SECTIONS, *LIST_SECTIONS, STAGES_KEY}
+    own_kinds = {*COMPONENT_SECTIONS.values(), *LIST_SECTIONS.values()}
+    kinds = registry.declared_kinds()
+    for kind in kinds:
+        if kind.section in own_sections or kind.name in own_kinds:
+            raise registry.PluginError(
+                f"kind {kind.name!r} of plugin {kind.plugin!r} (distribution {kind.distribution!r}) declares "
+                f"{'section [' + kind.section + ']' if kind.section in own_sections else 'a kind'} that flowforge "
+                f"itself defines; that distribution must choose another name")
+    return kinds
 
-    Raises:
-        ConfigError: located at the file and key path of the first problem.
-    """
-    known = [*CORE_SECTIONS, *COMPONENT_SECTIONS, *LIST_SECTIONS]
+
+def section_tables() -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(table section -> kind, list section -> kind, required sections): flowforge's and the plugins'."""
+    extra = declared_kinds()
+    tables = {**COMPONENT_SECTIONS, **{k.section: k.name for k in extra if not k.many}}
+    lists = {**LIST_SECTIONS, **{k.section: k.name for k in extra if k.many}}
+    return tables, lists, [*REQUIRED_SECTIONS, *(k.section for k in extra if k.required)]
+
+
+def _check_sections(raw: Mapping[str, Any], tables: Mapping[str, str], lists: Mapping[str, str],
+                    required: Sequence[str], file: str | None) -> None:
+    """Every section of `raw` is known and of the right shape; every required one is there."""
+    known = [*CORE_SECTIONS, *tables, *lists]
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(f"unknown section{did_you_mean(key, known)}; valid sections: {', '.join(known)}", (key,), file)
-        if key in LIST_SECTIONS:
+        if key in lists:
             if not isinstance(value, list):
                 raise ConfigError(f"expected a list of tables ([[{key}]]), got {value!r}", (key,), file)
         elif not isinstance(value, Mapping):
             raise ConfigError(f"expected a table ([{key}]), got {value!r}", (key,), file)
-    for name in REQUIRED_SECTIONS:
+    for name in required:
         if name not in raw:
-            raise ConfigError(f"missing required section [{name}] (with a plugin key; installed: "
-                              f"{', '.join(registry.available(COMPONENT_SECTIONS[name])) or 'none'})", (name,), file)
+            kind = tables.get(name) or lists[name]
+            brackets = f"[[{name}]]" if name in lists else f"[{name}]"
+            raise ConfigError(f"missing required section {brackets} (with a plugin key; installed: "
+                              f"{', '.join(registry.available(kind)) or 'none'})", (name,), file)
+
+
+def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
+    """Validate `raw` (a parsed experiment file) and fill in every default.
+
+    Sections of plugin-declared kinds (`declared_kinds`) are validated like flowforge's own.
+
+    Raises:
+        ConfigError: located at the file and key path of the first problem.
+    """
+    tables, lists, required = section_tables()
+    _check_sections(raw, tables, lists, required, file)
     core: dict[str, Any] = {}
     for name, cls in CORE_SECTIONS.items():
         try:
@@ -351,22 +388,24 @@ def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
     components: dict[str, dict[str, Any]] = {}
     sections = dict(raw)
     sections.setdefault("launcher", {"plugin": "local"})
-    for name, kind in COMPONENT_SECTIONS.items():
+    for name, kind in tables.items():
         if name not in sections:
             continue
         try:
             components[name] = registry.resolved(kind, sections[name])
         except ConfigError as exc:
             raise exc.within(name, file=file) from None
-    metrics = []
-    for name, kind in LIST_SECTIONS.items():
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for name, kind in lists.items():
+        entries[name] = []
         for index, item in enumerate(raw.get(name, [])):
             try:
-                metrics.append(registry.resolved(kind, item))
+                entries[name].append(registry.resolved(kind, item))
             except ConfigError as exc:
                 raise exc.within(f"{name}[{index}]", file=file) from None
+    metrics = entries.pop("metrics")
     check_monitor(core["trainer"].monitor, metrics, file)
-    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file)
+    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file, entries)
 
 
 def check_monitor(monitor: str, metrics: Sequence[Mapping[str, Any]], file: str | None = None) -> None:

@@ -37,6 +37,8 @@ class Components:
     path: Path | None = None
     solver: Solver | None = None
     metrics: dict[str, Any] = attrs.Factory(dict)
+    #: components of plugin-declared kinds, by the name they provide
+    extras: dict[str, Any] = attrs.Factory(dict)
 
     @property
     def can_generate(self) -> bool:

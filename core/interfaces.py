@@ -27,7 +27,10 @@ kind           context keywords offered by the runner
 ``solver``     ``spec``, ``scheduler``, ``path``
 ``metric``     ``spec``, ``data``, ``scheduler``, ``path``
 ``launcher``   (none)
+``logger``     ``run_dir``, ``experiment``
 =============  ==============================================================
+
+A plugin-declared kind is offered the names it ``needs`` (see core/build.py).
 
 Sections other than ``data``, ``backbone``, ``objective`` and ``trainer`` are
 optional: a run without ``solver`` generates nothing (e.g. CLIP distillation).
@@ -302,6 +305,21 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         """Run ``entry(accelerator, *args)`` on every process; return rank 0's result."""
+
+
+class Logger(abc.ABC):
+    """Receives every record the run writes to metrics.jsonl (``[[loggers]]``; main process only).
+
+    Built with ``run_dir`` (the run directory, a `pathlib.Path`) and ``experiment``
+    (the resolved experiment as a dict) offered.
+    """
+
+    @abc.abstractmethod
+    def log(self, step: int, values: Mapping[str, Any]) -> None:
+        """One record: the step and the record's other keys (mostly floats; None where undefined)."""
+
+    def close(self) -> None:
+        """The run is over (or failed): flush and release files. The default does nothing."""
 
 
 #: A backbone factory: ``factory(config, spec=DataSpec) -> nn.Module`` whose

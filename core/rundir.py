@@ -111,6 +111,8 @@ class RunDir:
         self.lock_file = self.root / LOCK_NAME
         self.resume_log = self.root / "resume_log.jsonl"
         self._locked = False
+        #: `core.interfaces.Logger` objects that receive every `log` record (the trainer sets them on rank 0)
+        self.loggers: list[Any] = []
 
     # -- the lock -------------------------------------------------------------------
     def read_lock(self) -> dict[str, Any] | None:
@@ -274,26 +276,26 @@ class RunDir:
                 pass
         self.env.write_text(json.dumps(info, indent=2) + "\n")
 
-    #: TensorBoard writer: None until the first log, False when tensorboard is not installed.
-    _tensorboard: Any = None
-
     def log(self, record: dict[str, Any]) -> None:
-        """Append `record` to metrics.jsonl; mirror its numbers to ``tensorboard/`` when tensorboard is installed."""
+        """Append `record` to metrics.jsonl and hand it to every logger (``[[loggers]]``)."""
         with self.metrics.open("a") as fh:
             fh.write(json.dumps(_jsonable(record)) + "\n")
-        if self._tensorboard is None:
+        if self.loggers:
+            values = {k: v for k, v in record.items() if k != "step"}
+            for logger in self.loggers:
+                logger.log(int(record.get("step", 0)), values)
+
+    def close_loggers(self) -> None:
+        """Close every logger (each once), the first error raised after all are closed."""
+        loggers, self.loggers = self.loggers, []
+        errors = []
+        for logger in loggers:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._tensorboard = False
-            else:
-                self._tensorboard = SummaryWriter(str(self.root / "tensorboard"))
-        if self._tensorboard:
-            step = int(record.get("step", 0))
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tensorboard.add_scalar(key, value, step)
-            self._tensorboard.flush()
+                logger.close()
+            except Exception as exc:  # noqa: BLE001 - close the others first
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.summary.with_suffix(".json.tmp")

@@ -43,17 +43,18 @@ from typing import Any
 import torch
 from torch import nn
 
-import registry
 from registry import ConfigError
 
 from . import checkpoint as ckpt
 from . import rng, signals, validate
+from .build import build, build_components
 from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
 from .ema import EMA
+from .events import Events
 from .optim import param_groups, scheduled_lr
-from .generate import Components, evaluate, floor, generate, metric_names
+from .generate import evaluate, floor, generate
 from .progress import Progress
 from .progress import phase as progress_phase
 from .rundir import RunDir
@@ -117,38 +118,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     return count
 
 
-def _build(kind: str, section: str, mapping: Mapping[str, Any], file: str | None, **context: Any) -> Any:
-    try:
-        return registry.build(kind, mapping, **context)
-    except ConfigError as exc:
-        raise exc.within(section, file=file) from None
-
-
-def build_components(exp: Experiment) -> Components:
-    """Build every component of `exp` through the registry (model initialised from the seed)."""
-    sections, file = exp.components, exp.file
-    data = _build("data", "data", sections["data"], file)
-    spec = data.spec
-    validate.conditioning({"eval": registry.unstructure(exp.eval), **{k: v for k, v in sections.items() if k != "data"},
-                           **{f"metrics[{i}]": m for i, m in enumerate(exp.metrics)}}, spec.num_classes, file)
-    scheduler = _build("scheduler", "scheduler", sections["scheduler"], file, spec=spec) if "scheduler" in sections else None
-    path = _build("path", "path", sections["path"], file, spec=spec, scheduler=scheduler) if "path" in sections else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(exp.experiment.seed, "init"))
-        model = _build("backbone", "backbone", sections["backbone"], file, spec=spec)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"backbone plugin {sections['backbone']['plugin']!r} returned {type(model).__name__}, not an nn.Module")
-    ctx = {"spec": spec, "scheduler": scheduler, "path": path}
-    objective = _build("objective", "objective", sections["objective"], file, **ctx)
-    solver = _build("solver", "solver", sections["solver"], file, **ctx) if "solver" in sections else None
-    metrics = {}
-    for index, (name, entry) in enumerate(zip(metric_names(exp.metrics), exp.metrics)):
-        metrics[name] = _build("metric", f"metrics[{index}]", entry, file, spec=spec, data=data,
-                               scheduler=scheduler, path=path)
-    return Components(spec=spec, data=data, model=model, objective=objective, scheduler=scheduler,
-                      path=path, solver=solver, metrics=metrics)
-
-
 class Trainer:
     """Trains the experiment's backbone with its objective; see the module docstring."""
 
@@ -172,6 +141,11 @@ class Trainer:
         self.accum, self.per_process = accum, per_process
         self.components = build_components(exp)
         validate.monitor_result(cfg.monitor, self.components.metrics, exp.file)
+        self.events = Events(self, enabled=self.is_main)
+        if self.is_main:
+            config = exp.to_dict()
+            run_dir.loggers = [build("logger", f"loggers[{i}]", entry, exp.file, run_dir=run_dir.root, experiment=config)
+                               for i, entry in enumerate(exp.lists.get("loggers", []))]
         n = getattr(self.components.data, "num_examples", None)
         if cfg.epochs or cfg.warmup_epochs:
             if not n:
@@ -253,10 +227,11 @@ class Trainer:
         state = self.checkpoint_state()  # every rank takes part in gathering RNG states
         if self.is_main:
             if best:
-                ckpt.save_atomic(state, self.run_dir.checkpoints / "best.pt")
+                path = ckpt.save_atomic(state, self.run_dir.checkpoints / "best.pt")
             else:
                 path = ckpt.save_atomic(state, ckpt.path_for(self.run_dir.checkpoints, self.step))
                 ckpt.prune(self.run_dir.checkpoints, self.cfg.keep_checkpoints, protect=(path,))
+            self.events("checkpoint_written", step=self.step, path=path)
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self) -> bool:
@@ -347,9 +322,18 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Train, evaluate, checkpoint; return the summary. The loggers are closed however it ends."""
+        try:
+            return self._fit()
+        finally:
+            if self.is_main:
+                self.run_dir.close_loggers()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, e = self.cfg, self.exp.eval
         total = self.total_steps
         resumed = self.resume and self.load_checkpoint()
+        self.events("run_start")
         has_metrics = bool(self.components.metrics)
         if not resumed and has_metrics:
             if e.floor:
@@ -372,6 +356,7 @@ class Trainer:
         stopped_early = False
         data_wait = 0.0
         every_step, checked_to = checks_every_step(self.device), self.step  # steps < checked_to are known finite
+        step_end = self.events.step_end
         self.model.train()
         t_loop = time.perf_counter()
         while self.step < total:
@@ -427,6 +412,8 @@ class Trainer:
                 loss_sum += step_loss
                 loss_count += 1
             self.step += 1
+            if step_end is not None:
+                step_end(step=self.step, logs=logs)
             last = self.step == total  # the final evaluation, samples and checkpoint follow the loop
             log_now = last or self.step % cfg.log_every == 0
             evaluate_now = not last and has_metrics and bool(e.every) and self.step % e.every == 0
@@ -446,6 +433,7 @@ class Trainer:
                 result = self.evaluate(self.eval_model())
                 if self.is_main:
                     self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in result.items()}})
+                    self.events("evaluated", step=self.step, results=result)
                 if self._monitor_improved(result):
                     self.save_checkpoint(best=True)
                 patience = cfg.early_stopping_patience
@@ -506,7 +494,10 @@ class Trainer:
             summary["stopped_early"] = True
         if self.is_main:
             self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
+            if has_metrics:
+                self.events("evaluated", step=self.step, results=final)
             self.run_dir.write_summary(summary)
+            self.events("run_end", summary=summary)
         return summary
 
     def _stop(self, signum: int, saved: bool, batches: Any, progress: Progress) -> None:

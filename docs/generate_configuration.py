@@ -25,9 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 #: Kinds in the order an experiment file is usually written; unknown kinds follow, sorted.
-KIND_ORDER = ["data", "backbone", "scheduler", "path", "objective", "solver", "metric", "launcher"]
-#: The experiment-file section each kind goes in.
-SECTION = {"metric": "[[metrics]]"}
+KIND_ORDER = ["data", "backbone", "scheduler", "path", "objective", "solver", "metric", "launcher", "logger"]
 FIRST_PARTY = "flowforge"
 
 
@@ -128,8 +126,12 @@ def generate() -> str:
                 continue
             lines += [" ".join(paragraph.split()).replace("``", "`"), ""]
         lines += _table(_class_rows(cls)) + [""]
+    from core.config import section_tables
+
+    tables, lists, _ = section_tables()
+    sections = {**{kind: f"[{name}]" for name, kind in tables.items()}, **{kind: f"[[{name}]]" for name, kind in lists.items()}}
     for kind in kinds:
-        section = SECTION.get(kind, f"[{kind}]")
+        section = sections.get(kind, f"[{kind}]")
         lines += [f"## {kind}", "", f"Section `{section}`.", ""]
         for name in registry.available(kind):
             component = registry.get(kind, name)

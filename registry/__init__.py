@@ -7,6 +7,9 @@ Public API::
     registry.plugins()                         # loaded plugin modules and what they provide
     registry.get(kind, name)                   # the Component record (factory, config class)
     registry.temporary_plugin(obj)             # context manager, for tests
+    registry.declared_kinds()                  # kinds plugins declared (flowforge_register_kinds)
+    registry.commands()                        # subcommands plugins added (flowforge_register_commands)
+    registry.default.hook                      # pluggy's hook relay (trainer events)
     ConfigError                                # the user-facing error type (exit status 2)
 
 The registry is kind-agnostic: kinds are plain names.
@@ -19,6 +22,7 @@ from typing import Any
 from .convert import structure, unstructure
 from .errors import ConfigError, PluginError, closest, did_you_mean, format_path
 from .hookspecs import API_VERSION, hookimpl, hookspec
+from .extensions import Command, Kind
 from .manager import ENTRY_POINT_GROUP, ENV_VAR, MODULES_ENV_VAR, Component, PluginInfo, Registry
 
 #: The process-wide registry used by the runner and the CLI.
@@ -50,6 +54,16 @@ def kinds() -> list[str]:
     return default.kinds()
 
 
+def declared_kinds() -> list[Kind]:
+    """The kinds plugins declared, with their sections."""
+    return default.declared_kinds()
+
+
+def commands() -> list[Command]:
+    """The ``flowforge`` subcommands plugins added."""
+    return default.commands()
+
+
 def plugins() -> list[PluginInfo]:
     """Every plugin module seen (loaded or failed) with its components."""
     return default.plugins()
@@ -66,7 +80,8 @@ def temporary_plugin(plugin: Any, name: str | None = None, distribution: str = "
 
 
 __all__ = [
-    "API_VERSION", "ENTRY_POINT_GROUP", "ENV_VAR", "MODULES_ENV_VAR", "Component", "ConfigError", "PluginError", "PluginInfo",
-    "Registry", "available", "build", "closest", "configure", "default", "did_you_mean", "format_path", "get",
+    "API_VERSION", "ENTRY_POINT_GROUP", "ENV_VAR", "MODULES_ENV_VAR", "Command", "Component", "ConfigError", "Kind",
+    "PluginError", "PluginInfo", "Registry", "available", "build", "closest", "commands", "configure",
+    "declared_kinds", "default", "did_you_mean", "format_path", "get",
     "hookimpl", "hookspec", "kinds", "plugins", "resolved", "structure", "temporary_plugin", "unstructure",
 ]

@@ -22,6 +22,7 @@ import pluggy
 from . import hookspecs
 from .convert import structure, unstructure
 from .errors import ConfigError, PluginError, did_you_mean
+from .extensions import Command, Contributions, Kind, clashes, command_recorder, kind_recorder
 
 ENTRY_POINT_GROUP = "flowforge.plugins"
 #: Comma-separated entry-point or distribution names of third-party plugins to
@@ -87,6 +88,9 @@ class PluginInfo:
     module: str
     components: list[tuple[str, str]] = attrs.Factory(list)
     error: str | None = None
+    #: kinds declared with ``flowforge_register_kinds`` and commands with ``flowforge_register_commands``
+    kinds: list[str] = attrs.Factory(list)
+    commands: list[str] = attrs.Factory(list)
 
 
 def _accepted_kwargs(fn: Callable[..., Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -105,8 +109,11 @@ class Registry:
 
     def __init__(self) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self._pm.add_hookspecs(hookspecs.ComponentHooks)
+        for group in hookspecs.GROUPS:
+            self._pm.add_hookspecs(group)
         self._components: dict[str, dict[str, Component]] = {}
+        self._kinds: dict[str, Kind] = {}
+        self._commands: dict[str, Command] = {}
         self._plugins: dict[str, PluginInfo] = {}
         self._loaded = False
         self._loading = False
@@ -202,35 +209,56 @@ class Registry:
         if name in self._plugins and self._plugins[name].error is None:
             raise PluginError(f"a plugin named {name!r} is already registered (from {self._plugins[name].distribution!r})")
         self._pm.register(plugin, name=name)
-        pending: list[Component] = []
+        try:
+            new = self._collect(plugin, name, distribution)
+        except BaseException:  # nothing of this plugin is kept
+            self._pm.unregister(plugin)
+            raise
+        for comp in new.components:
+            self._components.setdefault(comp.kind, {})[comp.name] = comp
+            info.components.append((comp.kind, comp.name))
+        for kind in new.kinds:
+            self._kinds[kind.name] = kind
+            info.kinds.append(kind.name)
+        for command in new.commands:
+            self._commands[command.name] = command
+            info.commands.append(command.name)
+        self._plugins[name] = info
+        return info
+
+    def _collect(self, plugin: Any, name: str, distribution: str) -> Contributions:
+        """Call `plugin`'s contributing hooks; raise PluginError when a name is already taken."""
+        new = Contributions()
 
         def register(kind: str, comp_name: str, factory: Any, config: Any = None, doc: str | None = None) -> None:
-            pending.append(Component(kind, comp_name, factory, config, name, distribution, doc))
+            new.components.append(Component(kind, comp_name, factory, config, name, distribution, doc))
 
-        try:
-            for impl in self._pm.hook.flowforge_register.get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function(register=register)
-        except Exception as exc:  # noqa: BLE001 - nothing of this plugin is kept
-            self._pm.unregister(plugin)
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            raise _HookFailed(f"plugin {name!r} from distribution {distribution!r}: its flowforge_register hook "
-                              f"raised {detail}") from exc
-        for comp in pending:
+        callbacks = {"flowforge_register": {"register": register},
+                     "flowforge_register_kinds": {"register_kind": kind_recorder(new.kinds, name, distribution)},
+                     "flowforge_register_commands": {"register": command_recorder(new.commands, name, distribution)}}
+        for hook, kwargs in callbacks.items():
+            for impl in getattr(self._pm.hook, hook).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    impl.function(**kwargs)
+                except Exception as exc:  # noqa: BLE001
+                    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    raise _HookFailed(f"plugin {name!r} from distribution {distribution!r}: its {hook} hook "
+                                      f"raised {detail}") from exc
+        clash = clashes(new, self._kinds, self._commands)
+        if clash:
+            raise PluginError(f"{clash}; uninstall one, or set {ENV_VAR} to load only the plugins you want")
+        for comp in new.components:
             taken = self._components.get(comp.kind, {}).get(comp.name)
-            if taken is not None or sum(c.kind == comp.kind and c.name == comp.name for c in pending) > 1:
-                self._pm.unregister(plugin)
+            if taken is not None or sum(c.kind == comp.kind and c.name == comp.name for c in new.components) > 1:
                 other = taken.distribution if taken is not None else distribution
                 raise PluginError(
                     f"{comp.kind} {comp.name!r} is registered twice: by distribution {other!r}"
                     f" (plugin {taken.plugin if taken else name!r}) and by distribution {distribution!r} (plugin {name!r}); "
                     f"uninstall one, or set {ENV_VAR} to load only the plugins you want"
                 )
-        for comp in pending:
-            self._components.setdefault(comp.kind, {})[comp.name] = comp
-            info.components.append((comp.kind, comp.name))
-        self._plugins[name] = info
-        return info
+        return new
 
     def remove_plugin(self, name: str) -> None:
         """Unregister a plugin added with `add_plugin` and forget its components."""
@@ -242,11 +270,31 @@ class Registry:
             self._pm.unregister(plugin)
         for kind, comp_name in info.components:
             self._components.get(kind, {}).pop(comp_name, None)
+        for kind in info.kinds:
+            self._kinds.pop(kind, None)
+        for command in info.commands:
+            self._commands.pop(command, None)
 
     # -- queries -----------------------------------------------------------------
     def kinds(self) -> list[str]:
         self.load()
         return sorted(k for k, v in self._components.items() if v)
+
+    def declared_kinds(self) -> list[Kind]:
+        """The kinds plugins declared with ``flowforge_register_kinds``, in load order."""
+        self.load()
+        return list(self._kinds.values())
+
+    def commands(self) -> list[Command]:
+        """The subcommands plugins added with ``flowforge_register_commands``, sorted by name."""
+        self.load()
+        return [self._commands[name] for name in sorted(self._commands)]
+
+    @property
+    def hook(self) -> Any:
+        """pluggy's hook relay (``registry.default.hook.flowforge_step_end``), plugins loaded."""
+        self.load()
+        return self._pm.hook
 
     def available(self, kind: str) -> list[str]:
         """Names of the components of `kind`, sorted."""

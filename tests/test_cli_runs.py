@@ -11,8 +11,6 @@ import csv
 import json
 import math
 import shutil
-import sys
-import types
 
 import numpy as np
 import torch
@@ -233,33 +231,8 @@ def test_corrupt_checkpoint_and_non_run_directories_exit_2(rf_run, tmp_path, cap
 
 
 # --------------------------------------------------------------------------- TensorBoard
-def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
-    written = []
-
-    class FakeWriter:
-        def __init__(self, logdir):
-            self.logdir = logdir
-
-        def add_scalar(self, tag, value, step):
-            written.append((self.logdir, tag, value, step))
-
-        def flush(self):
-            written.append("flush")
-
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = FakeWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    rd = RunDir(tmp_path)
-    rd.log({"step": 5, "loss": 0.5, "loss_bin/0": 0.7, "note": "text", "flag": True})
-    rd.log({"step": 10, "eval/frechet_distance": 3.0})
-    assert [w for w in written if w != "flush"] == [
-        (str(tmp_path / "tensorboard"), "loss", 0.5, 5), (str(tmp_path / "tensorboard"), "loss_bin/0", 0.7, 5),
-        (str(tmp_path / "tensorboard"), "eval/frechet_distance", 3.0, 10)]
-    assert len(rd.read_metrics()) == 2
-
-
-def test_without_tensorboard_only_jsonl_is_written(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails like a missing package
+# TensorBoard is a logger plugin now ([[loggers]] plugin = "tensorboard"): tests/test_extension_points.py
+def test_without_a_logger_only_jsonl_is_written(tmp_path):
     rd = RunDir(tmp_path)
     rd.log({"step": 1, "loss": 1.0})
     assert rd.read_metrics() == [{"step": 1, "loss": 1.0}]

@@ -29,7 +29,8 @@ def main(args: argparse.Namespace) -> int:
     infos = registry.plugins()
     if args.json:
         print(json.dumps([{"name": p.name, "distribution": p.distribution, "version": p.version, "module": p.module,
-                           "components": [list(c) for c in p.components], "error": p.error} for p in infos], indent=2))
+                           "components": [list(c) for c in p.components], "kinds": p.kinds, "commands": p.commands,
+                           "error": p.error} for p in infos], indent=2))
         return 0
     by_dist: dict[tuple[str, str], list[registry.PluginInfo]] = {}
     for info in infos:
@@ -40,11 +41,29 @@ def main(args: argparse.Namespace) -> int:
             if info.error:
                 print(f"  {info.name}: {info.error}")
                 continue
-            print(f"  {info.name} ({info.module})" + ("" if info.components else ": (no components)"))
-            for kind, name in sorted(info.components):
-                doc = _doc(kind, name)
-                print(f"    {kind}:{name}" + (f"  {doc}" if doc else ""))
+            empty = not (info.components or info.kinds or info.commands)
+            print(f"  {info.name} ({info.module})" + (": (no components)" if empty else ""))
+            for line in _contributions(info):
+                print(f"    {line}")
     return 0
+
+
+def _contributions(info: registry.PluginInfo) -> list[str]:
+    """One line per kind, command and component the plugin registered."""
+    kinds = {k.name: k for k in registry.declared_kinds()}
+    commands = {c.name: c for c in registry.commands()}
+    lines = []
+    for name in info.kinds:
+        k = kinds[name]
+        section = f"[[{k.section}]]" if k.many else f"[{k.section}]"
+        needs = f"needs {', '.join(k.needs)}; " if k.needs else ""
+        lines.append(f"kind:{name}  section {section}{' (required)' if k.required else ''}, {needs}provides "
+                     f"{k.provides!r}" + (f"  {k.doc}" if k.doc else ""))
+    lines += [f"command:{name}  {commands[name].help}" for name in info.commands]
+    for kind, name in sorted(info.components):
+        doc = _doc(kind, name)
+        lines.append(f"{kind}:{name}" + (f"  {doc}" if doc else ""))
+    return lines
 
 
 def _doc(kind: str, name: str) -> str:

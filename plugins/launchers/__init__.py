@@ -1,4 +1,5 @@
-"""Launchers: run the training entry point on one or many processes."""
+"""Run infrastructure: launchers run the training entry point on one or many processes; loggers receive
+its metrics records."""
 
 from registry import hookimpl
 
@@ -14,3 +15,6 @@ def flowforge_register(register):
              doc="N processes per machine on M machines (gloo on CPU, NCCL on GPUs); works under torchrun too")
     register("launcher", "slurm", "plugins.launchers.slurm:SlurmLauncher", "plugins.launchers.slurm:SlurmConfig",
              doc="a Slurm job through submitit (one task per GPU), requeued and resumed on preemption")
+    register("logger", "tensorboard", "plugins.launchers.loggers:TensorBoardLogger",
+             "plugins.launchers.loggers:TensorBoardConfig",
+             doc="every number of metrics.jsonl as a TensorBoard scalar (needs pip install tensorboard)")
