@@ -139,12 +139,18 @@ def test_a_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(tmp_path,
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
 
 
-def test_sigterm_to_the_launcher_of_two_workers_checkpoints_once_and_leaves_no_worker(tmp_path):
-    out = tmp_path / "two"
+def start_two_workers(out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A 2-process run under the accelerate launcher, once it trains; (launcher, worker pids)."""
     proc = start(out, *TWO)
     wait_until_training(proc, out)
     workers = children(proc.pid)
     assert len(workers) >= 2, workers
+    return proc, workers
+
+
+def test_sigterm_to_the_launcher_of_two_workers_checkpoints_once_and_leaves_no_worker(tmp_path):
+    out = tmp_path / "two"
+    proc, workers = start_two_workers(out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -162,10 +168,7 @@ def test_sigterm_to_the_launcher_of_two_workers_checkpoints_once_and_leaves_no_w
 
 def test_workers_die_when_their_launcher_is_killed(tmp_path):
     out = tmp_path / "orphans"
-    proc = start(out, *TWO)
-    wait_until_training(proc, out)
-    workers = children(proc.pid)
-    assert len(workers) >= 2, workers
+    proc, workers = start_two_workers(out)
     proc.kill()  # SIGKILL: the launcher cannot forward anything
     proc.communicate(timeout=60)
     deadline = time.monotonic() + 10
