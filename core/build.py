@@ -103,14 +103,15 @@ def _builtin_steps(exp: Experiment, offered: Sequence[str]) -> list[Step]:
         return {"model": model}
 
     def metrics(c: dict[str, Any]) -> dict[str, Any]:
-        return {"metrics": {name: build("metric", f"metrics[{i}]", entry, file, **ctx(c, "spec", "data", "scheduler", "path"))
+        return {"metrics": {name: build("metric", f"metrics[{i}]", entry, file,
+                                        **ctx(c, "spec", "data", "scheduler", "path", "objective"))
                             for i, (name, entry) in enumerate(zip(metric_names(exp.metrics), exp.metrics))}}
 
     return [Step("data", _asked("data", [sections["data"]]), data), optional("scheduler", "spec"),
             optional("path", "spec", "scheduler"),
             Step("backbone", ("spec", *_asked("backbone", [sections["backbone"]])), backbone),
             optional("objective", "spec", "scheduler", "path"), optional("solver", "spec", "scheduler", "path"),
-            Step("metrics", ("spec", "data", "scheduler", "path", *_asked("metric", exp.metrics)), metrics)]
+            Step("metrics", ("spec", "data", "scheduler", "path", "objective", *_asked("metric", exp.metrics)), metrics)]
 
 
 def _kind_step(exp: Experiment, kind: registry.Kind) -> Step:

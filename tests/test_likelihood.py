@@ -168,3 +168,38 @@ def test_metric_plugin_validates_and_converts_predictions():
     out = metric.evaluate(model, data, torch.Generator().manual_seed(1))
     ref = data.reference(100, torch.Generator().manual_seed(1))["x"].double()
     assert out["nll"] == pytest.approx(-model.log_prob(ref).mean().item(), abs=2e-3)
+
+
+def test_inside_a_run_the_metric_integrates_the_runs_own_objective(tmp_path, capsys):
+    """A run trained with the cosine scheduler and epsilon prediction: the likelihood metric at its defaults
+    is the likelihood of that model (the independent conversion with the run's scheduler and prediction), not
+    of the network read as a cond_ot velocity; a contradicting prediction or scheduler is exit 2."""
+    from core.cli import main as cli
+    from core.run import main as run_main
+    from core.runs import load_run
+    from tests.conftest import RF2D, TINY_RF2D
+
+    out = tmp_path / "eps"
+    sets = [a for kv in (*TINY_RF2D, "scheduler.plugin='cosine'", "objective.prediction='epsilon'", "metrics=[]")
+            for a in ("--set", kv)]
+    assert run_main([str(RF2D), "--out", str(out), *sets]) == 0
+    run = load_run(out, device="cpu")
+    c = run.components
+    options = {"plugin": "likelihood", "num_samples": 64, "batch_size": 64, "method": "rk4", "steps": 16}
+    in_run = registry.build("metric", options, spec=c.spec, data=c.data, path=c.path, objective=c.objective)
+    eps = c.objective.config.sampling_eps
+    by_hand = registry.build("metric", {**options, "scheduler": "cosine", "prediction": "epsilon", "sampling_eps": eps},
+                             spec=c.spec, data=c.data)
+    as_velocity = registry.build("metric", options, spec=c.spec, data=c.data)  # what the old default computed
+    values = [m.evaluate(run.model, c.data, torch.Generator().manual_seed(3))["bpd"] for m in (in_run, by_hand, as_velocity)]
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    assert abs(values[0] - values[2]) > 1e-3 * abs(values[1])
+    capsys.readouterr()
+    for wrong, key in (("{plugin='likelihood', prediction='velocity'}", "prediction"),
+                       ("{plugin='likelihood', scheduler='cond_ot'}", "scheduler")):
+        assert cli(["eval", str(out), "--steps", "2", "-n", "16", "--repeats", "1", "--no-floor",
+                    "--metric", "energy_distance", "--metric", wrong]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "this run" in err and "Traceback" not in err, err
+    assert cli(["eval", str(out), "--steps", "2", "-n", "16", "--repeats", "1", "--no-floor",
+                "--metric", "energy_distance", "--metric", "{plugin='likelihood', num_samples=16, method='rk4'}"]) == 0

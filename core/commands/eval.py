@@ -214,7 +214,8 @@ def main(args: argparse.Namespace) -> int:
         metrics = {}
         for index, (name, entry) in enumerate(zip(metric_names(entries), entries)):
             try:
-                metrics[name] = registry.build("metric", entry, spec=c.spec, data=c.data)
+                metrics[name] = registry.build("metric", entry, spec=c.spec, data=c.data, scheduler=c.scheduler,
+                                               path=c.path, objective=c.objective, **c.extras)
             except ConfigError as exc:
                 raise exc.within(f"--metric[{index}]") from None
         run.components = c = attrs.evolve(c, metrics=metrics)

@@ -166,8 +166,11 @@ class LikelihoodConfig:
 
     Attributes:
         scheduler: the scheduler the model was trained with (a name or a table {plugin = ..., ...});
-            used to convert epsilon / x1 predictions to velocities.
-        prediction: what the model predicts: velocity, epsilon or x1.
+            used to convert epsilon / x1 predictions to velocities. Inside a run (the runner and
+            ``flowforge eval``) leave it unset: the metric integrates the run's own objective and path;
+            a value that contradicts them is refused. Unset outside a run: cond_ot.
+        prediction: what the model predicts: velocity, epsilon or x1 (unset: the run's objective's;
+            velocity outside a run). A value that contradicts the run's objective is refused.
         estimator: "exact" divergence, "hutchinson", or "auto" (exact up to exact_max_dim dimensions).
         exact_max_dim: largest data dimension for which "auto" uses the exact divergence.
         probe: Hutchinson probes: rademacher or gaussian.
@@ -183,8 +186,8 @@ class LikelihoodConfig:
         name: the key of this metric in summaries (default: the plugin name).
     """
 
-    scheduler: str | dict[str, Any] = "cond_ot"
-    prediction: Literal["velocity", "epsilon", "x1"] = "velocity"
+    scheduler: str | dict[str, Any] | None = None
+    prediction: Literal["velocity", "epsilon", "x1"] | None = None
     estimator: Literal["auto", "exact", "hutchinson"] = "auto"
     exact_max_dim: int = 16
     probe: Literal["rademacher", "gaussian"] = "rademacher"
@@ -237,11 +240,22 @@ class LikelihoodMetric:
 
     higher_is_better = False
 
-    def __init__(self, config: LikelihoodConfig, spec: DataSpec | None = None):
+    def __init__(self, config: LikelihoodConfig, spec: DataSpec | None = None, objective: Any = None):
         self.config, self.spec = config, spec
-        self.path = AffinePath(build_scheduler(config.scheduler))
         if spec is not None and spec.kind != "continuous":
             raise ConfigError(f"the likelihood metric is for continuous data; this data is {spec.kind!r}")
+        self.objective = objective if hasattr(objective, "sampling_model") else None
+        if self.objective is not None:
+            check_matches_run(config, self.objective)
+            self.path = self.objective.path
+        else:
+            self.path = AffinePath(build_scheduler(config.scheduler or "cond_ot"))
+
+    def field(self, net: nn.Module) -> Field:
+        """The velocity field integrated: the run's objective's sampling field, or the configured conversion."""
+        if self.objective is not None:
+            return self.objective.sampling_model(net)
+        return velocity_field(net, self.path, self.config.prediction or "velocity", self.config.sampling_eps)
 
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
         c = self.config
@@ -259,7 +273,7 @@ class LikelihoodMetric:
             device = next(net.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
-        field = velocity_field(net, self.path, c.prediction, c.sampling_eps)
+        field = self.field(net)
         logps, nfes = [], []
         for start in range(0, len(x_all), c.batch_size):
             x = x_all[start:start + c.batch_size].to(device=device, dtype=dtype)
@@ -277,6 +291,24 @@ class LikelihoodMetric:
                 "nfe": float(sum(nfes) / len(nfes))}
 
 
-def build_likelihood(config: LikelihoodConfig, spec: DataSpec | None = None) -> LikelihoodMetric:
-    """Metric factory for ``plugin = "likelihood"``."""
-    return LikelihoodMetric(config, spec)
+def check_matches_run(config: LikelihoodConfig, objective: Any) -> None:
+    """Refuse a `scheduler` / `prediction` that contradicts the run's objective and path (a likelihood of an
+    epsilon model integrated as a velocity field is a number, but not this model's likelihood)."""
+    run_path = getattr(objective, "path", None)
+    if not isinstance(run_path, AffinePath):
+        raise ConfigError(f"the likelihood metric integrates a flow-matching velocity field; this run's objective "
+                          f"{type(objective).__name__} has no affine [path] (use the family's own metric, e.g. ddpm_bpd)")
+    trained = getattr(getattr(objective, "config", None), "prediction", "velocity")
+    if config.prediction is not None and config.prediction != trained:
+        raise ConfigError(f"prediction = {config.prediction!r}, but this run's objective predicts {trained!r}; "
+                          f"leave it unset to use the run's", ("prediction",))
+    if config.scheduler is not None:
+        mine, theirs = build_scheduler(config.scheduler), run_path.scheduler
+        if type(mine) is not type(theirs) or getattr(mine, "config", None) != getattr(theirs, "config", None):
+            raise ConfigError(f"scheduler = {config.scheduler!r} is not this run's scheduler "
+                              f"({type(theirs).__name__}); leave it unset to use the run's", ("scheduler",))
+
+
+def build_likelihood(config: LikelihoodConfig, spec: DataSpec | None = None, objective: Any = None) -> LikelihoodMetric:
+    """Metric factory for ``plugin = "likelihood"``; inside a run it receives the run's `objective`."""
+    return LikelihoodMetric(config, spec, objective)
