@@ -13,21 +13,26 @@ import registry
 from core.config import read_toml
 from core.interfaces import DataSpec
 from core.run import run
-from plugins.ddpm.path import DiffusionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("ddpm_digits*.toml"))
-DIFFUSION_KEYS = [f.name for f in DiffusionConfig.__attrs_attrs__]
 
 
 @pytest.mark.parametrize("file", EXPERIMENTS, ids=lambda p: p.name)
 def test_bpd_metric_describes_the_same_process_as_the_path(file):
+    """The metric takes the run's [path] process; a contradicting option is refused, naming the key."""
+    from core.build import build_components
+    from core.config import apply_overrides, resolve
+
     raw = read_toml(file)
-    path = registry.resolved("path", raw["path"])
-    for entry in raw.get("metrics", []):
-        if entry["plugin"] == "ddpm_bpd":
-            metric = registry.resolved("metric", entry)
-            assert {k: metric[k] for k in DIFFUSION_KEYS} == {k: path[k] for k in DIFFUSION_KEYS}, file.name
+    raw["trainer"] = {**raw.get("trainer", {}), "steps": 1}
+    c = build_components(resolve(raw, file=str(file)))
+    bpd = [m for m in c.metrics.values() if type(m).__name__ == "BitsPerDim"]
+    assert bpd and all(m.process == c.path.config for m in bpd), file.name
+    index = next(i for i, m in enumerate(raw["metrics"]) if m["plugin"] == "ddpm_bpd")
+    wrong = 4000 if c.path.config.steps != 4000 else 1000
+    with pytest.raises(registry.ConfigError, match=rf"metrics\[{index}\]\.steps.*this run's \[path\] has steps"):
+        build_components(resolve(apply_overrides(raw, [f"metrics.{index}.steps={wrong}"]), file=str(file)))
 
 
 def test_path_rejects_a_scheduler_section_and_discrete_data():

@@ -7,9 +7,12 @@ discretized Gaussian decoder NLL of ``x_start`` (``k = 0``, ``bins`` levels),
 plus the prior term ``KL(q(x_{T-1} | x_start) || N(0, I))``; all in bits per
 dimension, averaged over ``num_examples`` held-out examples.
 
-Metric factories see only the data, not the experiment's [path], so the
-metric takes the process's four options itself (the same names and defaults
-as the gaussian_diffusion path); an experiment file repeats the path's values.
+Inside a run the metric is the bound of the run's own process: the factory
+receives the experiment's [path] (gaussian_diffusion) and uses its schedule,
+steps, prediction and variance. Those four options stay unset in an experiment
+file; a value given that contradicts the run's path is a configuration error,
+and a run whose path is not gaussian_diffusion is refused. Outside a run (no
+path), they describe the process, with the path's defaults.
 
 Reported (keys prefixed with the metric's name in summary.json):
 ``total`` (the bound), ``prior``, ``decoder`` (the step-0 term), ``mse`` (of
@@ -18,6 +21,8 @@ the implied epsilon, mean over steps) and ``xstart_mse`` (mean over steps).
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import attrs
 import torch
 from torch import nn
@@ -25,18 +30,22 @@ from torch import nn
 from core.interfaces import DataSource, DataSpec
 from registry import ConfigError
 
-from .path import DiffusionConfig
+from .path import DiffusionConfig, GaussianDiffusionPath
+
+
+PROCESS_KEYS = tuple(f.name for f in attrs.fields(DiffusionConfig))
 
 
 @attrs.define
-class BpdConfig(DiffusionConfig):
+class BpdConfig:
     """Options of the ddpm_bpd metric.
 
     Attributes:
-        schedule: as the gaussian_diffusion path: "linear" or "cosine".
-        steps: as the path: number of diffusion steps T.
-        prediction: as the path: "epsilon", "x_start" or "v".
-        variance: as the path: "fixed_large", "fixed_small", "learned_range" or "learned".
+        schedule: unset: the run's [path]; outside a run "linear" or "cosine" (default linear).
+        steps: unset: the run's [path]; outside a run the number of diffusion steps T (default 1000).
+        prediction: unset: the run's [path]; outside a run "epsilon", "x_start" or "v" (default epsilon).
+        variance: unset: the run's [path]; outside a run "fixed_large", "fixed_small", "learned_range" or
+            "learned" (default fixed_large).
         respacing: evaluate the bound of a respaced process ("" = every step; as the solvers' option).
         num_examples: held-out examples to evaluate.
         batch_size: examples per model call.
@@ -44,6 +53,10 @@ class BpdConfig(DiffusionConfig):
         bins: number of quantisation levels of the data in [-1, 1] for the decoder term.
     """
 
+    schedule: Literal["linear", "cosine"] | None = None
+    steps: int | None = None
+    prediction: Literal["epsilon", "x_start", "v"] | None = None
+    variance: Literal["fixed_small", "fixed_large", "learned", "learned_range"] | None = None
     respacing: str = ""
     num_examples: int = 256
     batch_size: int = 256
@@ -51,12 +64,16 @@ class BpdConfig(DiffusionConfig):
     bins: int = 256
 
     def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
+        DiffusionConfig(**self.given())  # validates the process options that are given
         for key in ("num_examples", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)}", (key,))
         if self.bins < 2:
             raise ConfigError(f"expected at least 2 bins, got {self.bins}", ("bins",))
+
+    def given(self) -> dict[str, Any]:
+        """The process options set in the file (the others are the run's, or the path's defaults)."""
+        return {k: getattr(self, k) for k in PROCESS_KEYS if getattr(self, k) is not None}
 
 
 class BitsPerDim:
@@ -64,10 +81,10 @@ class BitsPerDim:
 
     higher_is_better = False
 
-    def __init__(self, config: BpdConfig):
-        self.config = config
+    def __init__(self, config: BpdConfig, process: DiffusionConfig):
+        self.config, self.process = config, process
         try:
-            self.diffusion = config.diffusion().respaced(config.respacing)
+            self.diffusion = process.diffusion().respaced(config.respacing)
         except ValueError as exc:
             raise ConfigError(str(exc), ("respacing",)) from None
 
@@ -94,8 +111,22 @@ class BitsPerDim:
         return {k: v / n for k, v in sums.items()}
 
 
-def make_bpd(config: BpdConfig, spec: DataSpec) -> BitsPerDim:
-    """Metric factory for ``plugin = "ddpm_bpd"``: continuous data only."""
+def run_process(config: BpdConfig, path: Any) -> DiffusionConfig:
+    """The run's process, refusing a given option that contradicts it."""
+    if not isinstance(path, GaussianDiffusionPath):
+        raise ConfigError(f"ddpm_bpd is the bound of the gaussian_diffusion process; this run's path is "
+                          f"{type(path).__name__} (a flow-matching run reports the likelihood metric)")
+    run = path.config.diffusion_options()
+    for key, value in config.given().items():
+        if value != run[key]:
+            raise ConfigError(f"{key} = {value!r}, but this run's [path] has {key} = {run[key]!r}; leave it unset "
+                              f"to use the run's", (key,))
+    return path.config
+
+
+def make_bpd(config: BpdConfig, spec: DataSpec, path: Any = None) -> BitsPerDim:
+    """Metric factory for ``plugin = "ddpm_bpd"``: continuous data only; inside a run, the run's `path`."""
     if spec.kind != "continuous":
         raise ConfigError(f"ddpm_bpd needs continuous data in [-1, 1], got {spec.kind!r} data")
-    return BitsPerDim(config)
+    process = run_process(config, path) if path is not None else DiffusionConfig(**config.given())
+    return BitsPerDim(config, process)
