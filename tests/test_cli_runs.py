@@ -132,7 +132,7 @@ def test_eval_sweeps_methods_and_steps(rf_run, tmp_path, capsys):
     md = (out / "eval.md").read_text()
     assert "Data-vs-data floor" in md and md.count("\n| ode |") == 4
     data = json.loads((out / "eval.json").read_text())
-    assert set(data["floor"]) == {"energy_distance", "sliced_wasserstein", "energy_distance_se", "sliced_wasserstein_se"}
+    assert {"energy_distance", "sliced_wasserstein", "energy_distance_se", "sliced_wasserstein_se"} <= set(data["floor"])
     assert data["repeats"] == 3 and "standard error" in md and " ± " in md
 
 

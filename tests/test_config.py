@@ -38,7 +38,7 @@ def run_main(capsys, *args) -> tuple[int, str]:
     ("edit", "expected"),
     [
         ({"steps = 3000": "stepz = 3000"}, ["trainer.stepz", "unknown key", 'did you mean "steps"']),
-        ({"lr = 2e-3": "lr = \"fast\""}, ["trainer.lr", "expected a number", "'fast'"]),
+        ({"lr = 1e-2": "lr = \"fast\""}, ["trainer.lr", "expected a number", "'fast'"]),
         ({"steps = 3000": "steps = 3000.5"}, ["trainer.steps", "expected an integer", "3000.5"]),
         ({"method = \"midpoint\"": "method = \"midpiont\""}, ["solver.method", "one of", 'did you mean "midpoint"']),
         ({"plugin = \"mlp\"": "plugin = \"mpl\""}, ["backbone", "unknown backbone plugin 'mpl'", 'did you mean "mlp"', "installed:"]),

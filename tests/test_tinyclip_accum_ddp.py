@@ -72,5 +72,7 @@ def test_two_processes_with_chunks_equal_one_global_batch(tmp_path):
         for r in ranks:
             assert set(r[name]["grads"]) == set(reference), name
             for key, g in reference.items():
-                torch.testing.assert_close(r[name]["grads"][key], g, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+                scale = float(g.abs().max()) or 1.0  # float32 reduction order: error relative to the gradient's scale
+                torch.testing.assert_close(r[name]["grads"][key], g, rtol=1e-4, atol=1e-5 * scale,
+                                           msg=lambda m, name=name, key=key: f"{name} {key}: {m}")
         assert reference["logit_scale"].abs() > 0  # the learned scale's gradient is part of the comparison

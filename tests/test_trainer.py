@@ -165,7 +165,8 @@ def test_run_directory_layout(tmp_path, tiny_rf2d):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
     assert all(math.isfinite(r["loss"]) and r["it_per_s"] > 0 for r in records if "loss" in r)
-    assert set(summary["metrics"]) == {"energy_distance", "sliced_wasserstein"} == set(summary["untrained"]) == set(summary["floor"])
+    keys = {"energy_distance", "sliced_wasserstein", "off_support/fraction", "off_support/se"}
+    assert set(summary["metrics"]) == keys == set(summary["untrained"]) == set(summary["floor"])
     assert summary["nfe"] == 8
 
 

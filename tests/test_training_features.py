@@ -20,7 +20,8 @@ from . import plugin_fixtures
 from .conftest import RF2D
 
 DIGITS = ["data={plugin='digits'}", "trainer.batch_size=500", "eval.num_samples=100", "eval.num_pictures=20",
-          "eval.batch_size=100", "backbone.hidden=64", "backbone.depth=2", "solver.steps=2", "trainer.log_every=1"]
+          "eval.batch_size=100", "backbone.hidden=64", "backbone.depth=2", "solver.steps=2", "trainer.log_every=1",
+          "metrics=[{plugin='energy_distance'}]", "backbone.input_freqs=0"]
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def test_epochs_set_the_run_length(tmp_path):
     summary = run(RF2D, [*DIGITS, "trainer.epochs=2", "trainer.warmup_epochs=1.0"], out=tmp_path / "epochs")
     assert summary["steps"] == 6 and summary["epochs"] == 2.0  # ceil(1437 / 500) = 3 steps per epoch
     logs = {r["step"]: r["lr"] for r in records(tmp_path / "epochs") if "lr" in r}
-    assert logs[1] == pytest.approx(2e-3 / 3) and logs[3] == pytest.approx(2e-3)
+    assert logs[1] == pytest.approx(1e-2 / 3) and logs[3] == pytest.approx(1e-2)
 
 
 def test_epochs_on_an_endless_source_is_a_clear_error(tmp_path, capsys):
