@@ -153,3 +153,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def mismatch_detail(exc: BaseException, lines: int = 6, width: int = 240) -> str:
+    """The useful part of a ``load_state_dict`` error: its detail lines (missing / unexpected keys, size
+    mismatches), each cut to `width` characters, at most `lines` of them, not just the heading."""
+    text = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = [line for line in text if not line.startswith("Error(s) in loading")] or text
+    shown = [line if len(line) <= width else line[:width] + " ..." for line in detail[:lines]]
+    more = f"\n  ... and {len(detail) - lines} more" if len(detail) > lines else ""
+    return "\n  " + "\n  ".join(shown) + more

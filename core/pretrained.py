@@ -65,6 +65,7 @@ def from_pretrained(folder: str | Path, overrides: Sequence[str] = (), *, device
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .checkpoint import mismatch_detail
     from .rundir import RunDir
     from .runs import LoadedRun, load_experiment, pick_device
     from .trainer import build_components
@@ -82,7 +83,7 @@ def from_pretrained(folder: str | Path, overrides: Sequence[str] = (), *, device
         components.model.load_state_dict(tensors)
     except (KeyError, RuntimeError) as exc:
         raise ConfigError(f"{folder / WEIGHTS} does not match the model of {folder / 'config.toml'}: "
-                          f"{' '.join(str(exc).split())[:1000]}") from None
+                          f"{mismatch_detail(exc)}") from None
     meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
     dev = pick_device(device)
     model = components.model.to(dev).eval().requires_grad_(False)

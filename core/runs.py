@@ -121,7 +121,7 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
         model.load_state_dict(tensors)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"checkpoint {path} does not match the model of {run_dir.config} with these overrides: "
-                          f"{str(exc).strip().splitlines()[0][:300]}") from None
+                          f"{ckpt.mismatch_detail(exc)}") from None
     components.objective.load_state_dict(state.get("objective", {}))
     model.to(dev).eval().requires_grad_(False)
     return LoadedRun(run_dir=run_dir, exp=exp, components=components, model=model, weights=weights,

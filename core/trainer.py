@@ -249,7 +249,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"checkpoint {path} does not match this experiment's model or optimizer "
-                              f"(was it trained with other options?): {mismatch_detail(exc)}") from None
+                              f"(was it trained with other options?): {ckpt.mismatch_detail(exc)}") from None
         self.components.objective.load_state_dict(state.get("objective", {}))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -563,16 +563,6 @@ def read_logs(sums: dict) -> dict[str, float]:
         else:
             out[k] = v
     return out
-
-
-def mismatch_detail(exc: BaseException, lines: int = 6, width: int = 240) -> str:
-    """The useful part of a ``load_state_dict`` error: its detail lines (missing / unexpected keys, size
-    mismatches), each cut to `width` characters, at most `lines` of them, not just the heading."""
-    text = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = [line for line in text if not line.startswith("Error(s) in loading")] or text
-    shown = [line if len(line) <= width else line[:width] + " ..." for line in detail[:lines]]
-    more = f"\n  ... and {len(detail) - lines} more" if len(detail) > lines else ""
-    return "\n  " + "\n  ".join(shown) + more
 
 
 def train_entry(accelerator: Any, config: dict[str, Any], file: str | None, out: str, resume: bool) -> dict[str, Any]:
