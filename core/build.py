@@ -37,9 +37,29 @@ import registry
 from registry import ConfigError, did_you_mean
 
 from . import validate
-from .config import Experiment, declared_kinds
+from .config import Experiment, declared_kinds, metric_names
 from .data import derive_seed
-from .generate import Components, metric_names
+from .interfaces import DataSource, DataSpec, Objective, Path, Solver
+
+
+@attrs.define
+class Components:
+    """Everything built from an experiment file (the runner's working set)."""
+
+    spec: DataSpec
+    data: DataSource
+    model: nn.Module
+    objective: Objective
+    scheduler: Any = None
+    path: Path | None = None
+    solver: Solver | None = None
+    metrics: dict[str, Any] = attrs.Factory(dict)
+    #: components of plugin-declared kinds, by the name they provide
+    extras: dict[str, Any] = attrs.Factory(dict)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.solver is not None and self.path is not None
 
 
 @attrs.define

@@ -410,12 +410,22 @@ def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
 
 def check_monitor(monitor: str, metrics: Sequence[Mapping[str, Any]], file: str | None = None) -> None:
     """``trainer.monitor`` must name one of the ``[[metrics]]`` (``NAME`` or ``NAME/RESULT``)."""
-    from .generate import metric_names
-
     names = metric_names(metrics)
     if monitor and monitor.split("/")[0] not in names:
         raise ConfigError(f"{monitor!r} is not an evaluation result{did_you_mean(monitor, names)}; the metrics are: "
                           f"{', '.join(names) or '(none: add [[metrics]])'}", ("trainer", "monitor"), file)
+
+
+def metric_names(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Summary keys for ``[[metrics]]`` entries: the plugin name, made unique with a suffix."""
+    names: list[str] = []
+    for entry in metrics:
+        base = entry.get("name") or entry["plugin"]
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 @attrs.define

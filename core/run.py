@@ -218,7 +218,7 @@ def _discard_unstarted(run_dir: Any, created: Path | None) -> None:
 def report(exc: BaseException) -> int:
     """Print a user-facing error and return the exit status (see docs/launching.md)."""
     from .signals import StopRequested
-    from .trainer import NonFiniteLossError
+    from .errors import NonFiniteLossError
 
     if isinstance(exc, ConfigError):
         print(f"error: {exc}", file=sys.stderr)
@@ -237,7 +237,7 @@ def report(exc: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .signals import StopRequested
-    from .trainer import NonFiniteLossError
+    from .errors import NonFiniteLossError
 
     parser = argparse.ArgumentParser(prog="python -m core.run", description=__doc__.splitlines()[0])
     add_run_arguments(parser)

@@ -52,16 +52,13 @@ from .config import Experiment, TrainerConfig, resolve
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
 from .ema import EMA
+from .errors import NonFiniteLossError
 from .events import Events
 from .optim import param_groups, scheduled_lr
 from .generate import evaluate, floor, generate
 from .progress import Progress
 from .progress import phase as progress_phase
 from .rundir import RunDir
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before writing anything that absorbed it."""
 
 
 def checks_every_step(device: torch.device) -> bool:

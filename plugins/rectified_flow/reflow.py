@@ -8,7 +8,7 @@ improve. Repeating gives k-RF.
 
 ``reflow_pairs`` is a data source: ``run = "runs/my-1rf"`` names a finished
 run directory; its ``config.toml`` is loaded and its components rebuilt
-(`core.trainer.build_components`), the latest checkpoint's EMA weights (or raw
+(`core.runs.load_run`), the latest checkpoint's EMA weights (or raw
 weights) are loaded, and ``num_pairs`` couplings are generated with the run's
 own ``[solver]`` (keys of ``solver`` override it, e.g. ``{method = "rk4",
 steps = 50}``) and sampling field (``objective.sampling_model``, optionally
@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 from core import checkpoint as ckpt
 from core.data import TensorDataSource
 from core.data import generator as make_generator
+from core.device import pick_device
 from core.interfaces import Batch, DataSource
 from registry import ConfigError
 
@@ -75,38 +82,27 @@ class ReflowPairsConfig:
             raise ConfigError("overrides the run's solver options; the plugin stays the run's", ("solver", "plugin"))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_run(run: str | Path, solver_overrides: dict[str, Any] | None = None, use_ema: bool = True):
-    """Rebuild a finished run: ``(experiment, components, model with the latest weights, checkpoint path)``."""
-    from core import config as cfg
-    from core.trainer import build_components
+    """Rebuild a finished run: ``(experiment, components, model with the latest weights, checkpoint path)``.
+
+    Loaded by `core.runs.load_run` (the public run loader) on the CPU, with ``solver.KEY=VALUE``
+    overrides for `solver_overrides`.
+    """
+    from core.runs import load_run as load, solver_overrides as as_overrides
 
     root = Path(run)
     if not (root / "config.toml").is_file():
         raise ConfigError(f"{root} is not a run directory (no config.toml); train the flow to rectify first, "
                           f"e.g. python -m core.run experiments/reflow_2d_1rf.toml", ("run",))
-    path = ckpt.latest(root / "checkpoints")
-    if path is None:
+    if ckpt.latest(root / "checkpoints") is None:
         raise ConfigError(f"run {root} has no checkpoint; let its training finish first", ("run",))
-    raw = cfg.read_toml(root / "config.toml")
-    if solver_overrides:
-        if "solver" not in raw:
-            raise ConfigError(f"run {root} has no [solver] section to override", ("solver",))
-        raw["solver"] = {**raw["solver"], **solver_overrides}
+    if solver_overrides and "solver" not in tomllib.loads((root / "config.toml").read_text()):
+        raise ConfigError(f"run {root} has no [solver] section to override", ("solver",))
     try:
-        exp = cfg.resolve(raw, file=str(root / "config.toml"))
+        loaded = load(root, as_overrides(**(solver_overrides or {})), ema=use_ema, device="cpu")
     except ConfigError as exc:
         raise ConfigError(f"cannot load the run to rectify: {exc}", ("run",)) from None
-    components = build_components(exp)
-    state = ckpt.load(path)
-    weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
-    components.model.load_state_dict(weights)
-    return exp, components, components.model, path
+    return loaded.exp, loaded.components, loaded.model, loaded.checkpoint
 
 
 class ReflowPairs(TensorDataSource):
@@ -153,7 +149,7 @@ class ReflowPairs(TensorDataSource):
         from core.guidance import guided
 
         c, spec = self.config, components.spec
-        device = _device(c.device)
+        device = pick_device(c.device, "device")
         model = model.to(device).eval()
         g = make_generator(c.seed, "reflow-pairs")
         labels = torch.randint(spec.num_classes, (c.num_pairs,), generator=g) if spec.num_classes > 0 else None
