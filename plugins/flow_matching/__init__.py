@@ -21,7 +21,7 @@ _M = "plugins.flow_matching."
 @hookimpl
 def flowforge_register(register):
     register("scheduler", "cond_ot", _M + "schedulers:CondOTScheduler", None,
-             doc="rectified flow / conditional OT: alpha_t = t, sigma_t = 1 - t")
+             doc="rectified flow / conditional OT: alpha_t = t, sigma_t = 1 - t", default=True)
     register("scheduler", "polynomial", _M + "schedulers:build_polynomial", _M + "schedulers:PolynomialConfig",
              doc="polynomial convex: alpha_t = t^n, sigma_t = 1 - t^n")
     register("scheduler", "cosine", _M + "schedulers:CosineScheduler", None,
@@ -31,13 +31,15 @@ def flowforge_register(register):
     register("scheduler", "linear_vp", _M + "schedulers:LinearVPScheduler", None,
              doc="linear variance preserving: alpha_t = t, sigma_t = sqrt(1 - t^2)")
     register("path", "affine", _M + "paths:build_affine", None,
-             doc="x_t = alpha_t x_1 + sigma_t x_0 over any scheduler, Gaussian source; prediction conversions")
+             doc="x_t = alpha_t x_1 + sigma_t x_0 over any scheduler, Gaussian source; prediction conversions",
+             default=True)
     register("objective", "flow_matching", _M + "objectives:FlowMatching", _M + "objectives:FlowMatchingConfig",
              doc="flow matching with a velocity, epsilon or x1 target, loss weighting and time samplers")
     register("objective", "velocity_mse", _M + "objectives:VelocityMSE", _M + "objectives:VelocityMSEConfig",
-             doc="flow matching: E || u_theta(x_t, t) - (d_alpha x_1 + d_sigma x_0) ||^2 (same as flow_matching)")
+             doc="flow matching: E || u_theta(x_t, t) - (d_alpha x_1 + d_sigma x_0) ||^2 (same as flow_matching)",
+             default=True)
     register("solver", "ode", _M + "solvers:build_ode", _M + "solvers:ODEConfig",
-             doc="ODE solver: euler, midpoint, heun, rk4 (fixed steps), dopri5, dopri8 (adaptive)")
+             doc="ODE solver: euler, midpoint, heun, rk4 (fixed steps), dopri5, dopri8 (adaptive)", default=True)
     register("metric", "likelihood", _M + "likelihood:build_likelihood", _M + "likelihood:LikelihoodConfig",
              doc="negative log-likelihood / bits per dim of held-out data (exact or Hutchinson divergence)")
     register("metric", "few_step", _M + "metrics:build_few_step", _M + "metrics:FewStepConfig",
