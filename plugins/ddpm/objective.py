@@ -75,14 +75,10 @@ class MeanGuidance(ClassifierFreeGuidance):
     """Classifier-free guidance of the first half of the output channels (the mean part);
     the second half (the learned variance) is the conditional model's."""
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        if y is None or self.scale == 0.0:
-            return self.model(x, t, y)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
-        cond, uncond = both.chunk(2)
+    def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
+        """Guide the mean channels ``[:C]`` of ``(B, 2C, ...)``; keep the conditional variance channels ``[C:]``."""
         (cond_mean, cond_var), uncond_mean = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)[0]
-        return torch.cat([(1.0 + self.scale) * cond_mean - self.scale * uncond_mean, cond_var], dim=1)
+        return torch.cat([super().combine(cond_mean, uncond_mean), cond_var], dim=1)
 
 
 class DDPMObjective(Objective):
