@@ -18,22 +18,35 @@ CLIP, weights that do not fit) is a `ConfigError`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
 import registry
 from core.interfaces import DataSpec
-from core.runs import checkpoint_weights, load_experiment, newest_checkpoint
+from core.runs import checkpoint_weights, newest_checkpoint
 from registry import ConfigError
 
 from .model import CLIP
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _run_config(run: Path, key: str) -> dict:
+    path = run / "config.toml"
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not a readable run config ({exc})", (key,)) from None
+
 
 def _from_checkpoint(run: Path, checkpoint: Path, spec: DataSpec, weights: str, key: str) -> CLIP:
-    try:
-        backbone = dict(load_experiment(run).components.get("backbone") or {})
-    except ConfigError as exc:
-        raise ConfigError(f"{run / 'config.toml'} is not a readable run config ({exc})", (key,)) from None
+    """The run's [backbone] alone, rebuilt for `spec` (the rest of its config.toml is not read)."""
+    backbone = dict(_run_config(run, key).get("backbone") or {})
     if not backbone:
         raise ConfigError(f"{run / 'config.toml'} has no [backbone] section", (key,))
     backbone["inherit_from"] = ""  # the weights come from the checkpoint, not from the run's own ancestor
