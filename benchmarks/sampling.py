@@ -37,7 +37,7 @@ import torch
 
 import registry
 from core.data import generator as make_generator
-from plugins.flow_matching.solvers import STAGES, ODEConfig, ODESolver
+from plugins.flow_matching.solver import STAGES, ODEConfig, ODESolver
 
 NFES = (1, 2, 4, 8, 16, 32, 64)
 TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)

@@ -14,7 +14,7 @@ import registry
 from core.testing import solvers as kit
 from core.testing.strategies import data_shapes, seeds
 from plugins.flow_matching.analytic import GaussianFlow
-from plugins.flow_matching.schedulers import (
+from plugins.flow_matching.scheduler import (
     CondOTScheduler,
     CosineScheduler,
     LinearVPScheduler,
@@ -22,7 +22,7 @@ from plugins.flow_matching.schedulers import (
     PolynomialConvexScheduler,
     VPScheduler,
 )
-from plugins.flow_matching.solvers import ODEConfig, ODESolver, edm_grid, edm_sigmas, integrate_fixed, rk_step
+from plugins.flow_matching.solver import ODEConfig, ODESolver, edm_grid, edm_sigmas, integrate_fixed, rk_step
 from plugins.flow_matching.transforms import ScheduleTransformedModel
 
 from .test_flow_schedulers import schedulers

@@ -65,7 +65,7 @@ def test_pairs_are_the_runs_own_ode_samples(one_rf):
 
 
 def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
-    from plugins.rectified_flow.reflow import ReflowPairs
+    from plugins.rectified_flow.data import ReflowPairs
 
     first = registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "num_pairs": 200})
 

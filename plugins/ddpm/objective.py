@@ -116,3 +116,8 @@ class DDPMObjective(Objective):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def make_ddpm(config: DDPMConfig, spec: DataSpec, path: Any = None) -> DDPMObjective:
+    """Objective factory for ``plugin = "ddpm"``."""
+    return DDPMObjective(config, spec, path)

@@ -76,7 +76,8 @@ class GaussianDiffusionPath(Path):
         return torch.randn(*shape, generator=generator).to(device or "cpu")
 
 
-def build_path(config: DiffusionConfig, spec: DataSpec | None = None, scheduler: Any = None) -> GaussianDiffusionPath:
+def make_gaussian_diffusion(config: DiffusionConfig, spec: DataSpec | None = None,
+                            scheduler: Any = None) -> GaussianDiffusionPath:
     """Path factory: continuous data only; the process defines its own schedule (no [scheduler])."""
     if scheduler is not None:
         raise ConfigError("the gaussian_diffusion path defines its own noise schedule (options schedule, steps): "

@@ -121,3 +121,8 @@ class DiscreteFlowMatching(Objective):
         if self.config.loss == "generalized_kl":
             return gkl, {"ce": ce.item()}
         return ce, {"gkl": gkl.item()}
+
+
+def make_discrete_fm(config: DiscreteFMConfig, spec: DataSpec, path: Path | None = None) -> DiscreteFlowMatching:
+    """Objective factory for ``plugin = "discrete_fm"``."""
+    return DiscreteFlowMatching(config, spec, path)

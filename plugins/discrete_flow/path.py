@@ -205,7 +205,8 @@ class MixtureDiscretePath(Path):
         return coef * ((1.0 - kappa) * p_0 + kappa * posterior - onehot)
 
 
-def build_mixture_path(config: MixturePathConfig, spec: DataSpec, scheduler: ConvexScheduler | None = None) -> MixtureDiscretePath:
+def make_mixture_discrete(config: MixturePathConfig, spec: DataSpec,
+                          scheduler: ConvexScheduler | None = None) -> MixtureDiscretePath:
     """Path factory: needs discrete data and the experiment's convex ``[scheduler]``."""
     if spec.kind != "discrete" or spec.vocab_size <= 0:
         raise ConfigError(f"the mixture_discrete path needs discrete data (token ids); the data is {spec.kind!r}",

@@ -434,6 +434,6 @@ class DiT(nn.Module):
         return out
 
 
-def build(config: DiTConfig, spec: DataSpec) -> DiT:
+def make_dit(config: DiTConfig, spec: DataSpec) -> DiT:
     """Backbone factory: a `DiT` sized for `spec`."""
     return DiT(config, spec)

@@ -32,8 +32,8 @@ from core.interfaces import DataSource, DataSpec, Field
 from core.validate import non_negative, positive
 from registry import ConfigError
 
-from .paths import AffinePath
-from .solvers import ADAPTIVE, STAGES, integrate_adaptive, integrate_fixed
+from .path import AffinePath
+from .solver import ADAPTIVE, STAGES, integrate_adaptive, integrate_fixed
 
 
 @attrs.frozen
@@ -309,6 +309,6 @@ def check_matches_run(config: LikelihoodConfig, objective: Any) -> None:
                               f"({type(theirs).__name__}); leave it unset to use the run's", ("scheduler",))
 
 
-def build_likelihood(config: LikelihoodConfig, spec: DataSpec | None = None, objective: Any = None) -> LikelihoodMetric:
+def make_likelihood(config: LikelihoodConfig, spec: DataSpec | None = None, objective: Any = None) -> LikelihoodMetric:
     """Metric factory for ``plugin = "likelihood"``; inside a run it receives the run's `objective`."""
     return LikelihoodMetric(config, spec, objective)

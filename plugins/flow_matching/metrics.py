@@ -23,8 +23,8 @@ from core.interfaces import DataSource, DataSpec
 from registry import ConfigError
 
 from .likelihood import build_scheduler, velocity_field
-from .paths import AffinePath
-from .solvers import ODEConfig, ODESolver
+from .path import AffinePath
+from .solver import ODEConfig, ODESolver
 
 
 @attrs.define
@@ -117,6 +117,6 @@ class FewStepMetric:
         return out
 
 
-def build_few_step(config: FewStepConfig, spec: DataSpec | None = None, data: DataSource | None = None) -> FewStepMetric:
+def make_few_step(config: FewStepConfig, spec: DataSpec | None = None, data: DataSource | None = None) -> FewStepMetric:
     """Metric factory for ``plugin = "few_step"``."""
     return FewStepMetric(config, spec, data)

@@ -437,6 +437,6 @@ class UNet(nn.Module):
         return out
 
 
-def build(config: UNetConfig, spec: DataSpec) -> UNet:
+def make_unet(config: UNetConfig, spec: DataSpec) -> UNet:
     """Backbone factory: a `UNet` sized for `spec`."""
     return UNet(config, spec)

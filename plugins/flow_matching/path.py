@@ -125,7 +125,7 @@ class AffinePath(Path):
         return f"AffinePath({self.scheduler!r})"
 
 
-def build_affine(scheduler: Scheduler | None = None) -> AffinePath:
+def make_affine(scheduler: Scheduler | None = None) -> AffinePath:
     """Path factory: needs the experiment's ``[scheduler]``."""
     if scheduler is None:
         raise ConfigError("the affine path needs a [scheduler] section (e.g. plugin = \"cond_ot\")")

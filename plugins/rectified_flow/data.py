@@ -153,14 +153,6 @@ class ReflowPairs(TensorDataSource):
         return self.source.render(batch, path)
 
 
-def build_reflow_pairs(config: ReflowPairsConfig) -> ReflowPairs:
+def make_reflow_pairs(config: ReflowPairsConfig) -> ReflowPairs:
     """Data factory for ``plugin = "reflow_pairs"``."""
     return ReflowPairs(config)
-
-
-def build_one_step(config: None = None, scheduler=None, path=None, spec=None):
-    """Solver factory for ``plugin = "one_step"``: the ode solver with one euler step (one model evaluation)."""
-    import registry
-
-    return registry.build("solver", {"plugin": "ode", "method": "euler", "steps": 1}, scheduler=scheduler, path=path,
-                          spec=spec)

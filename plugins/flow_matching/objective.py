@@ -61,7 +61,7 @@ from core.guidance import drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
-from .paths import AffinePath
+from .path import AffinePath
 
 
 @attrs.define
@@ -249,3 +249,13 @@ class FlowMatching(Objective):
 
 #: The older name (``velocity_mse``): the same objective, velocity prediction by default.
 VelocityMSE = FlowMatching
+
+
+def make_flow_matching(config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
+    """Objective factory for ``plugin = "flow_matching"``."""
+    return FlowMatching(config, spec, path)
+
+
+def make_velocity_mse(config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None) -> VelocityMSE:
+    """Objective factory for ``plugin = "velocity_mse"``."""
+    return VelocityMSE(config, spec, path)

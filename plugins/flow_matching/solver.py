@@ -467,7 +467,7 @@ class ODESolver(Solver):
         return self._graphed[2](x, y)
 
 
-def build_ode(config: ODEConfig, scheduler: Scheduler | None = None) -> ODESolver:
+def make_ode(config: ODEConfig, scheduler: Scheduler | None = None) -> ODESolver:
     """Solver factory for ``plugin = "ode"``."""
     return ODESolver(config, scheduler)
 
