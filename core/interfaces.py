@@ -139,8 +139,14 @@ class Path(abc.ABC):
 
     @abc.abstractmethod
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
-        """Draw ``x_0 ~ p_0`` of the given full shape ``(B, ...)`` (Gaussian noise, mask tokens, ...)."""
+                      device: torch.device | str | None = None, *, dtype: torch.dtype | None = None,
+                      draw: Any = None) -> Tensor:
+        """Draw ``x_0 ~ p_0`` of the given full shape ``(B, ...)`` (Gaussian noise, mask tokens, ...).
+
+        Every objective draws its source here. `draw` is a training batch's ``core.rng.for_batch``:
+        with it each example's draw is keyed by its seed (process-count invariant), without it the draw
+        comes from `generator`. `dtype` is the floating dtype of a continuous source (default float32).
+        """
 
 
 # --------------------------------------------------------------------------- solvers

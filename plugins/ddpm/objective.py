@@ -3,7 +3,7 @@
 Per (micro-)batch of data ``x_start (B, ...)``:
 
 1. draw steps ``k (B,)`` and importance weights ``w (B,)`` from the schedule sampler;
-2. draw ``noise ~ N(0, I)`` and ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise``;
+2. draw the source ``noise ~ N(0, I)`` through ``path.sample_source`` and ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise``;
 3. call ``model(x_k, t_k, y)`` with ``t_k = 1 - (k + 1) / T`` (labels replaced by the
    null label ``num_classes`` with probability ``label_dropout``);
 4. per-example losses of `GaussianDiffusion.training_losses` for ``loss_type``
@@ -85,7 +85,7 @@ class DDPMObjective(Objective):
     """See the module docstring."""
 
     def __init__(self, config: DDPMConfig, spec: DataSpec, path: Any = None):
-        self.config, self.spec = config, spec
+        self.config, self.spec, self.path = config, spec, path
         self.diffusion = diffusion_of(path, "the ddpm objective")
         self.sampler = create_schedule_sampler(config.schedule_sampler, self.diffusion.num_timesteps,
                                                config.history_per_term, config.uniform_prob)
@@ -95,7 +95,7 @@ class DDPMObjective(Objective):
         x_start = batch["x"]
         draw = rng.for_batch(batch)
         k, weights = self.sampler.sample(x_start.shape[0], x_start.device, draw=draw)
-        noise = draw.randn_like(x_start, "noise")
+        noise = self.path.sample_source(x_start.shape, device=x_start.device, dtype=x_start.dtype, draw=draw)
         x_t = d.q_sample(x_start, k, noise)
         y = batch.get("y")
         if y is not None:

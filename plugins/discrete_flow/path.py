@@ -145,9 +145,11 @@ class MixtureDiscretePath(Path):
         return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=torch.where(keep, x_1, x_0), target=x_1)
 
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None, draw: ExampleRandom | None = None) -> Tensor:
+                      device: torch.device | str | None = None, *, dtype: torch.dtype | None = None,
+                      draw: ExampleRandom | None = None) -> Tensor:
         """``(B, ...)`` mask tokens, or tokens uniform over the data vocabulary (drawn from `draw`,
-        per example with stream ``"source"``, when given, else from `generator`)."""
+        per example with stream ``"source"``, when given, else from `generator`); int64 (`dtype` is
+        not used: tokens are ids)."""
         if self.source == "mask":
             return torch.full(tuple(shape), self.mask_token, dtype=torch.long, device=device)
         if draw is not None:

@@ -204,7 +204,7 @@ class FlowMatching(Objective):
         draw = rng.for_batch(batch)
         x_0 = batch.get("x0")
         if x_0 is None:
-            x_0 = draw.randn_like(x_1, "noise")
+            x_0 = self.path.sample_source(x_1.shape, device=x_1.device, dtype=x_1.dtype, draw=draw)
         t_dtype = torch.float64 if x_1.dtype == torch.float64 else torch.float32
         t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype, draw=draw)
         ps = self.path.sample(x_0, x_1, t)
