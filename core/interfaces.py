@@ -186,7 +186,14 @@ class Solver(abc.ABC):
 
 # --------------------------------------------------------------------------- training
 class Objective(abc.ABC):
-    """A training loss. Holds any state the loss needs (time samplers, loss history)."""
+    """A training loss. Holds any state the loss needs (time samplers, loss history).
+
+    ``prediction`` names what the trained model outputs (``"velocity"``, ``"epsilon"``, ``"x1"``, ...,
+    None when the question does not apply): the one place metrics and tools read it from, whichever
+    section of the experiment set it.
+    """
+
+    prediction: str | None = None
 
     @abc.abstractmethod
     def loss(self, models: Mapping[str, nn.Module], batch: Batch,

@@ -106,6 +106,11 @@ class DDPMObjective(Objective):
         logs = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}
         return (terms["loss"] * weights).mean(), logs
 
+    @property
+    def prediction(self) -> str:
+        """What the model predicts: the process's ``[path] prediction`` (epsilon, x_start or v)."""
+        return self.path.config.prediction
+
     def sampling_model(self, model: nn.Module) -> Field:
         if isinstance(model, ClassifierFreeGuidance) and self.diffusion.learned_variance:
             return MeanGuidance(model.model, model.scale, model.null_label)

@@ -291,14 +291,14 @@ class LikelihoodMetric:
                 "nfe": float(sum(nfes) / len(nfes))}
 
 
-def check_matches_run(config: LikelihoodConfig, objective: Any) -> None:
-    """Refuse a `scheduler` / `prediction` that contradicts the run's objective and path (a likelihood of an
-    epsilon model integrated as a velocity field is a number, but not this model's likelihood)."""
+def check_matches_run(config: Any, objective: Any, metric: str = "likelihood") -> None:
+    """Refuse a ``config.scheduler`` / ``config.prediction`` that contradicts the run's objective and path (a
+    likelihood of an epsilon model integrated as a velocity field is a number, but not this model's likelihood)."""
     run_path = getattr(objective, "path", None)
     if not isinstance(run_path, AffinePath):
-        raise ConfigError(f"the likelihood metric integrates a flow-matching velocity field; this run's objective "
+        raise ConfigError(f"the {metric} metric integrates a flow-matching velocity field; this run's objective "
                           f"{type(objective).__name__} has no affine [path] (use the family's own metric, e.g. ddpm_bpd)")
-    trained = getattr(getattr(objective, "config", None), "prediction", "velocity")
+    trained = getattr(objective, "prediction", None) or "velocity"
     if config.prediction is not None and config.prediction != trained:
         raise ConfigError(f"prediction = {config.prediction!r}, but this run's objective predicts {trained!r}; "
                           f"leave it unset to use the run's", ("prediction",))

@@ -239,6 +239,11 @@ class FlowMatching(Objective):
         self._last_bins = values
         return {f"loss_bin/{i}": v for i, v in enumerate(values.unbind())}
 
+    @property
+    def prediction(self) -> str:
+        """What the model predicts: ``[objective] prediction`` (velocity, epsilon or x1)."""
+        return self.config.prediction
+
     def sampling_model(self, model: nn.Module) -> Field:
         if self.config.prediction == "velocity":
             return model
@@ -247,15 +252,11 @@ class FlowMatching(Objective):
         return PredictionToVelocity(model, self.path, self.config.prediction, self.config.sampling_eps)
 
 
-#: The older name (``velocity_mse``): the same objective, velocity prediction by default.
-VelocityMSE = FlowMatching
-
-
 def make_flow_matching(config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
     """Objective factory for ``plugin = "flow_matching"``."""
     return FlowMatching(config, spec, path)
 
 
-def make_velocity_mse(config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None) -> VelocityMSE:
-    """Objective factory for ``plugin = "velocity_mse"``."""
-    return VelocityMSE(config, spec, path)
+def make_velocity_mse(config: VelocityMSEConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
+    """Objective factory for ``plugin = "velocity_mse"`` (the flow_matching objective under its older name)."""
+    return FlowMatching(config, spec, path)
