@@ -2,7 +2,7 @@
 
 * Every first-party family package has one module per kind it registers, named after the kind
   (``scheduler``, ``path``, ``objective``, ``solver``, ``metrics``, ``data``; backbones ``model``).
-* Every registered factory of a first-party package is a function named ``make_<plugin>`` (the
+* Every registered factory of flowforge's own plugins is a function named ``make_<plugin>`` (the
   registered name), and its config class, when it has one, is named ``...Config``.
 * Every objective draws its source ``x_0`` through ``path.sample_source(..., draw=<the batch's draw>)``:
   replacing the path's draw changes the loss, and wrapping it without change keeps the loss bitwise.
@@ -24,13 +24,12 @@ from core.interfaces import DataSpec
 KIND_MODULE = {"scheduler": "scheduler", "path": "path", "objective": "objective", "solver": "solver",
                "metric": "metrics", "data": "data", "backbone": "model"}
 FAMILIES = ("flow_matching", "rectified_flow", "ddpm", "discrete_flow", "unet", "dit", "mlp")
-#: first-party packages held to the naming rule (the others are listed in the report of issue 18)
-NAMED = (*FAMILIES, "metrics")
 
 
-def components(packages):
-    return [registry.get(kind, name) for kind in registry.kinds() for name in registry.available(kind)
-            if registry.get(kind, name).plugin in packages]
+def components(packages=None):
+    """The registered components of the given first-party packages (all of flowforge's own when None)."""
+    every = [registry.get(kind, name) for kind in registry.kinds() for name in registry.available(kind)]
+    return [c for c in every if (c.plugin in packages if packages is not None else c.distribution == "flowforge")]
 
 
 @pytest.mark.parametrize("package", FAMILIES)
@@ -44,7 +43,7 @@ def test_family_has_a_module_per_kind_it_registers(package):
             f"no {kind} of plugins.{package} is registered from {module}")
 
 
-@pytest.mark.parametrize("component", components(NAMED), ids=lambda c: f"{c.kind}-{c.name}")
+@pytest.mark.parametrize("component", components(), ids=lambda c: f"{c.kind}-{c.name}")
 def test_factory_follows_the_naming_rule(component):
     factory = component.factory()
     want = "make_" + re.sub(r"\W", "_", component.name)
