@@ -89,7 +89,6 @@ ADAPTIVE = ("dopri5", "dopri8")
 METHODS = (*STAGES, *ADAPTIVE)
 
 
-
 @attrs.define
 class ODEConfig:
     """Options of the ode solver.
