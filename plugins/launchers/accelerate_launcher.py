@@ -331,3 +331,8 @@ class AccelerateLauncher(Launcher):
             if p.is_alive() and first + i not in outcome:
                 p.terminate()
         return outcome
+
+
+def make_accelerate(config: AccelerateConfig | None = None) -> AccelerateLauncher:
+    """Launcher factory for ``plugin = "accelerate"``."""
+    return AccelerateLauncher(config)
