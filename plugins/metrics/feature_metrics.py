@@ -170,8 +170,9 @@ class _FeatureMetric(Metric):
             self.reference_extractions += 1
             self.add_reference_features(self.extractor(samples).double(), key)
 
-    def reference_key(self, samples: Tensor) -> str | None:
-        """The cache key of reference examples `samples`; None without a cache or an extractor identity."""
+    def reference_key(self, samples: Any) -> str | None:
+        """The cache key of reference examples `samples` (a tensor or an array); None without a cache or an
+        extractor identity."""
         identity = getattr(self.extractor, "identity", None)
         if self.cache is None or identity is None:
             return None
@@ -188,6 +189,7 @@ class _FeatureMetric(Metric):
 
     def add_reference_features(self, features: Tensor, key: str | None = None) -> None:
         """Add the statistics of reference features ``(B, F)``, caching them under `key` when given."""
+        self._update_count += 1  # torchmetrics' count of updates: features fed directly count as one
         stats = self.reference_statistics(features.double())
         if key is not None and self.cache is not None:
             self.cache.save(key, stats, {"statistic": self.statistic,
@@ -197,6 +199,7 @@ class _FeatureMetric(Metric):
 
     def add_generated_features(self, features: Tensor) -> None:
         """Add features ``(B, F)`` of generated examples (already extracted)."""
+        self._update_count += 1
         self.fake_features.append(features.double())
 
     def _fake(self, min_count: int) -> Tensor:

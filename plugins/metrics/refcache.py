@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,14 +36,18 @@ from torch import Tensor
 FORMAT_VERSION = 1
 
 
-def fingerprint(x: Tensor) -> str:
-    """blake2b (32 hex digits) of ``x (N, ...)``: shape, dtype and contents, in order."""
+def fingerprint(x: Tensor | np.ndarray) -> str:
+    """blake2b (32 hex digits) of ``x (N, ...)``: shape, dtype and contents, in order (a tensor and an
+    array of the same values have the same fingerprint)."""
+    if isinstance(x, Tensor):
+        t = x.detach().cpu().contiguous()
+        x = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        dtype = str(t.dtype).removeprefix("torch.")
+    else:
+        x, dtype = np.ascontiguousarray(x), str(x.dtype)
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(x.shape)} {x.dtype}".encode())
-    arr = x.detach().cpu().contiguous()
-    if arr.dtype == torch.bfloat16:
-        arr = arr.view(torch.int16)
-    h.update(memoryview(arr.numpy()).cast("B"))
+    h.update(f"{tuple(x.shape)} {dtype}".encode())
+    h.update(memoryview(x).cast("B"))
     return h.hexdigest()
 
 
