@@ -119,10 +119,28 @@ def test_unknown_extractor_is_a_did_you_mean_exit_2(tmp_path):
 
 def test_features_and_the_older_options_do_not_mix():
     spec = DataSpec(shape=(2,))
-    with pytest.raises(ConfigError, match="older form"):
-        registry.build("metric", {"plugin": "kid", "features": "raw", "train_steps": 5}, spec=spec)
+    with pytest.raises(ConfigError, match="older form of features"):
+        registry.build("metric", {"plugin": "kid", "features": "raw", "feature_extractor": "inception"}, spec=spec)
+    with pytest.raises(ConfigError, match="older form of features"):
+        registry.build("metric", {"plugin": "kid", "features": "raw", "weights": "w.pth"}, spec=spec)
     with pytest.raises(ConfigError, match="needs a plugin key"):
         registry.build("metric", {"plugin": "kid", "features": {"weights": "x"}}, spec=spec)
+    with pytest.raises(ConfigError, match=r'features.feature_dims: unknown key \(did you mean "feature_dim"'):
+        registry.resolved("metric", {"plugin": "kid", "features": {"plugin": "digits_cnn", "feature_dims": 3}})
+
+
+def test_features_resolve_with_their_defaults_and_smoke_caps_them():
+    from core import config
+    from core.smoke import apply_smoke
+
+    raw = config.apply_overrides(config.read_toml(str(RF2D)), [
+        "metrics=[{plugin='kid', features='digits_cnn'}]", "feature_extractor={plugin='digits_cnn'}"])
+    exp = config.resolve(raw)
+    assert exp.metrics[0]["features"] == {"plugin": "digits_cnn", "feature_dim": 128, "train_steps": 1000,
+                                          "train_batch_size": 128, "train_lr": 1e-3, "feature_seed": 0,
+                                          "cache_dir": ""}
+    smoke = config.resolve(apply_smoke(raw))
+    assert smoke.metrics[0]["features"]["train_steps"] == 50 and smoke.metrics[0]["subset_size"] == 100
 
 
 TINY = {"train_steps": 5, "train_batch_size": 32, "feature_dim": 16}

@@ -22,11 +22,13 @@ token added for the mask source), which for the digits is exactly the
 continuous form ``v / 8 - 1``.
 
 Which extractor a metric uses (`build_extractor`): its ``features`` option (a
-name or a table), else the older options (``feature_extractor = "trained" |
+name or a table, resolved with the extractor's defaults when the experiment is
+validated), else the older options (``feature_extractor = "trained" |
 "inception" | "raw"`` with ``weights`` and the training options, which map to
 ``digits_cnn``, ``inception`` and ``raw``) when any differs from its default,
 else the experiment's ``[feature_extractor]`` section, else ``digits_cnn`` with
-its defaults.
+its defaults. With ``features`` set, ``feature_extractor`` and ``weights`` are
+refused and the older training options are not used.
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ FEATURE_OPTIONS_DOC = """
             $XDG_CACHE_HOME/flowforge, else ~/.cache/flowforge).
         feature_extractor: older form of features: "trained" (digits_cnn), "inception" or "raw".
         weights: older form: the InceptionV3 weights file for feature_extractor = "inception".
-        feature_dim: older form: digits_cnn's feature_dim.
-        train_steps: older form: digits_cnn's train_steps.
-        train_batch_size: older form: digits_cnn's train_batch_size.
-        train_lr: older form: digits_cnn's train_lr.
-        feature_seed: older form: digits_cnn's feature_seed."""
+        feature_dim: older form (not used with features): digits_cnn's feature_dim.
+        train_steps: older form (not used with features): digits_cnn's train_steps.
+        train_batch_size: older form (not used with features): digits_cnn's train_batch_size.
+        train_lr: older form (not used with features): digits_cnn's train_lr.
+        feature_seed: older form (not used with features): digits_cnn's feature_seed."""
 
 
 @attrs.define
@@ -85,8 +87,26 @@ class FeatureConfig:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)!r}", (key,))
         if self.train_lr <= 0:
             raise ConfigError(f"expected a positive number, got {self.train_lr!r}", ("train_lr",))
-        if isinstance(self.features, dict) and "plugin" not in self.features:
-            raise ConfigError("the features table needs a plugin key (a feature_extractor plugin)", ("features",))
+        if self.features:
+            self.features = _resolved_features(self.features)
+        if self.features and (self.feature_extractor != "trained" or self.weights):
+            key = "feature_extractor" if self.feature_extractor != "trained" else "weights"
+            raise ConfigError(f"{key} is the older form of features; give one of them (with features set, the "
+                              f"extractor's options go in its table, e.g. features = {{plugin = \"inception\", "
+                              f"weights = \"w.pth\"}})", (key,))
+
+
+def _resolved_features(value: str | dict[str, Any]) -> dict[str, Any]:
+    """The ``features`` table with every default of its extractor filled in; ConfigError at ``features``."""
+    import registry
+
+    mapping = {"plugin": value} if isinstance(value, str) else dict(value)
+    if "plugin" not in mapping:
+        raise ConfigError("the features table needs a plugin key (a feature_extractor plugin)", ("features",))
+    try:
+        return registry.resolved("feature_extractor", mapping)
+    except ConfigError as exc:
+        raise exc.within("features") from None
 
 
 FeatureConfig.__doc__ = ("Options of frechet_distance (shared by every feature-space metric).\n\n    Attributes:"
@@ -161,13 +181,8 @@ def _legacy_options(config: FeatureConfig) -> list[str]:
 
 def extractor_mapping(config: FeatureConfig) -> tuple[dict[str, Any], bool]:
     """(the feature_extractor table `config` asks for, whether it asks explicitly); see the module docstring."""
-    legacy = _legacy_options(config)
     if config.features:
-        if legacy:
-            raise ConfigError(f"{legacy[0]} is an option of the older form; with features set, give the extractor's "
-                              f"options in its table, e.g. features = {{plugin = \"digits_cnn\", feature_dim = 64}}",
-                              (legacy[0],))
-        return ({"plugin": config.features} if isinstance(config.features, str) else dict(config.features)), True
+        return dict(config.features), True
     name = LEGACY_NAMES[config.feature_extractor]
     if name == "digits_cnn":
         mapping = {"plugin": name, **{k: getattr(config, k) for k in TRAINING_KEYS}, "cache_dir": config.cache_dir}
@@ -175,7 +190,7 @@ def extractor_mapping(config: FeatureConfig) -> tuple[dict[str, Any], bool]:
         mapping = {"plugin": name, **({"weights": config.weights} if config.weights else {})}
     else:
         mapping = {"plugin": name}
-    return mapping, bool(legacy)
+    return mapping, bool(_legacy_options(config))
 
 
 def build_extractor(config: FeatureConfig, spec: DataSpec, data: DataSource | None = None,
