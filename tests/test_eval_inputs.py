@@ -103,22 +103,29 @@ def test_inception_features_from_a_local_file(tmp_path, capsys):
     assert got["metrics"]["kid"] == pytest.approx(kid_unbiased(fa, fb), rel=1e-6)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty folder", "text file", "float npz", "shapes differ", "alone"])
-def test_bad_inputs_exit_2(images, tmp_path, capsys, case):
+@pytest.mark.parametrize("case", ["missing", "empty folder", "text file", "float npz", "shapes differ", "alone",
+                                  "no metric", "not a feature metric", "no weights"])
+def test_bad_inputs_exit_2(images, tmp_path, capsys, case, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((3, 6, 6, 3), dtype=np.float32))
     np.savez(tmp_path / "big.npz", arr_0=np.zeros((3, 7, 7, 3), dtype=np.uint8))  # the others are 3 x 3
     first = {"missing": "nope", "empty folder": "empty", "text file": "notes.txt", "float npz": "float.npz",
-             "shapes differ": "big.npz", "alone": "a"}[case]
-    args = ["eval", "--input1", str(tmp_path / first), "--features", "raw"]
+             "shapes differ": "big.npz"}.get(case, "a")
+    args = ["eval", "--input1", str(tmp_path / first), "--features", "inception" if case == "no weights" else "raw"]
     if case != "alone":
         args += ["--input2", str(tmp_path / "b.npz")]
+    if case != "no metric":
+        args += ["--metric", "energy_distance" if case == "not a feature metric" else "frechet_distance"]
     assert cli(args) == 2
     err = capsys.readouterr().err
-    assert "--input" in err and "Traceback" not in err
+    expected = {"no metric": "need --metric", "not a feature metric": "not a feature metric",
+                "no weights": "--features.weights: the inception extractor needs InceptionV3 weights"}
+    assert expected.get(case, "--input") in err and "Traceback" not in err
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # the digits' corner pixels never vary
 def test_a_sample_npz_round_trips(tmp_path, capsys):
     from core.data import derive_seed
     from core.run import run
@@ -133,7 +140,7 @@ def test_a_sample_npz_round_trips(tmp_path, capsys):
                 "--out", str(tmp_path / "s")]) == 0
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (48, 8, 8, 1)
-    common = ["--features", "raw", "--cache", str(tmp_path / "cache")]
+    common = ["--features", "raw", "--metric", "frechet_distance", "--cache", str(tmp_path / "cache")]
     same = score(capsys, "--input1", str(tmp_path / "s.npz"), "--input2", str(tmp_path / "pngs"), *common)
     assert abs(same["metrics"]["frechet_distance"]) < 1e-9  # the PNG folder holds exactly the npz's images
     got = score(capsys, "--input1", str(tmp_path / "s.npz"), "--input2", str(out), "--seed", "5", *common)

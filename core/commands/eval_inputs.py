@@ -7,9 +7,9 @@ a run directory: its ``-n`` held-out examples (default: as many as ``--input1`` 
 reference selection that evaluation uses (seed ``--seed``, default the run's), quantised to uint8 the
 way ``flowforge sample`` writes images. Images are mapped to ``u / 127.5 - 1`` in [-1, 1], channels first.
 
-The feature metrics (``--metric``, default ``frechet_distance``; ``kid`` and ``precision_recall`` too)
-use the extractor ``--features`` (default ``inception``, which needs a local weights file) unless their
-table names their own. Under ``torchrun`` every rank extracts the features of its blocks of images and
+The feature metrics named with ``--metric`` (e.g. ``frechet_distance``, ``kid``, ``precision_recall``)
+use the extractor ``--features`` (e.g. ``inception`` from a local weights file, ``raw``) unless their
+table names their own; both are required (core names no plugin). Under ``torchrun`` every rank extracts the features of its blocks of images and
 the features are gathered in global order, so the numbers do not depend on the number of processes;
 the reference statistics are read from and written to the cache (``--cache DIR``, default
 ``$FLOWFORGE_CACHE``, else ``~/.cache/flowforge``), keyed by the reference images' fingerprint and the
@@ -37,9 +37,9 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "instead of a run's samples")
     parser.add_argument("--input2", metavar="PATH", help="against these: PNG folder, .npz, or a run directory "
                                                          "(its held-out data)")
-    parser.add_argument("--features", default="inception", metavar="PLUGIN|{TOML}",
-                        help="feature extractor for --input1/--input2 (default inception, from local weights), "
-                             "e.g. raw, digits_cnn or '{plugin = \"inception\", weights = \"w.pth\"}'")
+    parser.add_argument("--features", metavar="PLUGIN|{TOML}",
+                        help="feature extractor for --input1/--input2 (required with them), e.g. raw, digits_cnn "
+                             "or '{plugin = \"inception\", weights = \"w.pth\"}'")
     parser.add_argument("--cache", metavar="DIR", help="reference-statistics cache folder (default $FLOWFORGE_CACHE, "
                                                        "else ~/.cache/flowforge)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
@@ -125,7 +125,10 @@ def _build_metrics(args: argparse.Namespace, spec: Any, data: Any) -> dict[str, 
 
     from .eval import _parse_metric
 
-    entries = [_parse_metric(m) for m in (args.metric or ["frechet_distance"])]
+    for flag, given, kind in (("--features", args.features, "feature_extractor"), ("--metric", args.metric, "metric")):
+        if not given:
+            raise ConfigError(f"--input1/--input2 need {flag} (installed: {', '.join(registry.available(kind))})")
+    entries = [_parse_metric(m) for m in args.metric]
     extractor_entry = _parse_metric(args.features)
     try:
         extractor = registry.build("feature_extractor", extractor_entry, spec=spec, data=data)
@@ -140,8 +143,8 @@ def _build_metrics(args: argparse.Namespace, spec: Any, data: Any) -> dict[str, 
         except ConfigError as exc:
             raise exc.within(f"--metric[{index}]") from None
         if not hasattr(metric, "add_generated_features"):
-            raise ConfigError(f"--metric[{index}] {entry['plugin']!r} is not a feature metric; --input1/--input2 "
-                              f"score frechet_distance, kid and precision_recall")
+            raise ConfigError(f"--metric[{index}] {entry['plugin']!r} is not a feature metric (it takes no "
+                              f"features); --input1/--input2 score feature metrics only")
         metrics[name] = metric
     return metrics
 
