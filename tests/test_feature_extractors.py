@@ -96,17 +96,29 @@ def test_a_third_party_extractor_serves_a_frechet_distance(moments, tmp_path):
 
 
 def test_the_feature_extractor_section_is_the_runs_default(moments, tmp_path):
+    """A run whose [feature_extractor] is the third-party one; evaluating it again reads the reference
+    statistics from the cache (same numbers, no extraction of the reference), another seed misses."""
+    import tomllib
+
+    from core.generate import evaluate
     from core.run import run
+    from core.runs import load_run
 
     out = tmp_path / "run"
     run(RF2D, [*TINY_RF2D, "trainer.steps=2", "eval.num_pictures=0", "eval.untrained=false",
                "feature_extractor={plugin='moments', scale=3.0}",
                f"metrics=[{{plugin='frechet_distance', cache_dir='{tmp_path / 'cache'}'}}]"], out=out)
-    import tomllib
-
     resolved = tomllib.loads((out / "config.toml").read_text())
     assert resolved["feature_extractor"] == {"plugin": "moments", "scale": 3.0}
-    assert Moments.calls > 0  # the metric used the section's extractor (digits_cnn cannot serve 2D data this fast)
+    assert Moments.calls > 0  # the metric used the section's extractor
+    loaded = load_run(out, device="cpu")
+    metric = loaded.components.metrics["frechet_distance"]
+    assert isinstance(metric.extractor, Moments) and metric.extractor.scale == 3.0
+    first = evaluate(loaded.components, loaded.model, 200, seed=11, batch_size=64)
+    second = evaluate(loaded.components, loaded.model, 200, seed=11, batch_size=64)
+    assert first == second and metric.reference_extractions == 1  # the second read the cache
+    evaluate(loaded.components, loaded.model, 200, seed=12, batch_size=64)
+    assert metric.reference_extractions == 2  # another global reference selection: another fingerprint
 
 
 def test_unknown_extractor_is_a_did_you_mean_exit_2(tmp_path):
