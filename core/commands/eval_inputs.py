@@ -40,10 +40,10 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", metavar="PLUGIN|{TOML}",
                         help="feature extractor for --input1/--input2 (required with them), e.g. raw, digits_cnn "
                              "or '{plugin = \"inception\", weights = \"w.pth\"}'")
-    parser.add_argument("--cache", metavar="DIR", help="reference-statistics cache folder (default $FLOWFORGE_CACHE, "
-                                                       "else ~/.cache/flowforge)")
+    parser.add_argument("--cache", metavar="DIR", help="with --input1/--input2: the reference-statistics cache folder "
+                                                       "(default $FLOWFORGE_CACHE, else ~/.cache/flowforge)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
-                        help="neither read nor write cached reference statistics")
+                        help="with --input1/--input2: neither read nor write cached reference statistics")
 
 
 def _folder(path: Path, where: str) -> np.ndarray:
