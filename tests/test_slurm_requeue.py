@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import submitit
 
 from core import checkpoint as ckpt
+from core.signals import StopRequested
+from plugins.launchers.slurm import TrainJob
 from tests.conftest import RF2D, ROOT
 from tests.test_signals import assert_equal_states, children, wait_until_training
 
@@ -72,3 +76,29 @@ def test_a_preempted_submitit_job_checkpoints_requeues_and_resumes_exactly(tmp_p
     assert reference.returncode == 0
     whole = ckpt.load(ckpt.latest(tmp_path / "whole" / "checkpoints"))
     assert_equal_states(ckpt.load(ckpt.latest(tmp_path / "run" / "checkpoints")), whole)  # bitwise
+
+
+def stopped_by(signum: int):
+    def entry(accelerator, resume: bool):
+        raise StopRequested(signum, 7, None)
+    return entry
+
+
+def test_only_the_preemption_signal_requeues(monkeypatch):
+    """Inside a submitit task, a stop by the preemption signal calls submitit's requeue handler; any other
+    stop signal (SIGTERM from ``scancel``, a terminal's SIGINT) ends the job with its StopRequested (the
+    checkpoint is written; continue with --resume)."""
+    for key, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "1", "SUBMITIT_LOCAL_NTASKS": "1",
+                       "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_NODEID": "0",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    preemption, requeued = submitit.JobEnvironment._usr_sig(), []
+    previous = signal.signal(preemption, lambda signum, frame: requeued.append(signum))  # stands for submitit's
+    try:
+        with pytest.raises(StopRequested) as info:
+            TrainJob(stopped_by(signal.SIGTERM), (False,), {}, "cpu")()
+        assert info.value.exit_status == 143 and requeued == []
+        assert TrainJob(stopped_by(preemption), (False,), {}, "cpu")() is None
+        assert requeued == [preemption]
+    finally:
+        signal.signal(preemption, previous)
