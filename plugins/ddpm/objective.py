@@ -38,6 +38,7 @@ from registry import ConfigError
 
 from .path import diffusion_of
 from .resample import create_schedule_sampler
+from .weighting import loss_weights, perturbed_noise, snr
 
 
 @attrs.define
@@ -52,6 +53,12 @@ class DDPMConfig:
         history_per_term: losses kept per step by loss-second-moment.
         uniform_prob: weight of the uniform distribution mixed into loss-second-moment sampling.
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+        weighting: weight of the mean-squared error per step: "none", "snr" or "min_snr" (Hang et al.;
+            see `plugins.ddpm.weighting`); needs loss_type mse or rescaled_mse.
+        snr_gamma: the clamp gamma of min_snr (5 in the paper).
+        noise_offset: offset noise: a per-channel N(0, offset^2) shift of the noise, broadcast over space.
+        input_perturbation: Ning et al.'s gamma: x_k is built from noise + gamma * N(0, I), the target
+            keeps the noise.
     """
 
     loss_type: Literal["mse", "rescaled_mse", "kl", "rescaled_kl"] = "mse"
@@ -59,9 +66,18 @@ class DDPMConfig:
     history_per_term: int = 10
     uniform_prob: float = 1e-3
     label_dropout: float = 0.0
+    weighting: Literal["none", "snr", "min_snr"] = "none"
+    snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         checks = [
+            (self.snr_gamma > 0, "snr_gamma", "a positive clamp"),
+            (self.noise_offset >= 0, "noise_offset", "a non-negative offset"),
+            (self.input_perturbation >= 0, "input_perturbation", "a non-negative gamma"),
+            (self.weighting == "none" or self.loss_type in ("mse", "rescaled_mse"), "weighting",
+             "weighting = \"none\" with loss_type kl / rescaled_kl (SNR weights apply to the mse term)"),
             (self.history_per_term >= 1, "history_per_term", "a positive integer"),
             (0.0 <= self.uniform_prob <= 1.0, "uniform_prob", "a probability in [0, 1]"),
             (0.0 <= self.label_dropout <= 1.0, "label_dropout", "a probability in [0, 1]"),
@@ -99,16 +115,22 @@ class DDPMObjective(Objective):
         x_start = batch["x"]
         draw = rng.for_batch(batch)
         k, weights = self.sampler.sample(x_start.shape[0], x_start.device, draw=draw)
-        noise = draw.randn_like(x_start, "noise")
+        c = self.config
+        noise, target_noise = perturbed_noise(draw.randn_like(x_start, "noise"), draw, c.noise_offset,
+                                              c.input_perturbation)
         x_t = d.q_sample(x_start, k, noise)
         y = batch.get("y")
         if y is not None:
             y = drop_labels(y, self.config.label_dropout, self.spec.num_classes, draw)
         output = models["model"](x_t, d.model_time(k, x_t), y).float()
-        terms = d.training_losses(output, x_start.float(), x_t.float(), k, noise.float(), self.config.loss_type)
+        terms = d.training_losses(output, x_start.float(), x_t.float(), k, target_noise.float(), c.loss_type)
         self.sampler.update_with_local_losses(k, terms["loss"].detach())
         logs = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}
-        return (terms["loss"] * weights).mean(), logs
+        loss = terms["loss"]
+        if c.weighting != "none":
+            snr_w = loss_weights(snr(d, k), d.prediction, c.weighting, c.snr_gamma).to(loss)
+            loss = snr_w * terms["mse"] + terms.get("vb", 0.0)
+        return (loss * weights).mean(), logs
 
     def sampling_model(self, model: nn.Module) -> Field:
         if isinstance(model, ClassifierFreeGuidance) and self.diffusion.learned_variance:
