@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from core import rng
-from core.guidance import ClassifierFreeGuidance, drop_labels
+from core.guidance import ClassifierFreeGuidance, check_options, configured, drop_labels, guide
 from core.interfaces import Batch, DataSpec, Field, Objective
 from registry import ConfigError
 
@@ -59,6 +59,8 @@ class DDPMConfig:
         noise_offset: offset noise: a per-channel N(0, offset^2) shift of the noise, broadcast over space.
         input_perturbation: Ning et al.'s gamma: x_k is built from noise + gamma * N(0, I), the target
             keeps the noise.
+        guidance_interval: [lo, hi]: classifier-free guidance only for t in it (Kynkaanniemi et al.).
+        guidance_rescale: CFG rescale phi (Lin et al.), see `core.guidance`.
     """
 
     loss_type: Literal["mse", "rescaled_mse", "kl", "rescaled_kl"] = "mse"
@@ -70,8 +72,11 @@ class DDPMConfig:
     snr_gamma: float = 5.0
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_rescale: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        check_options(self.guidance_interval, self.guidance_rescale)
         checks = [
             (self.snr_gamma > 0, "snr_gamma", "a positive clamp"),
             (self.noise_offset >= 0, "noise_offset", "a non-negative offset"),
@@ -91,14 +96,9 @@ class MeanGuidance(ClassifierFreeGuidance):
     """Classifier-free guidance of the first half of the output channels (the mean part);
     the second half (the learned variance) is the conditional model's."""
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        if y is None or self.scale == 0.0:
-            return self.model(x, t, y)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
-        cond, uncond = both.chunk(2)
+    def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
         (cond_mean, cond_var), uncond_mean = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)[0]
-        return torch.cat([(1.0 + self.scale) * cond_mean - self.scale * uncond_mean, cond_var], dim=1)
+        return torch.cat([guide(cond_mean, uncond_mean, self.scale, self.rescale), cond_var], dim=1)
 
 
 class DDPMObjective(Objective):
@@ -133,9 +133,8 @@ class DDPMObjective(Objective):
         return (loss * weights).mean(), logs
 
     def sampling_model(self, model: nn.Module) -> Field:
-        if isinstance(model, ClassifierFreeGuidance) and self.diffusion.learned_variance:
-            return MeanGuidance(model.model, model.scale, model.null_label)
-        return model
+        cls = MeanGuidance if self.diffusion.learned_variance else None
+        return configured(model, self.config.guidance_interval, self.config.guidance_rescale, cls)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
