@@ -85,6 +85,12 @@ class GaussianDiffusionPath(Path):
                       device: torch.device | str | None = None) -> Tensor:
         return torch.randn(*shape, generator=generator).to(device or "cpu")
 
+    def velocity_field(self, field: Any) -> Any:
+        """The probability-flow velocity of a model of this process (`plugins.ddpm.flow`), for ODE solvers."""
+        from .flow import ProbabilityFlow
+
+        return ProbabilityFlow(field, self.diffusion)
+
 
 def build_path(config: DiffusionConfig, spec: DataSpec | None = None, scheduler: Any = None) -> GaussianDiffusionPath:
     """Path factory: continuous data only; the process defines its own schedule (no [scheduler])."""
