@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from core import rng
-from core.guidance import drop_labels
+from core.guidance import check_options, configured, drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
@@ -82,6 +82,8 @@ class FlowMatchingConfig:
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
         loss_bins: number of equal bins of t whose mean loss is logged as loss_bin/k (0: none).
         sampling_eps: how far from the singular end an epsilon or x1 model is evaluated when sampling.
+        guidance_interval: [lo, hi]: classifier-free guidance only for t in it (Kynkaanniemi et al.).
+        guidance_rescale: CFG rescale phi (Lin et al.) of the model's output, see `core.guidance`.
     """
 
     prediction: Literal["velocity", "epsilon", "x1"] = "velocity"
@@ -97,8 +99,11 @@ class FlowMatchingConfig:
     label_dropout: float = 0.0
     loss_bins: int = 4
     sampling_eps: float = 1e-3
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_rescale: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        check_options(self.guidance_interval, self.guidance_rescale)
         checks = [
             (self.std > 0, "std", "a positive number"),
             (self.p_std > 0, "p_std", "a positive number"),
@@ -245,6 +250,7 @@ class FlowMatching(Objective):
         return self.config.prediction
 
     def sampling_model(self, model: nn.Module) -> Field:
+        model = configured(model, self.config.guidance_interval, self.config.guidance_rescale)
         if self.config.prediction == "velocity":
             return model
         from .transforms import PredictionToVelocity
