@@ -16,7 +16,7 @@ for the 0-based optimizer step) ``beta`` is, by `warmup`:
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -46,6 +46,11 @@ class Warmup:
         if m <= 0:
             return 0.0
         return max(min(1.0 - (1.0 + m / self.inv_gamma) ** -self.power, decay), self.min_decay)
+
+
+def warmup_of(cfg: Any) -> Warmup:
+    """The `Warmup` that a `core.config.TrainerConfig`'s ``ema_*`` options describe."""
+    return Warmup(cfg.ema_warmup, cfg.ema_power, cfg.ema_inv_gamma, cfg.ema_min_decay, cfg.ema_update_after_step)
 
 
 class EMA:

@@ -54,7 +54,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer("config", 2, ("core.config", "core.options", "core.smoke"),
           "experiment files: schema, validation, option documentation, smoke caps"),
     Layer("build", 3, ("core.build",), "components built once, in dependency order"),
-    Layer("engine", 4, ("core.trainer", "core.optim", "core.ema", "core.events", "core.generate",
+    Layer("engine", 4, ("core.trainer", "core.optim", "core.ema", "core.posthoc_ema", "core.events", "core.generate",
                         "core.collectives", "core.progress", "core.rundir"),
           "the trainer loop, optimizer and LR, EMA, trainer events, evaluation and generation, collectives, "
           "progress, the run directory"),
