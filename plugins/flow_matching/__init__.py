@@ -3,7 +3,10 @@
 Components (``flowforge plugins --options NAME`` lists each one's options):
 
 * schedulers ``cond_ot``, ``polynomial``, ``cosine``, ``vp``, ``linear_vp`` (schedulers.py)
-* path ``affine`` with velocity / epsilon / x_1 conversions (paths.py)
+* path ``affine`` with velocity / epsilon / x_1 conversions (paths.py); paths ``interpolant``
+  (stochastic interpolants) and ``schrodinger_bridge`` (SB-CFM) (interpolants.py)
+* minibatch couplings of the objective: ``ot``, ``sinkhorn``, ``class_ot`` (couplings.py)
+* solver ``sde``: Euler-Maruyama and stochastic Heun with SiT's diffusion choices (sde.py)
 * objectives ``flow_matching`` and its older name ``velocity_mse`` (objectives.py)
 * solver ``ode``: euler, midpoint, heun, rk4, dopri5, dopri8; uniform, EDM or explicit grids;
   sampling under another scheduler (solvers.py, transforms.py)
@@ -32,6 +35,10 @@ def flowforge_register(register):
              doc="linear variance preserving: alpha_t = t, sigma_t = sqrt(1 - t^2)")
     register("path", "affine", _M + "paths:build_affine", None,
              doc="x_t = alpha_t x_1 + sigma_t x_0 over any scheduler, Gaussian source; prediction conversions")
+    register("path", "interpolant", _M + "interpolants:build_interpolant", _M + "interpolants:InterpolantConfig",
+             doc="stochastic interpolant x_t = alpha_t x_1 + sigma_t x_0 + gamma_t z (Albergo & Vanden-Eijnden)")
+    register("path", "schrodinger_bridge", _M + "interpolants:build_schrodinger", _M + "interpolants:SchrodingerConfig",
+             doc="SB-CFM: x_t = t x_1 + (1 - t) x_0 + sigma sqrt(t (1 - t)) z; pair with coupling = \"sinkhorn\"")
     register("objective", "flow_matching", _M + "objectives:FlowMatching", _M + "objectives:FlowMatchingConfig",
              doc="flow matching with a velocity, epsilon or x1 target, loss weighting and time samplers")
     register("objective", "velocity_mse", _M + "objectives:VelocityMSE", _M + "objectives:VelocityMSEConfig",
