@@ -45,6 +45,8 @@ def flowforge_register(register):
              doc="flow matching: E || u_theta(x_t, t) - (d_alpha x_1 + d_sigma x_0) ||^2 (same as flow_matching)")
     register("solver", "ode", _M + "solvers:build_ode", _M + "solvers:ODEConfig",
              doc="ODE solver: euler, midpoint, heun, rk4 (fixed steps), dopri5, dopri8 (adaptive)")
+    register("solver", "sde", _M + "sde:build_sde", _M + "sde:SDEConfig",
+             doc="SDE sampler: Euler-Maruyama or stochastic Heun, SiT's diffusions, last-step denoising")
     register("metric", "likelihood", _M + "likelihood:build_likelihood", _M + "likelihood:LikelihoodConfig",
              doc="negative log-likelihood / bits per dim of held-out data (exact or Hutchinson divergence)")
     register("metric", "few_step", _M + "metrics:build_few_step", _M + "metrics:FewStepConfig",

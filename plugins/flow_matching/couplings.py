@@ -80,20 +80,34 @@ def exact_assignment(cost: Tensor) -> Tensor:
 def sinkhorn_plan(cost: Tensor, eps: float, *, iters: int = 1000, tol: float = 1e-9) -> Tensor:
     """The entropic OT plan ``(n, m)`` (float64, marginals ``1/n`` and ``1/m``) of `cost`, log-domain Sinkhorn.
 
-    Stops when the row marginals are within `tol` (L1) of uniform after a column update, or after `iters`.
+    With epsilon scaling: the potentials are warm-started through ``eps_k = max(eps, max(C) 2^-k)``
+    (each stage until its row marginals are within ``sqrt(tol)``), then iterated at `eps` until the row
+    marginals are within `tol` (L1) of uniform, or `iters` sweeps per stage.
     """
     c = cost.to(torch.float64)
     n, m = c.shape
-    log_a, log_b = -math.log(n), -math.log(m)
     f = torch.zeros(n, dtype=c.dtype, device=c.device)
     g = torch.zeros(m, dtype=c.dtype, device=c.device)
-    for _ in range(iters):
+    stage = max(float(c.max()), eps)
+    while True:
+        stage = max(eps, stage / 2)
+        f, g = _sinkhorn_sweeps(c, f, g, stage, iters, tol if stage == eps else math.sqrt(tol))
+        if stage == eps:
+            return torch.exp((f[:, None] + g[None, :] - c) / eps)
+
+
+def _sinkhorn_sweeps(c: Tensor, f: Tensor, g: Tensor, eps: float, iters: int, tol: float) -> tuple[Tensor, Tensor]:
+    """Log-domain Sinkhorn updates of the potentials ``f (n,), g (m,)`` at one ``eps`` (module docstring)."""
+    n, m = c.shape
+    log_a, log_b = -math.log(n), -math.log(m)
+    for k in range(iters):
         f = eps * (log_a - torch.logsumexp((g[None, :] - c) / eps, dim=1))
         g = eps * (log_b - torch.logsumexp((f[:, None] - c) / eps, dim=0))
-        log_p = (f[:, None] + g[None, :] - c) / eps
-        if (log_p.exp().sum(1) - 1.0 / n).abs().sum() < tol:
-            break
-    return torch.exp((f[:, None] + g[None, :] - c) / eps)
+        if k % 10 == 9:
+            rows = torch.logsumexp((f[:, None] + g[None, :] - c) / eps, dim=1).exp()
+            if (rows - 1.0 / n).abs().sum() < tol:
+                break
+    return f, g
 
 
 def sample_rows(plan: Tensor, u: Tensor) -> Tensor:
