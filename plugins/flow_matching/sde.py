@@ -33,6 +33,9 @@ The schemes on the uniform grid ``t_k`` from ``t0`` to ``t_N = 1 - last_step_siz
 Last step (``last_step``, from ``t_N`` to 1, one evaluation; the score is singular at t = 1): ``mean``
 (``x + h f``, no noise), ``euler`` (``x + h v``), ``tweedie`` (``E[x_1 | x_t]`` from the velocity, affine
 paths) or ``none`` (``t_N = 1``: only for a diffusion that vanishes at t = 1, or ``norm = 0``).
+The ``mean`` step drops the step's noise but keeps its score pull, so it shrinks the spread by about
+``h w(t_N) / Var``: it suits diffusions that vanish at the data end (sigma, linear, SBDM, ...); after a
+``constant`` diffusion end with ``euler`` or ``tweedie`` (tests/test_flow_sde.py pins both).
 """
 
 from __future__ import annotations
