@@ -169,3 +169,35 @@ def test_coupling_refuses_paired_data_and_a_block_that_does_not_divide():
         obj.loss(model, {"x": torch.randn(8, 2)}, 0)
     with pytest.raises(registry.ConfigError, match="reflow"):
         obj.loss(model, {"x": torch.randn(6, 2), "x0": torch.randn(6, 2)}, 0)
+
+
+def test_trainer_splits_give_the_same_parameters_with_block_coupling(tmp_path):
+    """The real trainer: rectified_flow_2d with OT on blocks of 128 reaches the same parameters unsplit and with
+    grad_accum = 2 / microbatch = 128 (each micro-batch holds whole blocks); per-micro-batch OT (block 0) does not."""
+    from core import checkpoint as ckpt
+    from core.run import run
+
+    from .conftest import ROOT
+
+    base = ["metrics=[]", "eval.num_pictures=0", "eval.untrained=false", "eval.floor=false", "trainer.progress='off'",
+            "trainer.checkpoint_every=0", "trainer.steps=6", "trainer.batch_size=256", "objective.coupling='ot'"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def params(name, *extra):
+        try:
+            run(ROOT / "experiments" / "rectified_flow_2d.toml", [*base, *extra], out=tmp_path / name)
+        finally:
+            torch.set_num_threads(threads)
+        return ckpt.load(ckpt.latest(tmp_path / name / "checkpoints"))["model"]
+
+    def diff(a, b):
+        return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+    one = params("one", "objective.coupling_block=128")
+    accum = params("accum", "objective.coupling_block=128", "trainer.grad_accum=2")
+    micro = params("micro", "objective.coupling_block=128", "trainer.microbatch=128")
+    assert max(diff(one, accum), diff(one, micro)) <= 1e-5
+    whole = params("whole", "objective.coupling_block=0")
+    whole_accum = params("whole-accum", "objective.coupling_block=0", "trainer.grad_accum=2")
+    assert diff(whole, whole_accum) > 1e-4
