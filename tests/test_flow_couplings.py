@@ -201,3 +201,15 @@ def test_trainer_splits_give_the_same_parameters_with_block_coupling(tmp_path):
     whole = params("whole", "objective.coupling_block=0")
     whole_accum = params("whole-accum", "objective.coupling_block=0", "trainer.grad_accum=2")
     assert diff(whole, whole_accum) > 1e-4
+
+
+def test_kernel_and_log_domain_sinkhorn_reach_the_same_plan(monkeypatch):
+    import plugins.flow_matching.couplings as couplings
+
+    g = torch.Generator().manual_seed(6)
+    cost = squared_distances(torch.rand(64, 2, generator=g, dtype=torch.float64) * 6 - 3,
+                             torch.randn(64, 2, generator=g, dtype=torch.float64))
+    kernel = sinkhorn_plan(cost, 0.5, tol=1e-10, iters=5000)  # max(C) / eps < 300: kernel scalings
+    monkeypatch.setattr(couplings, "KERNEL_MAX", 0.0)
+    log_domain = sinkhorn_plan(cost, 0.5, tol=1e-10, iters=5000)
+    assert torch.allclose(kernel, log_domain, atol=1e-10)

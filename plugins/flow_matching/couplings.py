@@ -78,22 +78,44 @@ def exact_assignment(cost: Tensor) -> Tensor:
 
 
 def sinkhorn_plan(cost: Tensor, eps: float, *, iters: int = 1000, tol: float = 1e-6) -> Tensor:
-    """The entropic OT plan ``(n, m)`` (float64, marginals ``1/n`` and ``1/m``) of `cost`, log-domain Sinkhorn.
+    """The entropic OT plan ``(n, m)`` (float64, marginals ``1/n`` and ``1/m``) of `cost`.
 
-    With epsilon scaling: the potentials are warm-started through ``eps_k = max(eps, max(C) 2^-k)``
-    (each stage until its row marginals are within ``sqrt(tol)``), then iterated at `eps` until the row
-    marginals are within `tol` (L1) of uniform, or `iters` sweeps per stage.
+    When ``max(C) / eps < KERNEL_MAX`` the kernel ``K = exp(-C / eps)`` is representable and the
+    scalings ``u = a / (K v)``, ``v = b / (K^T u)`` iterate (``P = diag(u) K diag(v)``, the same fixed point
+    as the log-domain updates, one matrix-vector product each). Otherwise log-domain Sinkhorn with epsilon
+    scaling: the potentials are warm-started through ``eps_k = max(eps, max(C) 2^-k)`` (each stage until its
+    row marginals are within ``sqrt(tol)``), then iterated at `eps`. Both stop when the row marginals are
+    within `tol` (L1) of uniform, or after `iters` sweeps (per stage).
     """
     c = cost.to(torch.float64)
-    n, m = c.shape
-    f = torch.zeros(n, dtype=c.dtype, device=c.device)
-    g = torch.zeros(m, dtype=c.dtype, device=c.device)
+    if float(c.max()) / eps < KERNEL_MAX:
+        return _sinkhorn_kernel(c, eps, iters, tol)
+    f = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
+    g = torch.zeros(c.shape[1], dtype=c.dtype, device=c.device)
     stage = max(float(c.max()), eps)
     while True:
         stage = max(eps, stage / 2)
         f, g = _sinkhorn_sweeps(c, f, g, stage, iters, tol if stage == eps else math.sqrt(tol))
         if stage == eps:
             return torch.exp((f[:, None] + g[None, :] - c) / eps)
+
+
+#: Largest ``max(C) / eps`` for the kernel-domain iterations (exp(-300) = 5e-131: far from float64 underflow).
+KERNEL_MAX = 300.0
+
+
+def _sinkhorn_kernel(c: Tensor, eps: float, iters: int, tol: float) -> Tensor:
+    """Kernel-domain Sinkhorn scalings (see `sinkhorn_plan`); returns the plan ``(n, m)``."""
+    n, m = c.shape
+    k = torch.exp(-c / eps)
+    u = torch.full((n,), 1.0 / n, dtype=c.dtype, device=c.device)
+    v = torch.ones(m, dtype=c.dtype, device=c.device)
+    for i in range(iters):
+        u = (1.0 / n) / (k @ v)
+        v = (1.0 / m) / (k.T @ u)
+        if i % 10 == 9 and (u * (k @ v) - 1.0 / n).abs().sum() < tol:
+            break
+    return u[:, None] * k * v[None, :]
 
 
 def _sinkhorn_sweeps(c: Tensor, f: Tensor, g: Tensor, eps: float, iters: int, tol: float) -> tuple[Tensor, Tensor]:
