@@ -145,3 +145,21 @@ def test_interpolant_config_errors():
                          path=sb_path(0.5))
     with pytest.raises(registry.ConfigError, match="out_channels_mult"):
         obj.loss({"model": lambda x, t, y=None: x}, {"x": torch.randn(4, 2)}, 0)
+
+
+def test_sb_cfm_experiment_runs_end_to_end(tmp_path):
+    """experiments/sb_cfm_2d.toml, shortened: sinkhorn pairs, two heads, the SDE sampler with the learned score."""
+    from core.run import run
+
+    from .conftest import ROOT
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = run(ROOT / "experiments" / "sb_cfm_2d.toml",
+                      ["trainer.steps=2", "trainer.batch_size=256", "trainer.checkpoint_every=0", "trainer.progress='off'",
+                       "backbone.hidden=32", "backbone.depth=2", "solver.steps=5", "eval.num_samples=100",
+                       "eval.num_pictures=0", "eval.untrained=false", "eval.floor=false"], out=tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    assert math.isfinite(summary["metrics"]["energy_distance"])
