@@ -50,7 +50,9 @@ def train(coupling: str, args: argparse.Namespace) -> dict:
     m = summary["metrics"]
     row = {f"euler {k}": m[f"euler{k}/energy_distance"] for k in NFES}
     row["midpoint 20 (NFE 40)"] = m["energy_distance"]
-    return {"coupling": coupling, "energy": row, "wall": summary.get("train_wall_time_s")}
+    floor = (summary.get("floor") or {}).get("energy_distance")
+    return {"coupling": coupling, "energy": row, "wall": summary.get("train_wall_time_s"), "floor": floor,
+            "loss": summary.get("final_loss")}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -89,11 +91,16 @@ def main(argv: list[str] | None = None) -> int:
              f"Written by `python benchmarks/ot_coupling_2d.py --steps {args.steps} --block {args.block} "
              f"--seed {args.seed}`: experiments/rectified_flow_2d.toml trained {args.steps} steps per coupling "
              f"(same model, batch, lr, seed), OT on blocks of {args.block}. Energy distance of {SAMPLES} EMA-model "
-             "samples to held-out data (lower is better). One seed.", "",
-             "| coupling | " + " | ".join(cols) + " | train s |", "|---|" + "---|" * (len(cols) + 1)]
+             "samples to held-out data (lower is better); floor: two independent held-out samples of the same size. "
+             "One seed. Train s: wall time on a shared, loaded machine (not a speed comparison).", "",
+             "| coupling | " + " | ".join(cols) + " | floor | final loss | train s |",
+             "|---|" + "---|" * (len(cols) + 3)]
     for r in results:
-        wall = f"{r['wall']:.0f}" if r["wall"] is not None else "-"
-        lines.append(f"| {r['coupling']} | " + " | ".join(f"{r['energy'][c]:.4f}" for c in cols) + f" | {wall} |")
+        cells = [f"{r['energy'][c]:.4f}" for c in cols]
+        cells += [f"{r['floor']:.4f}" if r["floor"] is not None else "-",
+                  f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+                  f"{r['wall']:.0f}" if r["wall"] is not None else "-"]
+        lines.append(f"| {r['coupling']} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     (args.out / "ot_coupling_2d.md").write_text(text)

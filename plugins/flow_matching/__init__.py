@@ -10,7 +10,8 @@ Components (``flowforge plugins --options NAME`` lists each one's options):
 * objectives ``flow_matching`` and its older name ``velocity_mse`` (objectives.py)
 * solver ``ode``: euler, midpoint, heun, rk4, dopri5, dopri8; uniform, EDM or explicit grids;
   sampling under another scheduler (solvers.py, transforms.py)
-* metrics ``likelihood`` (NLL / bits per dim, likelihood.py) and ``few_step`` (a sample
+* metrics ``likelihood`` (NLL / bits per dim, likelihood.py; ``dequantize`` for 8-bit images,
+  dequantize.py) and ``few_step`` (a sample
   metric under another solver, e.g. one step; metrics.py)
 """
 
