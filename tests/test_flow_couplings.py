@@ -213,3 +213,30 @@ def test_kernel_and_log_domain_sinkhorn_reach_the_same_plan(monkeypatch):
     monkeypatch.setattr(couplings, "KERNEL_MAX", 0.0)
     log_domain = sinkhorn_plan(cost, 0.5, tol=1e-10, iters=5000)
     assert torch.allclose(kernel, log_domain, atol=1e-10)
+
+
+def test_pot_is_used_when_installed(monkeypatch):
+    """With a POT module present, exact_assignment reads the permutation off ot.emd's plan (here a stand-in
+    that solves the linear programme by enumerating the permutations, the vertices of the uniform polytope)."""
+    import sys
+    import types
+
+    import numpy as np
+
+    calls = []
+
+    def emd(a, b, m):
+        calls.append(m.shape)
+        n = len(a)
+        best = min(itertools.permutations(range(n)), key=lambda p: sum(m[i, p[i]] for i in range(n)))
+        plan = np.zeros((n, n))
+        plan[np.arange(n), list(best)] = 1.0 / n
+        return plan
+
+    monkeypatch.setitem(sys.modules, "ot", types.SimpleNamespace(emd=emd))
+    g = torch.Generator().manual_seed(8)
+    cost = squared_distances(torch.randn(5, 2, generator=g, dtype=torch.float64),
+                             torch.randn(5, 2, generator=g, dtype=torch.float64))
+    j = exact_assignment(cost)
+    assert calls == [(5, 5)]
+    assert float(cost[torch.arange(5), j].sum()) == pytest.approx(brute_force_cost(cost), abs=1e-12)
