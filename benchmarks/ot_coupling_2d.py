@@ -62,9 +62,12 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for r in results:
-        ax.plot(NFES, [r["energy"][f"euler {k}"] for k in NFES], marker="o", label=f"{r['coupling']} (euler)")
-        ax.scatter([40], [r["energy"]["midpoint 20 (NFE 40)"]], marker="x")
+    for r, color in zip(results, ("C0", "C1")):
+        ax.plot(NFES, [r["energy"][f"euler {k}"] for k in NFES], marker="o", color=color,
+                label=f"{r['coupling']} (euler; x: midpoint 20)")
+        ax.scatter([40], [r["energy"]["midpoint 20 (NFE 40)"]], marker="x", color=color)
+    if results[0]["floor"] is not None:
+        ax.axhline(results[0]["floor"], color="gray", linestyle="--", label="data-vs-data floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
