@@ -31,6 +31,11 @@ Time samplers (``time_sampler``), all in the t=0-noise convention:
 * ``mode``: SD3's mode sampling ``t = 1 - f(u)``, ``f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)``,
   ``u ~ U[0, 1]``, ``s = mode_scale`` in ``[-1, 2 / (pi - 2)]`` (s = 0 is uniform; s > 0 favours mid times).
 
+Couplings (``coupling``, couplings.py): drawn noise is re-paired with the data by exact minibatch OT,
+Sinkhorn's entropic plan or OT within each label, on blocks of ``coupling_block`` examples. On a
+stochastic interpolant path (interpolants.py) the latent ``z`` is drawn per example (stream
+``"latent"``) and ``prediction = "velocity_score"`` regresses ``[u_t, z]`` with two heads.
+
 With ``label_dropout = p`` each label is replaced by the null label
 ``num_classes`` with probability ``p`` (trains the unconditional model of
 classifier-free guidance).
