@@ -2,7 +2,7 @@
 
     python benchmarks/latent_digits.py [--steps 3000] [--vae-steps 1500] [--vae-only] [--json]
 
-1. Fits a small diffusers AutoencoderKL (block_out_channels (16, 32, 32): 32x32 -> 4x8x8) on the
+1. Fits a small diffusers AutoencoderKL (block_out_channels (8, 16, 16), no attention: 32x32 -> 4x8x8) on the
    training split of the upsampled digits (MSE + 1e-4 KL, Adam), sets scaling_factor = 1 / std and
    shift_factor = mean of its latents (SD3's convention), and saves it to runs/digits_vae as a local
    diffusers folder (skipped when the folder exists; --retrain-vae refits).
@@ -23,11 +23,11 @@ from _common import ROOT, emit, table
 
 VAE_DIR = ROOT / "runs" / "digits_vae"
 VAE = dict(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
-           up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), latent_channels=4,
-           norm_num_groups=8, layers_per_block=1, sample_size=32)
+           up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
+           norm_num_groups=4, layers_per_block=1, sample_size=32, mid_block_add_attention=False)
 
 
-def train_vae(steps: int, folder=VAE_DIR, batch: int = 64, kl: float = 1e-4) -> dict:
+def train_vae(steps: int, folder=VAE_DIR, batch: int = 32, kl: float = 1e-4) -> dict:
     """Fit the VAE on the 32x32 training digits and save it; returns {recon_mse (held out), scale, shift}."""
     import torch
     from diffusers import AutoencoderKL
@@ -37,18 +37,20 @@ def train_vae(steps: int, folder=VAE_DIR, batch: int = 64, kl: float = 1e-4) -> 
     data = registry.build("data", {"plugin": "resized", "size": 32, "data": {"plugin": "digits"}})
     torch.manual_seed(0)
     vae = AutoencoderKL(**VAE)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     stream = data.train_batches(batch, seed=0)
     for step in range(steps):
         x = next(stream)["x"]
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = (recon - x).pow(2).mean() + kl * dist.kl().mean() / x[0].numel()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step % 100 == 0:
+            print(f"vae step {step}: loss {float(loss.detach()):.4f}", flush=True)
     vae.eval()
     with torch.no_grad():
         train = torch.cat([next(data.train_batches(512, seed=1, start_step=k))["x"] for k in range(2)])
@@ -83,10 +85,12 @@ def fid_against_real_images(run_dir, n: int = 1000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--vae-only", action="store_true")
     parser.add_argument("--retrain-vae", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="an override applied to both runs (e.g. eval.num_samples=500)")
     args = parser.parse_args()
     from core.run import run
 
@@ -101,7 +105,10 @@ def main() -> None:
     for name, file in (("latent", "latent_rf_digits.toml"), ("pixel", "rf_digits32.toml")):
         out = ROOT / "runs" / f"bench-{name}-digits32"
         t0 = time.perf_counter()
-        summary = run(ROOT / "experiments" / file, [f"trainer.steps={args.steps}"], out=out, overwrite=True)
+        overrides = [f"trainer.steps={args.steps}", f"trainer.checkpoint_every={args.steps}", *args.overrides]
+        if name == "latent":  # the decoded metric's options sit one level down
+            overrides = [o.replace("metrics.0.", "metrics.0.metric.") for o in overrides]
+        summary = run(ROOT / "experiments" / file, overrides, out=out, overwrite=True)
         seconds = time.perf_counter() - t0
         m = summary["metrics"]
         real = fid_against_real_images(out) if name == "latent" else m["frechet_distance"]
