@@ -86,3 +86,17 @@ def test_qk_norm_attention_is_rmsnorm_of_each_heads_queries_and_keys():
     plain = registry.build("backbone", {"plugin": "dit", "hidden_size": 32, "depth": 1, "num_heads": 4,
                                         "patch_size": 2}, spec=spec)
     assert not any("q_norm" in key for key in plain.state_dict())  # DiT checkpoints still load
+
+
+def test_tf32_switch_allows_tensorfloat32(tmp_path):
+    from core.run import run
+
+    from .conftest import RF2D, TINY_RF2D
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        run(RF2D, [*TINY_RF2D, "trainer.steps=2", "trainer.tf32=true"], out=tmp_path / "on")
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
