@@ -89,13 +89,14 @@ def main() -> None:
     parser.add_argument("--vae-only", action="store_true")
     parser.add_argument("--retrain-vae", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", choices=["latent", "pixel"], help="run one of the two (default both)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="an override applied to both runs (e.g. eval.num_samples=500)")
     args = parser.parse_args()
     from core.run import run
 
     figures: dict = {}
-    if args.retrain_vae or not (VAE_DIR / "config.json").exists():
+    if args.only != "pixel" and (args.retrain_vae or not (VAE_DIR / "config.json").exists()):
         t0 = time.perf_counter()
         figures["vae"] = {**train_vae(args.vae_steps), "seconds": time.perf_counter() - t0}
         print("vae:", figures["vae"], flush=True)
@@ -103,6 +104,8 @@ def main() -> None:
         return
     rows = []
     for name, file in (("latent", "latent_rf_digits.toml"), ("pixel", "rf_digits32.toml")):
+        if args.only and name != args.only:
+            continue
         out = ROOT / "runs" / f"bench-{name}-digits32"
         t0 = time.perf_counter()
         overrides = [f"trainer.steps={args.steps}", f"trainer.checkpoint_every={args.steps}", *args.overrides]
