@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +145,3 @@ class Rows:
             sel = shard == k
             out[sel] = self.shards[k][key][positions[sel] - self.starts[k]]
         return out
-
-    def keys(self) -> Iterator[str]:
-        return iter(self.shards[0])
