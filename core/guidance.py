@@ -35,6 +35,10 @@ class ClassifierFreeGuidance(nn.Module):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
         cond, uncond = both.chunk(2)
+        return self.combine(cond, uncond)
+
+    def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
+        """``(1 + w) cond - w uncond`` of the conditional and unconditional outputs ``(B, ...)``."""
         return (1.0 + self.scale) * cond - self.scale * uncond
 
 

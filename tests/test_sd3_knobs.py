@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import registry
 from core.interfaces import DataSpec
-from plugins.flow_matching.objectives import FlowMatchingConfig, sample_times
+from plugins.flow_matching.objective import FlowMatchingConfig, sample_times
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -35,7 +35,7 @@ def test_shifted_sampling_grid_is_diffusers_sigmas(shift, steps):
 def test_shifted_training_times_are_diffusers_training_sigmas(shift):
     """diffusers' training sigmas (the shifted k / 1000) are the shifted times of t = 1 - k / 1000."""
     sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    from plugins.flow_matching.solvers import shift_times
+    from plugins.flow_matching.solver import shift_times
 
     t = 1.0 - torch.arange(1000, 0, -1, dtype=torch.float64) / 1000
     torch.testing.assert_close(shift_times(t, shift), 1.0 - sched.sigmas.double(), rtol=0, atol=1e-6)

@@ -3,7 +3,7 @@
 Per (micro-)batch of data ``x_start (B, ...)``:
 
 1. draw steps ``k (B,)`` and importance weights ``w (B,)`` from the schedule sampler;
-2. draw ``noise ~ N(0, I)`` and ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise``;
+2. draw the source ``noise ~ N(0, I)`` through ``path.sample_source`` and ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise``;
 3. call ``model(x_k, t_k, y)`` with ``t_k = 1 - (k + 1) / T`` (labels replaced by the
    null label ``num_classes`` with probability ``label_dropout``);
 4. per-example losses of `GaussianDiffusion.training_losses` for ``loss_type``
@@ -75,21 +75,17 @@ class MeanGuidance(ClassifierFreeGuidance):
     """Classifier-free guidance of the first half of the output channels (the mean part);
     the second half (the learned variance) is the conditional model's."""
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        if y is None or self.scale == 0.0:
-            return self.model(x, t, y)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
-        cond, uncond = both.chunk(2)
+    def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
+        """Guide the mean channels ``[:C]`` of ``(B, 2C, ...)``; keep the conditional variance channels ``[C:]``."""
         (cond_mean, cond_var), uncond_mean = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)[0]
-        return torch.cat([(1.0 + self.scale) * cond_mean - self.scale * uncond_mean, cond_var], dim=1)
+        return torch.cat([super().combine(cond_mean, uncond_mean), cond_var], dim=1)
 
 
 class DDPMObjective(Objective):
     """See the module docstring."""
 
     def __init__(self, config: DDPMConfig, spec: DataSpec, path: Any = None):
-        self.config, self.spec = config, spec
+        self.config, self.spec, self.path = config, spec, path
         self.diffusion = diffusion_of(path, "the ddpm objective")
         self.sampler = create_schedule_sampler(config.schedule_sampler, self.diffusion.num_timesteps,
                                                config.history_per_term, config.uniform_prob)
@@ -99,7 +95,7 @@ class DDPMObjective(Objective):
         x_start = batch["x"]
         draw = rng.for_batch(batch)
         k, weights = self.sampler.sample(x_start.shape[0], x_start.device, draw=draw)
-        noise = draw.randn_like(x_start, "noise")
+        noise = self.path.sample_source(x_start.shape, device=x_start.device, dtype=x_start.dtype, draw=draw)
         x_t = d.q_sample(x_start, k, noise)
         y = batch.get("y")
         if y is not None:
@@ -109,6 +105,11 @@ class DDPMObjective(Objective):
         self.sampler.update_with_local_losses(k, terms["loss"].detach())
         logs = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}
         return (terms["loss"] * weights).mean(), logs
+
+    @property
+    def prediction(self) -> str:
+        """What the model predicts: the process's ``[path] prediction`` (epsilon, x_start or v)."""
+        return self.path.config.prediction
 
     def sampling_model(self, model: nn.Module) -> Field:
         if isinstance(model, ClassifierFreeGuidance) and self.diffusion.learned_variance:
@@ -120,3 +121,8 @@ class DDPMObjective(Objective):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def make_ddpm(config: DDPMConfig, spec: DataSpec, path: Any = None) -> DDPMObjective:
+    """Objective factory for ``plugin = "ddpm"``."""
+    return DDPMObjective(config, spec, path)

@@ -22,13 +22,13 @@ def flowforge_register_kinds(register_kind):
 
 @hookimpl
 def flowforge_register(register):
-    register("autoencoder", "sd_vae", "plugins.latent.vae:build", "plugins.latent.vae:SDVAEConfig",
+    register("autoencoder", "sd_vae", "plugins.latent.autoencoder:make_sd_vae", "plugins.latent.autoencoder:SDVAEConfig",
              doc="diffusers' AutoencoderKL from a local folder or .safetensors file (SD / SD3 VAEs), frozen")
-    register("data", "latent", "plugins.latent.data:LatentData", "plugins.latent.data:LatentConfig",
+    register("data", "latent", "plugins.latent.data:make_latent", "plugins.latent.data:LatentConfig",
              doc="another source's images as autoencoder latents (cached in memory-mapped shards)")
-    register("data", "resized", "plugins.latent.data:Resized", "plugins.latent.data:ResizedConfig",
+    register("data", "resized", "plugins.latent.data:make_resized", "plugins.latent.data:ResizedConfig",
              doc="another source's images resized to size x size (bilinear)")
-    register("metric", "decoded", "plugins.latent.metric:make_decoded", "plugins.latent.metric:DecodedConfig",
+    register("metric", "decoded", "plugins.latent.metrics:make_decoded", "plugins.latent.metrics:DecodedConfig",
              doc="a sample metric (FID, KID, ...) on decoded images of a latent run")
 
 

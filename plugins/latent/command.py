@@ -26,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from core import config as config_mod
+    from core.runs import load_config  # core.config.load, through the API plugins may use
 
     from . import cache
     from .data import cache_meta, observation_source
 
     if not 0 <= args.rank < args.world_size:
         raise ConfigError(f"--rank {args.rank} is outside 0 .. --world-size {args.world_size} - 1")
-    exp = config_mod.load(args.file, args.overrides)
+    exp = load_config(args.file, args.overrides)
     data = exp.components["data"]
     if data["plugin"] != "latent" or not data.get("cache"):
         raise ConfigError("flowforge encode needs [data] plugin = \"latent\" with a cache folder", ("data",),

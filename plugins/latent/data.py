@@ -205,3 +205,13 @@ class LatentData(DataSource):
 
     def render(self, batch: Batch, path: str) -> list[str]:
         return self.observation.render({**batch, "x": self.decode(batch["x"]).clamp(-1, 1)}, path)
+
+
+def make_resized(config: ResizedConfig) -> Resized:
+    """Data factory (``resized``)."""
+    return Resized(config)
+
+
+def make_latent(config: LatentConfig, autoencoder: Autoencoder | None = None) -> LatentData:
+    """Data factory (``latent``): built after ``[autoencoder]``, which its signature names."""
+    return LatentData(config, autoencoder)

@@ -213,7 +213,7 @@ def diagnose(outcome: Mapping[int, tuple[str, Any]], exit_codes: Mapping[int, in
         if err["interrupt"]:
             return KeyboardInterrupt()
         if err["type"] == "NonFiniteLossError":
-            from core.trainer import NonFiniteLossError
+            from core.errors import NonFiniteLossError
 
             return NonFiniteLossError(err["message"])
         return RuntimeError(f"rank {rank} failed with {err['type']}: {err['message']}\n{err['traceback']}")
@@ -331,3 +331,8 @@ class AccelerateLauncher(Launcher):
             if p.is_alive() and first + i not in outcome:
                 p.terminate()
         return outcome
+
+
+def make_accelerate(config: AccelerateConfig | None = None) -> AccelerateLauncher:
+    """Launcher factory for ``plugin = "accelerate"``."""
+    return AccelerateLauncher(config)

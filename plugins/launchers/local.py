@@ -38,3 +38,8 @@ class LocalLauncher(Launcher):
             kwargs["cpu"] = True
         accelerator = Accelerator(**kwargs)
         return entry(accelerator, *args)
+
+
+def make_local(config: LocalConfig | None = None) -> LocalLauncher:
+    """Launcher factory for ``plugin = "local"``."""
+    return LocalLauncher(config)

@@ -158,3 +158,8 @@ class SlurmLauncher(Launcher):
             return {"job_id": str(job.job_id)}
         results = job.results()
         return results[0]
+
+
+def make_slurm(config: SlurmConfig | None = None) -> SlurmLauncher:
+    """Launcher factory for ``plugin = "slurm"``."""
+    return SlurmLauncher(config)

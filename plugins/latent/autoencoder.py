@@ -144,6 +144,6 @@ class SDVAE(nn.Module, Autoencoder):
         return h.hexdigest()
 
 
-def build(config: SDVAEConfig) -> SDVAE:
+def make_sd_vae(config: SDVAEConfig) -> SDVAE:
     """Autoencoder factory."""
     return SDVAE(config)
