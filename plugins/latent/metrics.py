@@ -50,16 +50,19 @@ class Decoded:
         self.inner, self.data = inner, data
         self.higher_is_better = getattr(inner, "higher_is_better", None)
 
-    def __getattr__(self, name: str) -> Any:  # result_names, distributed_available_fn, ... of the inner metric
-        if name in ("inner", "data"):
+    #: attributes that are the inner metric's (read and written through)
+    FORWARDED = ("result_names", "distributed_available_fn")
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in Decoded.FORWARDED:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("inner", "data", "higher_is_better"):
-            object.__setattr__(self, name, value)
-        else:
+        if name in Decoded.FORWARDED:
             setattr(self.inner, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def update(self, samples: Tensor, real: bool) -> None:
         self.inner.update(self.data.decode(samples).clamp(-1, 1), real=real)
