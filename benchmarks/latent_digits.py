@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
@@ -64,18 +65,21 @@ def train_vae(steps: int, folder=VAE_DIR, batch: int = 32, kl: float = 1e-4) -> 
     return {"recon_mse": recon_mse, "scale": float(1 / mean.std()), "shift": float(mean.mean())}
 
 
-def fid_against_real_images(run_dir, n: int = 1000) -> float:
-    """The latent run's decoded samples against real held-out 32x32 images (the pixel run's comparison)."""
+def fid_against_real_images(run_dir) -> float:
+    """The latent run's decoded samples against real held-out 32x32 images (the pixel run's comparison):
+    its first metric's inner Frechet distance (the same feature network), eval.num_samples each, guided
+    with eval.guidance_scale."""
     import registry
     from core.data import generator
     from core.generate import generate
     from core.runs import load_run
 
     run = load_run(run_dir, device="cpu")
-    c = run.components
+    c, n = run.components, run.exp.eval.num_samples
     obs = c.data.observation
-    metric = registry.build("metric", {"plugin": "frechet_distance"}, spec=obs.spec, data=obs)
-    fake = generate(c, run.model, n, generator(0, "bench-generate"), guidance_scale=1.0, batch_size=500)[0]["x"]
+    metric = registry.build("metric", run.exp.metrics[0]["metric"], spec=obs.spec, data=obs)
+    fake = generate(c, run.model, n, generator(0, "bench-generate"), guidance_scale=run.exp.eval.guidance_scale,
+                    batch_size=500)[0]["x"]
     real = obs.reference(n, generator(0, "bench-reference"))["x"]
     metric.update(real, real=True)
     metric.update(c.data.decode(fake).clamp(-1, 1), real=False)
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--vae-only", action="store_true")
     parser.add_argument("--retrain-vae", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs instead of training again")
     parser.add_argument("--only", choices=["latent", "pixel"], help="run one of the two (default both)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="an override applied to both runs (e.g. eval.num_samples=500)")
@@ -111,8 +116,11 @@ def main() -> None:
         overrides = [f"trainer.steps={args.steps}", f"trainer.checkpoint_every={args.steps}", *args.overrides]
         if name == "latent":  # the decoded metric's options sit one level down
             overrides = [o.replace("metrics.0.", "metrics.0.metric.") for o in overrides]
-        summary = run(ROOT / "experiments" / file, overrides, out=out, overwrite=True)
-        seconds = time.perf_counter() - t0
+        if args.reuse and (out / "summary.json").exists():
+            summary = json.loads((out / "summary.json").read_text())
+        else:
+            summary = run(ROOT / "experiments" / file, overrides, out=out, overwrite=True)
+        seconds = summary.get("train_wall_time_s", time.perf_counter() - t0)
         m = summary["metrics"]
         real = fid_against_real_images(out) if name == "latent" else m["frechet_distance"]
         figures[name] = {"fid_vs_real": real, "metrics": m, "seconds": seconds}
@@ -120,7 +128,7 @@ def main() -> None:
                      m["energy_distance"], summary.get("floor", {}).get("frechet_distance", "-"), seconds])
         print(name, figures[name], flush=True)
     text = table(["run", "steps", "FID vs real images", "FID vs VAE reconstructions", "energy distance",
-                  "floor FID", "seconds"], rows)
+                  "floor FID", "train seconds"], rows)
     emit(figures, text, args.json)
 
 
