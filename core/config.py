@@ -110,6 +110,8 @@ class TrainerConfig:
         gradient_checkpointing: recompute activations in backward (backbones that support it).
         compile: wrap the backbone in torch.compile for training (evaluation uses the EMA copy, uncompiled).
         channels_last: store 4D activations channels-last (helps convolutional backbones on GPU).
+        tf32: allow TensorFloat-32 in float32 matmuls and cuDNN convolutions on the GPU (DiT's train.py
+            does); false leaves PyTorch's defaults.
         prefetch: on CUDA, batches a background thread draws, pins and copies to the GPU (on a side
             stream) ahead of the step that uses them; 0 draws each batch when the step asks for it.
             Ignored on the CPU, where the data plugin's own workers do this.
@@ -154,6 +156,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     channels_last: bool = False
+    tf32: bool = False
     prefetch: int = 2
     sync_batchnorm: bool = False
     checkpoint_every: int = 0

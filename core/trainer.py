@@ -239,6 +239,8 @@ class Trainer:
                                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.raw_model = model  # the plain module (shares parameters with the DDP / compiled wrappers)
         self.model = self.acc.prepare_model(model)
         if cfg.compile:

@@ -49,7 +49,7 @@ integer diffusion steps).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -111,7 +111,12 @@ class DiTConfig:
             the objective drops labels itself).
         learn_sigma: output twice the data's channels (continuous data only).
         frequency_embedding_size: size of the sinusoidal time features.
-        time_scale: t in [0, 1] is multiplied by this before the sinusoids.
+        time_scale: t in [0, 1] is multiplied by this before the sinusoids (time_input = "scaled").
+        time_input: "scaled" (the sinusoids see time_scale * t) or "integer_step" (they see the DDPM step
+            k = time_steps * (1 - t) - 1 that the ddpm plugin's t = 1 - (k + 1) / T came from: what a
+            published DiT / ADM checkpoint was trained on).
+        time_steps: T of time_input = "integer_step" (the checkpoint's diffusion steps).
+        qk_norm: RMS-normalise queries and keys per head before attention (SD3, with learned scales).
         use_checkpoint: gradient checkpointing of every block during training.
     """
 
@@ -125,11 +130,14 @@ class DiTConfig:
     learn_sigma: bool | None = None
     frequency_embedding_size: int | None = None
     time_scale: float | None = None
+    time_input: Literal["scaled", "integer_step"] = "scaled"
+    time_steps: int = 1000
+    qk_norm: bool = False
     use_checkpoint: bool | None = None
 
     def __attrs_post_init__(self) -> None:
         fill_from_preset(self, PRESETS, DEFAULTS)
-        for key in ("hidden_size", "depth", "num_heads", "patch_size", "frequency_embedding_size"):
+        for key in ("hidden_size", "depth", "num_heads", "patch_size", "frequency_embedding_size", "time_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)}", (key,))
         if self.hidden_size % self.num_heads:
@@ -172,11 +180,23 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- embedders
-class TimestepEmbedder(nn.Module):
-    """``t (B,)`` -> ``(B, D)``: an MLP on sinusoidal features of ``time_scale * t``."""
+def integer_step(t: Tensor, steps: int) -> Tensor:
+    """flowforge time ``t (B,)`` -> the DDPM step ``k = T (1 - t) - 1`` (``T`` = `steps`) the ddpm plugin sampled
+    it from (``t = 1 - (k + 1) / T``), computed in float64 and snapped to the nearest integer within 1e-3 (the
+    float32 round trip); fractional steps stay fractional. float32 ``(B,)``."""
+    k = steps * (1.0 - t.double()) - 1.0
+    nearest = k.round()
+    return torch.where((k - nearest).abs() < 1e-3, nearest, k).float()
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0):
+
+class TimestepEmbedder(nn.Module):
+    """``t (B,)`` -> ``(B, D)``: an MLP on sinusoidal features of ``time_scale * t``, or, with
+    ``time_input = "integer_step"``, of the DDPM step ``k = T (1 - t) - 1`` (DiT's and ADM's own input)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0,
+                 time_input: str = "scaled", time_steps: int = 1000):
         super().__init__()
+        self.time_input, self.time_steps = time_input, time_steps
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -186,7 +206,10 @@ class TimestepEmbedder(nn.Module):
         self.time_scale = time_scale
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = timestep_embedding(t, self.frequency_embedding_size, scale=self.time_scale)
+        if self.time_input == "integer_step":
+            freq = timestep_embedding(integer_step(t, self.time_steps), self.frequency_embedding_size, scale=1.0)
+        else:
+            freq = timestep_embedding(t, self.frequency_embedding_size, scale=self.time_scale)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -258,15 +281,19 @@ class Attention(nn.Module):
     ``Attention`` (so DiT checkpoints load).
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        # SD3's QK normalisation: RMSNorm over each head's queries and keys (learned scale, eps 1e-6)
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -287,10 +314,10 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero conditioning: ``(B, N, D), (B, D) -> (B, N, D)``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -356,12 +383,14 @@ class DiT(nn.Module):
             self.out_channels = channels * (2 if config.learn_sigma else 1)
             out_per_token = p ** self.ndim * self.out_channels
             self.x_embedder = PatchEmbed(channels, d, p, self.ndim)
-        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size, config.time_scale)
+        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size, config.time_scale, config.time_input,
+                                           config.time_steps)
         self.y_embedder = LabelEmbedder(spec.num_classes, d, config.class_dropout_prob) if spec.num_classes > 0 else None
         num_tokens = math.prod(self.grid)
         # Fixed (not trained) sin-cos positions; a parameter, as in DiT, so checkpoints carry it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([DiTBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm)
+                                     for _ in range(config.depth)])
         self.final_layer = FinalLayer(d, out_per_token)
         #: recompute each block in backward (the config's use_checkpoint; the trainer's
         #: ``gradient_checkpointing`` option sets it)

@@ -36,6 +36,9 @@ Sinkhorn's entropic plan or OT within each label, on blocks of ``coupling_block`
 stochastic interpolant path (interpolants.py) the latent ``z`` is drawn per example (stream
 ``"latent"``) and ``prediction = "velocity_score"`` regresses ``[u_t, z]`` with two heads.
 
+``time_shift = s`` then maps every time through SD3's shift ``t' = t / (t + s (1 - t))``
+(`plugins.flow_matching.solver.shift_times`; s > 1 favours the noise, as at high resolution).
+
 With ``label_dropout = p`` each label is replaced by the null label
 ``num_classes`` with probability ``p`` (trains the unconditional model of
 classifier-free guidance).
@@ -69,6 +72,7 @@ from registry import ConfigError
 from .couplings import coupled_source, coupling_eps
 from .interpolants import VelocityScore, velocity_score_loss
 from .path import AffinePath
+from .solver import shift_times
 
 
 @attrs.define
@@ -87,6 +91,7 @@ class FlowMatchingConfig:
         p_mean: mean of ln(sigma) of the log-normal (EDM) sampler.
         p_std: standard deviation of ln(sigma) of the log-normal (EDM) sampler.
         mode_scale: the scale s of mode sampling, in [-1, 2 / (pi - 2)].
+        time_shift: SD3's shift s applied to every sampled time, t' = t / (t + s (1 - t)) (1: none).
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
         loss_bins: number of equal bins of t whose mean loss is logged as loss_bin/k (0: none).
         sampling_eps: how far from the singular end an epsilon or x1 model is evaluated when sampling.
@@ -111,6 +116,7 @@ class FlowMatchingConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     mode_scale: float = 1.29
+    time_shift: float = 1.0
     label_dropout: float = 0.0
     loss_bins: int = 4
     sampling_eps: float = 1e-3
@@ -134,6 +140,7 @@ class FlowMatchingConfig:
             (0.0 <= self.sampling_eps < 0.5, "sampling_eps", "a number in [0, 0.5)"),
             (self.min_snr_gamma > 0, "min_snr_gamma", "a positive number"),
             (self.max_weight > 0, "max_weight", "a positive number"),
+            (self.time_shift > 0, "time_shift", "a positive number"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -152,7 +159,15 @@ def sample_times(config: FlowMatchingConfig, n: int, device: torch.device | str 
     Draws per example from `draw` (a batch's `core.rng.for_batch`, stream ``"time"``) when given,
     else from `generator` (on its device), else from torch's global RNG. ``log_normal`` maps
     noise levels to times with `scheduler` (the cond_ot map ``1 / (1 + sigma)`` without one).
+    Every sampler's times then pass through SD3's shift (`shift_times`, ``time_shift``).
     """
+    return shift_times(_unshifted_times(config, n, device, scheduler, generator, dtype, draw), config.time_shift)
+
+
+def _unshifted_times(config: FlowMatchingConfig, n: int, device: torch.device | str | None,
+                     scheduler: Scheduler | None, generator: torch.Generator | None, dtype: torch.dtype,
+                     draw: rng.ExampleRandom | None) -> Tensor:
+    """`sample_times` before SD3's shift."""
     kind = config.time_sampler
     gdev = generator.device if generator is not None else device
     if draw is None:

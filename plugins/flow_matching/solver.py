@@ -106,6 +106,8 @@ class ODEConfig:
         sigma_max: largest noise level of the edm grid.
         atol: absolute tolerance of adaptive methods.
         rtol: relative tolerance of adaptive methods.
+        time_shift: SD3's shift s of the uniform grid, t' = t / (t + s (1 - t)) (1: none; s > 1 spends
+            more steps near the noise).
         sampling_scheduler: sample along this scheduler's path instead of the training one: a
             scheduler plugin name (e.g. "cosine") or a table (e.g. {plugin = "polynomial", n = 2}).
         compile: run each fixed step as one torch.compile graph (model evaluations + update; compiled
@@ -128,6 +130,7 @@ class ODEConfig:
     sigma_max: float = 80.0
     atol: float = 1e-5
     rtol: float = 1e-5
+    time_shift: float = 1.0
     sampling_scheduler: str | dict[str, Any] | None = None
     compile: bool = False
     cuda_graph: bool = False
@@ -155,6 +158,10 @@ class ODEConfig:
                 raise ConfigError(f"expected a positive number, got {self.rho}", ("rho",))
             if self.times is None and self.t1 < self.t0:
                 raise ConfigError("the edm grid runs forward in time (t0 < t1)", ("grid",))
+        if self.time_shift <= 0:
+            raise ConfigError(f"expected a positive shift, got {self.time_shift}", ("time_shift",))
+        if self.time_shift != 1.0 and (self.times is not None or self.grid == "edm"):
+            raise ConfigError("time_shift shifts the uniform grid; not with times or grid = \"edm\"", ("time_shift",))
         if self.atol <= 0 or self.rtol <= 0:
             raise ConfigError("tolerances must be positive", ("atol" if self.atol <= 0 else "rtol",))
 
@@ -164,6 +171,18 @@ class ODEConfig:
 
 
 # --------------------------------------------------------------------------- grids
+def shift_times(t: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift (Esser et al. 2024, eq. 23) in flowforge time: ``t' = t / (t + s (1 - t))``.
+
+    With the noise level ``sigma = 1 - t`` (diffusers' FlowMatchEulerDiscreteScheduler, sigma = 1 is
+    noise) this is its ``sigma' = s sigma / (1 + (s - 1) sigma)``; ``s > 1`` moves times towards the
+    noise (SD3 uses s = 3 at 1024^2). Keeps 0 and 1 fixed; shapes and dtype of `t`.
+    """
+    if shift == 1.0:
+        return t
+    return t / (t + shift * (1.0 - t))
+
+
 def uniform_grid(t0: float, t1: float, steps: int, *, device=None, dtype=torch.float32) -> Tensor:
     """``steps + 1`` equally spaced times from `t0` to `t1`."""
     return torch.linspace(t0, t1, steps + 1, device=device, dtype=dtype)
@@ -413,7 +432,9 @@ class ODESolver(Solver):
         if c.grid == "edm":
             return edm_grid(c.steps, self.sampling_scheduler or self.scheduler, c.t0, c.t1, sigma_min=c.sigma_min,
                             sigma_max=c.sigma_max, rho=c.rho, device=device, dtype=dtype)
-        return uniform_grid(c.t0, c.t1, c.steps, device=device, dtype=dtype)
+        if c.time_shift == 1.0:
+            return uniform_grid(c.t0, c.t1, c.steps, device=device, dtype=dtype)
+        return shift_times(uniform_grid(c.t0, c.t1, c.steps, device=device, dtype=torch.float64), c.time_shift).to(dtype)
 
     def field(self, model: Field) -> Field:
         """What is integrated: `model`, the path's velocity of it (a path with ``velocity_field``, e.g. the
