@@ -76,8 +76,9 @@ class CLIPConfig:
             parameter holds log(value) and is not trained, also after weight inheritance
             (TinyCLIP's ``--logit-scale 50``, which refills it after every step; 0: learned).
         gradient_checkpointing: recompute each block's activations in the backward pass (less memory).
-        inherit_from: a run directory, a checkpoint file or a Hugging Face CLIP directory whose
-            weights initialise this model by weight inheritance (empty: random initialisation).
+        inherit_from: a run directory, a checkpoint file, a Hugging Face CLIP directory or an OpenAI /
+            open_clip / TinyCLIP weights file whose weights initialise this model by weight inheritance
+            (empty: random initialisation).
         inherit_weights: "ema" or "model" weights of a flowforge checkpoint.
         inherit_vision_layers: teacher image-tower blocks to keep, one per student block
             (empty: every k-th block from the first, k = teacher depth // student depth).
