@@ -6,7 +6,8 @@ Components (``flowforge plugins --options NAME`` lists each one's options):
   initialised from a larger CLIP by weight inheritance (``inherit_from``, `plugins.tinyclip.inherit`);
 * objectives ``clip_contrastive`` and ``tinyclip_distill`` (`plugins.tinyclip.losses`);
 * data ``clip_shapes``, ``clip_digits``, ``clip_pairs`` (`plugins.tinyclip.data`);
-* metric ``zero_shot`` (`plugins.tinyclip.zeroshot`).
+* metrics ``zero_shot`` (`plugins.tinyclip.zeroshot`) and ``zeroshot`` (CLIP's protocol with the 80
+  OpenAI templates, sharded over processes; `plugins.tinyclip.zeroshot_protocol`).
 
 Teachers load from flowforge run directories or checkpoints and from Hugging Face CLIP
 directories (`plugins.tinyclip.load`, `plugins.tinyclip.hf`).
@@ -35,3 +36,6 @@ def flowforge_register(register):
              doc="image-caption pairs from a CSV/TSV (filepath,caption) or JSONL file")
     register("metric", "zero_shot", f"{_P}.zeroshot:ZeroShot", f"{_P}.zeroshot:ZeroShotConfig",
              doc="zero-shot top-1/top-5 accuracy and image<->text retrieval recall@1/5 on held-out pairs")
+    register("metric", "zeroshot", f"{_P}.zeroshot_protocol:ZeroShotProtocol",
+             f"{_P}.zeroshot_protocol:ZeroShotProtocolConfig",
+             doc="CLIP's zero-shot protocol: 80 OpenAI templates, top-1/5, retrieval R@1/5/10, sharded over ranks")
