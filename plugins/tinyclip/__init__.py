@@ -24,6 +24,10 @@ def flowforge_register(register):
     """Register this family's components."""
     register("backbone", "clip", f"{_P}.model:build", f"{_P}.model:CLIPConfig",
              doc="CLIP: ViT image tower + causal text tower; weight inheritance with inherit_from")
+    register("backbone", "clip_l0", f"{_P}.autoinherit:build", f"{_P}.autoinherit:MaskedCLIPConfig",
+             doc="CLIP under learnable hard-concrete L0 masks (TinyCLIP's automatic inheritance)")
+    register("objective", "tinyclip_l0", f"{_P}.autoinherit:L0Distill", f"{_P}.losses:DistillConfig",
+             doc="tinyclip_distill plus the L0 sparsity penalty of a clip_l0 backbone (multipliers ascended)")
     register("objective", "clip_contrastive", f"{_P}.losses:ClipContrastive", f"{_P}.losses:ContrastiveConfig",
              doc="symmetric InfoNCE over the global batch; cached-feature accumulation (accum_chunks)")
     register("objective", "tinyclip_distill", f"{_P}.losses:TinyCLIPDistill", f"{_P}.losses:DistillConfig",

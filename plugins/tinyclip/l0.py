@@ -135,6 +135,18 @@ class SparsitySchedule:
         return self.start + (self.target - self.start) * min(1.0, step / self.warmup)
 
 
+class GradientReversal(torch.autograd.Function):
+    """Identity forward, negated gradient backward (the Lagrange multipliers' ascent)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return -grad
+
+
 class CLIPMasks(nn.Module):
     """Masks of both towers of a CLIP of `dims`, with the Lagrange multipliers of the penalty."""
 
@@ -153,11 +165,15 @@ class CLIPMasks(nn.Module):
         kept = self.visual.expected_kept() + self.text.expected_kept()
         return 1 - kept / (self.visual.full() + self.text.full())
 
-    def penalty(self, step: int) -> tuple[Tensor, float, float]:
-        """``(lambda_1 g + lambda_2 g^2, expected sparsity, target)`` with ``g = max(t - s, 0)``."""
+    def penalty(self, step: int, ascend_lambdas: bool = False) -> tuple[Tensor, float, float]:
+        """``(lambda_1 g + lambda_2 g^2, expected sparsity, target)`` with ``g = max(t - s, 0)``; with
+        `ascend_lambdas` the lambdas' gradients are negated, so one descent step ascends them."""
         target, expected = self.schedule(step), self.expected_sparsity()
         gap = (target - expected).clamp(min=0.0)
-        return self.lambda_1 * gap + self.lambda_2 * gap.square(), float(expected.detach()), target
+        l1, l2 = self.lambda_1, self.lambda_2
+        if ascend_lambdas:
+            l1, l2 = GradientReversal.apply(l1), GradientReversal.apply(l2)
+        return l1 * gap + l2 * gap.square(), float(expected.detach()), target
 
     def constrain(self) -> None:
         for tower in (self.visual, self.text):

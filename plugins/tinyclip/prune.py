@@ -49,7 +49,7 @@ def masked_block(block: Block, x: Tensor, m: dict[str, Tensor], i: int) -> Tenso
     return x + mlp.fc2(units) * hidden * m["ffn"][i]
 
 
-def _masked_vision(v: VisionTower, image: Tensor, m: dict[str, Tensor]) -> Tensor:
+def masked_vision(v: VisionTower, image: Tensor, m: dict[str, Tensor]) -> Tensor:
     x = v.conv(image.to(v.conv.weight.dtype)).flatten(2).transpose(1, 2)
     x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
     x = masked_layer_norm(v.ln_pre, x * m["hidden"], m["hidden"])
@@ -58,7 +58,7 @@ def _masked_vision(v: VisionTower, image: Tensor, m: dict[str, Tensor]) -> Tenso
     return v.proj(masked_layer_norm(v.ln_post, x[:, 0], m["hidden"]))
 
 
-def _masked_text(t: TextTower, tokens: Tensor, m: dict[str, Tensor]) -> Tensor:
+def masked_text(t: TextTower, tokens: Tensor, m: dict[str, Tensor]) -> Tensor:
     x = (t.token_embedding(tokens) + t.positional_embedding[:tokens.shape[1]]) * m["hidden"]
     for i, block in enumerate(t.blocks):
         x = masked_block(block, x, m, i)
@@ -69,8 +69,8 @@ def _masked_text(t: TextTower, tokens: Tensor, m: dict[str, Tensor]) -> Tensor:
 def masked_features(model: CLIP, image: Tensor, tokens: Tensor, masks: Mapping[str, Masks]
                     ) -> tuple[Tensor, Tensor]:
     """``(image features (B, E), text features (B', E))`` of the masked model (not normalised)."""
-    return (_masked_vision(model.visual, image, full_masks(model.visual, masks.get("visual", {}))),
-            _masked_text(model.text, tokens, full_masks(model.text, masks.get("text", {}))))
+    return (masked_vision(model.visual, image, full_masks(model.visual, masks.get("visual", {}))),
+            masked_text(model.text, tokens, full_masks(model.text, masks.get("text", {}))))
 
 
 def _pad(t: Tensor, dim: int, size: int) -> Tensor:
