@@ -4,13 +4,16 @@ Components (``flowforge plugins --options NAME`` lists each one's options):
 
 * backbone ``clip`` — ViT image tower + causal text tower (`plugins.tinyclip.model`), optionally
   initialised from a larger CLIP by weight inheritance (``inherit_from``, `plugins.tinyclip.inherit`);
+* backbone ``clip_l0`` — the same under learnable L0 masks, and objective ``tinyclip_l0``, for
+  automatic inheritance (`plugins.tinyclip.autoinherit`, `plugins.tinyclip.l0`, `plugins.tinyclip.prune`);
 * objectives ``clip_contrastive`` and ``tinyclip_distill`` (`plugins.tinyclip.losses`);
 * data ``clip_shapes``, ``clip_digits``, ``clip_pairs`` (`plugins.tinyclip.data`);
 * metrics ``zero_shot`` (`plugins.tinyclip.zeroshot`) and ``zeroshot`` (CLIP's protocol with the 80
   OpenAI templates, sharded over processes; `plugins.tinyclip.zeroshot_protocol`).
 
-Teachers load from flowforge run directories or checkpoints and from Hugging Face CLIP
-directories (`plugins.tinyclip.load`, `plugins.tinyclip.hf`).
+Teachers load from flowforge run directories or checkpoints, Hugging Face CLIP directories and
+OpenAI / open_clip / TinyCLIP weight files (`plugins.tinyclip.load`, `plugins.tinyclip.hf`,
+`plugins.tinyclip.openclip`). Captions use a word-level tokenizer or CLIP's BPE (`plugins.tinyclip.bpe`).
 """
 
 from registry import hookimpl
