@@ -7,7 +7,8 @@ Components (``flowforge plugins --options NAME`` lists each one's options):
 * backbone ``clip_l0`` — the same under learnable L0 masks, and objective ``tinyclip_l0``, for
   automatic inheritance (`plugins.tinyclip.autoinherit`, `plugins.tinyclip.l0`, `plugins.tinyclip.prune`);
 * objectives ``clip_contrastive`` and ``tinyclip_distill`` (`plugins.tinyclip.losses`);
-* data ``clip_shapes``, ``clip_digits``, ``clip_pairs`` (`plugins.tinyclip.data`);
+* data ``clip_shapes``, ``clip_digits``, ``clip_pairs`` (`plugins.tinyclip.data`) and ``clip_shards``
+  (webdataset-format tar shards, `plugins.tinyclip.shards`);
 * metrics ``zero_shot`` (`plugins.tinyclip.zeroshot`) and ``zeroshot`` (CLIP's protocol with the 80
   OpenAI templates, sharded over processes; `plugins.tinyclip.zeroshot_protocol`).
 
@@ -41,6 +42,8 @@ def flowforge_register(register):
              doc="8x8 digits resized, captioned from templates ('a handwritten seven')")
     register("data", "clip_pairs", f"{_P}.data:Pairs", f"{_P}.data:PairsConfig",
              doc="image-caption pairs from a CSV/TSV (filepath,caption) or JSONL file")
+    register("data", "clip_shards", f"{_P}.shards:Shards", f"{_P}.shards:ShardsConfig",
+             doc="image-caption pairs in webdataset-format tar shards (KEY.jpg/png + KEY.txt), read lazily")
     register("metric", "zero_shot", f"{_P}.zeroshot:ZeroShot", f"{_P}.zeroshot:ZeroShotConfig",
              doc="zero-shot top-1/top-5 accuracy and image<->text retrieval recall@1/5 on held-out pairs")
     register("metric", "zeroshot", f"{_P}.zeroshot_protocol:ZeroShotProtocol",
