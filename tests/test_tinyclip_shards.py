@@ -108,3 +108,15 @@ def test_held_out_rows_and_bad_shards(shards, tmp_path):
     with pytest.raises(ConfigError, match="tar shard"):
         registry.build("data", {"plugin": "clip_shards", "train": str(tmp_path / "train-*.tar"),
                                 "held_out": str(folder / "val-*.tar")})
+
+
+def test_openai_pixel_normalisation(shards):
+    folder, _, images = shards
+    data = _build(folder, pixels="openai")
+    batch = next(data.train_batches(9, seed=0))
+    plain = next(_build(folder).train_batches(9, seed=0))
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    torch.testing.assert_close(batch["image"], ((plain["image"] + 1) / 2 - mean) / std)
+    with pytest.raises(ConfigError, match="channels = 3"):
+        registry.build("data", {"plugin": "clip_pairs", "train": "x.csv", "channels": 1, "pixels": "openai"})

@@ -87,6 +87,19 @@ def make_tokenizer(config, word: Callable[[], WordTokenizer]) -> WordTokenizer |
     return word()
 
 
+#: OpenAI CLIP's per-channel pixel mean and standard deviation (of [0, 1] RGB values).
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images: Tensor, mode: str) -> Tensor:
+    """``(N, 3, H, W)`` images in [-1, 1] -> ``"symmetric"``: unchanged; ``"openai"``:
+    ``((x + 1) / 2 - mean) / std`` per channel with OpenAI CLIP's mean and std."""
+    if mode == "symmetric":
+        return images
+    mean, std = torch.tensor(OPENAI_MEAN).view(-1, 1, 1), torch.tensor(OPENAI_STD).view(-1, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
 def _check_templates(templates: Sequence[str], key: str) -> None:
     for t in templates:
         if t.count("{}") != 1:
@@ -298,6 +311,8 @@ class PairsConfig:
         separator: CSV field separator (empty: "," for .csv, tab for .tsv).
         image_size: images are resized (bicubic) to this square side.
         channels: 3 (RGB) or 1 (grey).
+        pixels: "symmetric" ([-1, 1]) or "openai" (OpenAI CLIP's mean / std normalisation, for its weights;
+            needs channels = 3).
         context_length: tokens per caption (0: longest caption + 2).
         vocab_file: a vocabulary file, one word per line (empty: every word of the training captions).
         max_vocab: at most this many words when the vocabulary is built from the captions (0: all).
@@ -318,6 +333,7 @@ class PairsConfig:
     separator: str = ""
     image_size: int = 32
     channels: int = 3
+    pixels: Literal["symmetric", "openai"] = "symmetric"
     context_length: int = 0
     vocab_file: str = ""
     max_vocab: int = 0
@@ -329,6 +345,8 @@ class PairsConfig:
         _check_tokenizer(self)
         if self.channels not in (1, 3):
             raise ConfigError(f"expected 1 or 3, got {self.channels!r}", ("channels",))
+        if self.pixels == "openai" and self.channels != 3:
+            raise ConfigError("pixels = 'openai' normalises RGB images: set channels = 3", ("pixels",))
         if self.image_size < 1:
             raise ConfigError(f"expected a positive integer, got {self.image_size!r}", ("image_size",))
         if not self.held_out and not 0.0 < self.held_out_fraction < 1.0:
@@ -439,7 +457,8 @@ class Pairs(CaptionData):
         tokenizer = make_tokenizer(config, lambda: self._word_tokenizer(train_rows, captions))
         splits = {}
         for split, rows in (("train", train_rows), ("held_out", held_rows)):
-            part = {"image": load_images([r["image"] for r in rows], config.image_size, config.channels),
+            part = {"image": normalize_pixels(load_images([r["image"] for r in rows], config.image_size,
+                                                          config.channels), config.pixels),
                     "text": tokenizer.encode([r["caption"] for r in rows])}
             if config.label_key:
                 part["label"] = torch.tensor([self._label(r["label"], split) for r in rows])

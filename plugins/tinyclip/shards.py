@@ -11,7 +11,7 @@ DataLoader in ``num_workers`` processes. Which examples make step ``s`` on rank 
 `core.data.StepBatchSampler` over the global example index (all shards in order): a pure function of
 (seed, step, rank, world size), so a resumed run sees the batches an uninterrupted one would, and the
 workers only decode what the sampler chose. Images are resized (short side to ``R``, bicubic) and
-center-cropped. Held-out pairs come from their own shards. Captions use the word-level tokenizer
+center-cropped, in [-1, 1] or (``pixels = "openai"``) normalised with OpenAI CLIP's mean and std. Held-out pairs come from their own shards. Captions use the word-level tokenizer
 (a vocabulary of the training captions, read once at indexing) or CLIP's BPE (``tokenizer = "clip_bpe"``).
 """
 
@@ -33,7 +33,7 @@ from core.data import StepBatchSampler, reference_index
 from core.interfaces import Batch, DataSource, DataSpec
 from registry import ConfigError
 
-from .data import _check_templates, _check_tokenizer, _context_length, make_tokenizer
+from .data import _check_templates, _check_tokenizer, _context_length, make_tokenizer, normalize_pixels
 from .tokenizer import WordTokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -134,6 +134,7 @@ class ShardsConfig:
         vocab_file: the word-level vocabulary, one word per line (empty: every word of the training captions).
         tokenizer: "word" or "clip_bpe" (CLIP's byte-level BPE read from ``bpe_vocab``).
         bpe_vocab: path of a ``bpe_simple_vocab_16e6.txt.gz``-format file (for ``tokenizer = "clip_bpe"``).
+        pixels: "symmetric" ([-1, 1]) or "openai" (OpenAI CLIP's mean / std normalisation, for its weights).
     """
 
     train: str
@@ -146,6 +147,7 @@ class ShardsConfig:
     vocab_file: str = ""
     tokenizer: Literal["word", "clip_bpe"] = "word"
     bpe_vocab: str = ""
+    pixels: Literal["symmetric", "openai"] = "symmetric"
 
     def __attrs_post_init__(self) -> None:
         _check_tokenizer(self)
@@ -181,7 +183,8 @@ class Shards(DataSource):
         return len(self.train)
 
     def _collate(self, items: list[tuple[Tensor, str]]) -> Batch:
-        return {"image": torch.stack([i for i, _ in items]), "text": self.tokenizer.encode([c for _, c in items])}
+        images = normalize_pixels(torch.stack([i for i, _ in items]), self.config.pixels)
+        return {"image": images, "text": self.tokenizer.encode([c for _, c in items])}
 
     def _loader(self, dataset: ShardPairs, batch_sampler) -> torch.utils.data.DataLoader:
         workers = self.config.num_workers
