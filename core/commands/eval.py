@@ -22,7 +22,9 @@ model evaluations per sample, every metric, seconds) and ``OUT/eval.png``
 ``--input1 A --input2 B`` scores image folders or npz archives instead
 (`core.commands.eval_inputs`).
 Model metrics (likelihoods, zero-shot accuracy) do not depend on the sampler
-and are computed once.
+and are computed once; a run that cannot generate (no ``[solver]`` and
+``[path]``, e.g. a CLIP run) is evaluated on model metrics alone, e.g.
+``flowforge eval RUN --metric zeroshot``.
 """
 
 from __future__ import annotations
@@ -236,6 +238,33 @@ def _preamble(run: Any, n: int, seed: int, repeats: int, floor_values: dict[str,
     return preamble
 
 
+def model_only(run: Any, model_metrics: dict[str, Any], args: argparse.Namespace) -> int:
+    """Evaluate the model metrics of a run that cannot generate (a CLIP run, say) once: they do not depend
+    on a sampler or on the noise. Writes ``OUT/eval.md``, ``OUT/eval.csv`` and ``OUT/eval.json``."""
+    import attrs
+
+    from core.generate import evaluate
+    from core.runs import write_table
+
+    seed = run.exp.experiment.seed if args.seed is None else args.seed
+    out = Path(args.out) if args.out else run.run_dir.root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {run.run_dir.root} (step {run.step}, {run.weights} weights): {', '.join(model_metrics)}")
+    t0 = time.perf_counter()
+    values = evaluate(attrs.evolve(run.components, metrics=model_metrics), run.model, 0, seed, device=run.device)
+    row = {**values, "seconds": round(time.perf_counter() - t0, 3)}
+    preamble = (f"# Evaluation of {run.name}\n\nrun `{run.run_dir.root}`, step {run.step}, {run.weights} weights; "
+                f"model metrics only (this run cannot generate), evaluated once.")
+    files = write_table([row], list(row), out / "eval", preamble)
+    (out / "eval.json").write_text(json.dumps(
+        {"run": str(run.run_dir.root), "step": run.step, "weights": run.weights, "seed": seed, "rows": [],
+         "floor": {}, "model_metrics": values}, indent=2, default=str) + "\n")
+    files.append(out / "eval.json")
+    print((out / "eval.md").read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     import attrs
 
@@ -253,12 +282,15 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("flowforge eval needs RUN_DIR, or --input1 A --input2 B to score images against others")
     run = load_run(args.run_dir, args.overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
     c = run.components
-    if not c.can_generate:
-        raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate")
     if args.metric:
         run.components = c = attrs.evolve(c, metrics=_cli_metrics(args.metric, c))
     sample_metrics = {k: m for k, m in c.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
     model_metrics = {k: m for k, m in c.metrics.items() if k not in sample_metrics}
+    if not c.can_generate:
+        if sample_metrics or not model_metrics:
+            raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate, "
+                              f"so only model metrics can be evaluated (e.g. --metric zeroshot)")
+        return model_only(run, model_metrics, args)
     if not sample_metrics:
         raise ConfigError("this run has no sample metrics to sweep; name some with --metric "
                           f"(installed: {', '.join(registry.available('metric'))})")

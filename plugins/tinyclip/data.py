@@ -4,7 +4,8 @@ Batches are ``{"image": (B, C, H, W) float in [-1, 1], "text": (B, L) int64
 token ids, "label": (B,) int64}`` (``label`` only when the data has classes).
 Each source's ``spec`` is ``DataSpec(shape=(C, H, W), num_classes, vocab_size,
 extra={...})`` with ``extra`` holding what models and metrics need:
-``context_length``, ``eot_token``, ``tokenizer`` (a `WordTokenizer`),
+``context_length``, ``eot_token``, ``tokenizer`` (a `WordTokenizer`, or CLIP's
+`plugins.tinyclip.bpe.BPETokenizer` with ``tokenizer = "clip_bpe"``),
 ``class_names`` and ``templates`` (zero-shot prompts, ``"a photo of a {}"``).
 
 * ``clip_shapes`` — procedurally drawn coloured shapes, ``colour x shape x
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +42,7 @@ from core.data import generator as make_generator
 from core.interfaces import DataSpec
 from registry import ConfigError
 
+from .bpe import CLIP_CONTEXT_LENGTH, BPETokenizer
 from .tokenizer import WordTokenizer, words
 
 
@@ -69,6 +71,33 @@ def _context_length(requested: int, captions: Sequence[str], key: str = "context
     if requested < 0:
         raise ConfigError(f"expected a non-negative integer (0: longest caption + 2), got {requested}", (key,))
     return requested or max(len(words(c)) for c in captions) + 2
+
+
+def _check_tokenizer(config) -> None:
+    if config.tokenizer == "clip_bpe" and not config.bpe_vocab:
+        raise ConfigError("tokenizer = 'clip_bpe' needs bpe_vocab, the path of a bpe_simple_vocab_16e6.txt.gz "
+                          "format file", ("bpe_vocab",))
+
+
+def make_tokenizer(config, word: Callable[[], WordTokenizer]) -> WordTokenizer | BPETokenizer:
+    """The data's tokenizer: `word()` (the default word-level one), or CLIP's BPE read from
+    ``config.bpe_vocab`` with ``config.context_length`` tokens (0: 77) when ``config.tokenizer = "clip_bpe"``."""
+    if config.tokenizer == "clip_bpe":
+        return BPETokenizer.from_file(config.bpe_vocab, config.context_length or CLIP_CONTEXT_LENGTH)
+    return word()
+
+
+#: OpenAI CLIP's per-channel pixel mean and standard deviation (of [0, 1] RGB values).
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images: Tensor, mode: str) -> Tensor:
+    """``(N, 3, H, W)`` images in [-1, 1] -> ``"symmetric"``: unchanged; ``"openai"``:
+    ``((x + 1) / 2 - mean) / std`` per channel with OpenAI CLIP's mean and std."""
+    if mode == "symmetric":
+        return images
+    mean, std = torch.tensor(OPENAI_MEAN).view(-1, 1, 1), torch.tensor(OPENAI_STD).view(-1, 1, 1)
+    return ((images + 1) / 2 - mean) / std
 
 
 def _check_templates(templates: Sequence[str], key: str) -> None:
@@ -146,6 +175,9 @@ class ShapesConfig:
         classes: what zero-shot evaluation classifies: "color_shape", "shape", "color" or "position".
         context_length: tokens per caption (0: longest caption + 2).
         seed: seed of the drawing (the held-out pairs use a different stream).
+        tokenizer: "word" (a word-level vocabulary of the captions) or "clip_bpe" (CLIP's byte-level BPE
+            read from ``bpe_vocab``; ``context_length`` 0 then means 77).
+        bpe_vocab: path of a ``bpe_simple_vocab_16e6.txt.gz``-format file (for ``tokenizer = "clip_bpe"``).
     """
 
     image_size: int = 16
@@ -155,8 +187,11 @@ class ShapesConfig:
     classes: Literal["color_shape", "shape", "color", "position"] = "color_shape"
     context_length: int = 0
     seed: int = 0
+    tokenizer: Literal["word", "clip_bpe"] = "word"
+    bpe_vocab: str = ""
 
     def __attrs_post_init__(self) -> None:
+        _check_tokenizer(self)
         if self.grid not in (1, 2, 3):
             raise ConfigError(f"expected 1, 2 or 3, got {self.grid!r}", ("grid",))
         if self.image_size < 4 * self.grid:
@@ -175,8 +210,8 @@ class Shapes(CaptionData):
         colors, positions = list(COLORS), position_names(config.grid)
         vocabulary = sorted({w for name in ("a at the", *colors, *SHAPES, *positions) for w in words(name)})
         longest = max(positions, key=lambda p: len(words(p)))
-        tokenizer = WordTokenizer(vocabulary, _context_length(
-            config.context_length, [CAPTION.format(color=colors[0], shape=SHAPES[0], position=longest)]))
+        tokenizer = make_tokenizer(config, lambda: WordTokenizer(vocabulary, _context_length(
+            config.context_length, [CAPTION.format(color=colors[0], shape=SHAPES[0], position=longest)])))
         # zero-shot classes, and prompts that fill in every value of the other attributes
         fill = {"color": colors, "shape": SHAPES, "position": positions}
         if config.classes == "color_shape":
@@ -216,14 +251,22 @@ class DigitsCaptionConfig:
         held_out: fraction held out for evaluation (stratified, as in the ``digits`` data plugin).
         templates: caption templates, one ``{}`` for the digit's name; also the zero-shot prompts.
         seed: seed of the choice of template per image.
+        context_length: tokens per caption (0: longest caption + 2, or 77 with "clip_bpe").
+        tokenizer: "word" (a word-level vocabulary of the captions) or "clip_bpe" (CLIP's byte-level BPE
+            read from ``bpe_vocab``; ``context_length`` 0 then means 77).
+        bpe_vocab: path of a ``bpe_simple_vocab_16e6.txt.gz``-format file (for ``tokenizer = "clip_bpe"``).
     """
 
     image_size: int = 16
     held_out: float = 0.2
     templates: list[str] = attrs.Factory(lambda: list(DIGIT_TEMPLATES))
     seed: int = 0
+    context_length: int = 0
+    tokenizer: Literal["word", "clip_bpe"] = "word"
+    bpe_vocab: str = ""
 
     def __attrs_post_init__(self) -> None:
+        _check_tokenizer(self)
         if self.image_size < 8:
             raise ConfigError(f"expected at least 8, got {self.image_size}", ("image_size",))
         if not self.templates:
@@ -239,7 +282,8 @@ class DigitsCaptions(CaptionData):
         digits = registry.build("data", {"plugin": "digits", "form": "continuous", "conditional": True,
                                          "held_out": config.held_out})
         all_captions = [t.format(n) for t in config.templates for n in DIGIT_NAMES]
-        tokenizer = WordTokenizer.from_texts(all_captions, _context_length(0, all_captions))
+        tokenizer = make_tokenizer(config, lambda: WordTokenizer.from_texts(
+            all_captions, _context_length(config.context_length, all_captions)))
         splits = {}
         for split, part in (("train", digits.train), ("held_out", digits.held_out)):
             x, y = part["x"], part["y"]
@@ -267,10 +311,15 @@ class PairsConfig:
         separator: CSV field separator (empty: "," for .csv, tab for .tsv).
         image_size: images are resized (bicubic) to this square side.
         channels: 3 (RGB) or 1 (grey).
+        pixels: "symmetric" ([-1, 1]) or "openai" (OpenAI CLIP's mean / std normalisation, for its weights;
+            needs channels = 3).
         context_length: tokens per caption (0: longest caption + 2).
         vocab_file: a vocabulary file, one word per line (empty: every word of the training captions).
         max_vocab: at most this many words when the vocabulary is built from the captions (0: all).
         seed: seed of the held-out split.
+        tokenizer: "word" (a word-level vocabulary of the captions) or "clip_bpe" (CLIP's byte-level BPE
+            read from ``bpe_vocab``; ``context_length`` 0 then means 77).
+        bpe_vocab: path of a ``bpe_simple_vocab_16e6.txt.gz``-format file (for ``tokenizer = "clip_bpe"``).
     """
 
     train: str
@@ -284,14 +333,20 @@ class PairsConfig:
     separator: str = ""
     image_size: int = 32
     channels: int = 3
+    pixels: Literal["symmetric", "openai"] = "symmetric"
     context_length: int = 0
     vocab_file: str = ""
     max_vocab: int = 0
     seed: int = 0
+    tokenizer: Literal["word", "clip_bpe"] = "word"
+    bpe_vocab: str = ""
 
     def __attrs_post_init__(self) -> None:
+        _check_tokenizer(self)
         if self.channels not in (1, 3):
             raise ConfigError(f"expected 1 or 3, got {self.channels!r}", ("channels",))
+        if self.pixels == "openai" and self.channels != 3:
+            raise ConfigError("pixels = 'openai' normalises RGB images: set channels = 3", ("pixels",))
         if self.image_size < 1:
             raise ConfigError(f"expected a positive integer, got {self.image_size!r}", ("image_size",))
         if not self.held_out and not 0.0 < self.held_out_fraction < 1.0:
@@ -399,20 +454,24 @@ class Pairs(CaptionData):
             held_rows = [train_rows[i] for i in order[:n_held]]
             train_rows = [train_rows[i] for i in sorted(order[n_held:])]
         captions = [r["caption"] for r in train_rows + held_rows]
-        length = _context_length(config.context_length, captions)
-        if config.vocab_file:
-            tokenizer = WordTokenizer.from_file(config.vocab_file, length)
-        else:
-            prompts = [t.format(c) for t in config.templates for c in config.class_names]
-            tokenizer = WordTokenizer.from_texts([r["caption"] for r in train_rows] + prompts, length, config.max_vocab)
+        tokenizer = make_tokenizer(config, lambda: self._word_tokenizer(train_rows, captions))
         splits = {}
         for split, rows in (("train", train_rows), ("held_out", held_rows)):
-            part = {"image": load_images([r["image"] for r in rows], config.image_size, config.channels),
+            part = {"image": normalize_pixels(load_images([r["image"] for r in rows], config.image_size,
+                                                          config.channels), config.pixels),
                     "text": tokenizer.encode([r["caption"] for r in rows])}
             if config.label_key:
                 part["label"] = torch.tensor([self._label(r["label"], split) for r in rows])
             splits[split] = part
         super().__init__(splits["train"], splits["held_out"], tokenizer, config.class_names, config.templates)
+
+    def _word_tokenizer(self, train_rows: list[dict[str, str]], captions: list[str]) -> WordTokenizer:
+        config = self.config
+        length = _context_length(config.context_length, captions)
+        if config.vocab_file:
+            return WordTokenizer.from_file(config.vocab_file, length)
+        prompts = [t.format(c) for t in config.templates for c in config.class_names]
+        return WordTokenizer.from_texts([r["caption"] for r in train_rows] + prompts, length, config.max_vocab)
 
     def _label(self, value: str, split: str) -> int:
         names = self.config.class_names

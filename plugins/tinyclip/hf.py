@@ -118,6 +118,9 @@ def dims_from_hf_config(config: dict[str, Any], where: str = "config.json") -> C
 def hf_config_from_dims(dims: CLIPDims, logit_scale: float) -> dict[str, Any]:
     """A complete Hugging Face ``CLIPConfig`` dict for a flowforge model of `dims`."""
     v, t = dims.vision, dims.text
+    if v.heads * v.head_dim != v.width or t.heads * t.head_dim != t.width:
+        raise ConfigError("a CLIP whose attention is narrower than its width (heads x head_dim != width, as "
+                          "after pruning) has no Hugging Face CLIPConfig")
     common = dict(hidden_act=dims.activation, layer_norm_eps=dims.layer_norm_eps, projection_dim=dims.embed_dim)
     return {
         "model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": dims.embed_dim,

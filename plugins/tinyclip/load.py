@@ -10,7 +10,9 @@
 * a flowforge **checkpoint file** ``RUN/checkpoints/step-N.pt`` (the config is
   read from ``RUN/config.toml``);
 * a **Hugging Face CLIP directory** (``config.json`` + ``model.safetensors`` or
-  ``pytorch_model.bin``), see `plugins.tinyclip.hf`.
+  ``pytorch_model.bin``), see `plugins.tinyclip.hf`;
+* any other **file** (``.pt``, ``.pth``, ``.bin``, ``.safetensors``): an OpenAI CLIP, open_clip or
+  TinyCLIP state dict, see `plugins.tinyclip.openclip`.
 
 Every problem (missing path, a run without a checkpoint, a model that is not a
 CLIP, weights that do not fit) is a `ConfigError`.
@@ -73,7 +75,8 @@ def load_clip(source: str | Path, spec: DataSpec, weights: Literal["ema", "model
     """A CLIP model with the weights at `source` (see the module docstring), on the CPU, in train mode.
 
     Args:
-        source: a run directory, a checkpoint file or a Hugging Face CLIP directory.
+        source: a run directory, a checkpoint file, a Hugging Face CLIP directory or an OpenAI / open_clip /
+            TinyCLIP weights file.
         spec: the data spec to rebuild a flowforge model with.
         weights: which weights of a flowforge checkpoint.
         key: the config key that named `source` (for error messages).
@@ -84,8 +87,10 @@ def load_clip(source: str | Path, spec: DataSpec, weights: Literal["ema", "model
                           f"Hugging Face CLIP directory)", (key,))
     if path.is_file():
         run = path.parent.parent
-        if not (run / "config.toml").is_file():
-            raise ConfigError(f"checkpoint {path} is not inside a run directory (no {run / 'config.toml'})", (key,))
+        if not (run / "config.toml").is_file():  # not a flowforge checkpoint: an OpenAI / open_clip / TinyCLIP file
+            from .openclip import load_openai_clip
+
+            return load_openai_clip(path, key=key)
         return _from_checkpoint(run, path, spec, weights, key)
     if (path / "config.toml").is_file():
         try:

@@ -255,7 +255,8 @@ class DistillConfig(ContrastiveConfig):
     """Options of ``tinyclip_distill`` (and those of ``clip_contrastive``).
 
     Attributes:
-        teacher: a run directory, checkpoint file or Hugging Face CLIP directory (required).
+        teacher: a run directory, checkpoint file, Hugging Face CLIP directory or OpenAI / open_clip /
+            TinyCLIP weights file (.pt, .safetensors; required).
         teacher_weights: "ema" or "model" weights of a flowforge checkpoint.
         teacher_logit_scale: the teacher's logit scale for its affinities (0: its own learned scale).
         alpha: share of the affinity loss; 1 - alpha goes to the contrastive loss.

@@ -64,6 +64,10 @@ class CLIPConfig:
         text_width: text-tower width (0: ``width``).
         text_depth: text-tower blocks (0: ``depth``).
         text_heads: text-tower heads (0: ``heads``).
+        vision_head_dim: image-tower head size (0: width // heads; a pruned model's heads keep their size).
+        text_head_dim: text-tower head size (0: width // heads).
+        vision_mlp_width: image-tower MLP hidden size (0: width * mlp_ratio).
+        text_mlp_width: text-tower MLP hidden size (0: width * mlp_ratio).
         patch_size: side of the square image patches; must divide the image size.
         image_size: image side (0: from the data).
         context_length: text positions (0: from the data's tokenizer).
@@ -76,8 +80,9 @@ class CLIPConfig:
             parameter holds log(value) and is not trained, also after weight inheritance
             (TinyCLIP's ``--logit-scale 50``, which refills it after every step; 0: learned).
         gradient_checkpointing: recompute each block's activations in the backward pass (less memory).
-        inherit_from: a run directory, a checkpoint file or a Hugging Face CLIP directory whose
-            weights initialise this model by weight inheritance (empty: random initialisation).
+        inherit_from: a run directory, a checkpoint file, a Hugging Face CLIP directory or an OpenAI /
+            open_clip / TinyCLIP weights file whose weights initialise this model by weight inheritance
+            (empty: random initialisation).
         inherit_weights: "ema" or "model" weights of a flowforge checkpoint.
         inherit_vision_layers: teacher image-tower blocks to keep, one per student block
             (empty: every k-th block from the first, k = teacher depth // student depth).
@@ -95,6 +100,10 @@ class CLIPConfig:
     text_width: int = 0
     text_depth: int = 0
     text_heads: int = 0
+    vision_head_dim: int = 0
+    text_head_dim: int = 0
+    vision_mlp_width: int = 0
+    text_mlp_width: int = 0
     patch_size: int = 4
     image_size: int = 0
     context_length: int = 0
@@ -115,7 +124,8 @@ class CLIPConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)!r}", (key,))
         for key in ("heads", "vision_width", "vision_depth", "vision_heads", "text_width", "text_depth",
-                    "text_heads", "image_size", "context_length", "vocab_size"):
+                    "text_heads", "image_size", "context_length", "vocab_size", "vision_head_dim", "text_head_dim",
+                    "vision_mlp_width", "text_mlp_width"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"expected a non-negative integer (0: default), got {getattr(self, key)!r}", (key,))
         if self.mlp_ratio <= 0:
@@ -130,7 +140,9 @@ class TowerDims:
     """The resolved size of one tower.
 
     ``patch_size``, ``image_size`` and ``channels`` are used by the image tower;
-    ``vocab_size`` and ``context_length`` by the text tower.
+    ``vocab_size`` and ``context_length`` by the text tower. Attention runs over
+    ``heads x head_dim`` channels (``attn_head_dim``, 0: ``width // heads``; a model
+    pruned by `plugins.tinyclip.l0` keeps the teacher's head size with fewer heads).
     """
 
     width: int
@@ -142,10 +154,11 @@ class TowerDims:
     channels: int = 0
     vocab_size: int = 0
     context_length: int = 0
+    attn_head_dim: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.width // self.heads
+        return self.attn_head_dim or self.width // self.heads
 
 
 @attrs.frozen
@@ -189,9 +202,11 @@ def resolve_dims(config: CLIPConfig, spec: DataSpec) -> CLIPDims:
         width = getattr(config, f"{prefix}_width") or config.width
         depth = getattr(config, f"{prefix}_depth") or config.depth
         heads = getattr(config, f"{prefix}_heads") or config.heads or max(1, width // 32)
-        if width % heads:
+        head_dim = getattr(config, f"{prefix}_head_dim")
+        if width % heads and not head_dim:
             raise ConfigError(f"the {prefix} width {width} must divide by its {heads} heads", (f"{prefix}_heads",))
-        return TowerDims(width, depth, heads, max(1, round(width * config.mlp_ratio)), **extra_dims)
+        mlp = getattr(config, f"{prefix}_mlp_width") or max(1, round(width * config.mlp_ratio))
+        return TowerDims(width, depth, heads, mlp, attn_head_dim=head_dim, **extra_dims)
 
     eot = config.eot_token if config.eot_token >= 0 else int(extra.get("eot_token", vocab_size - 1))
     return CLIPDims(
@@ -210,19 +225,20 @@ ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, ``(B, N, D) -> (B, N, D)``, fused ``qkv`` rows ordered [q | k | v]."""
+    """Multi-head self-attention, ``(B, N, D) -> (B, N, D)``, fused ``qkv`` rows ordered [q | k | v], each
+    ``heads x head_dim`` (``head_dim`` 0: ``width // heads``)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, head_dim: int = 0):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.heads, self.head_dim = heads, head_dim or width // heads
+        self.qkv = nn.Linear(width, 3 * heads * self.head_dim)
+        self.proj = nn.Linear(heads * self.head_dim, width)
 
     def forward(self, x: Tensor, causal: bool = False) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -243,7 +259,7 @@ class Block(nn.Module):
         super().__init__()
         self.causal = causal
         self.ln_1 = nn.LayerNorm(dims.width, eps=eps)
-        self.attn = Attention(dims.width, dims.heads)
+        self.attn = Attention(dims.width, dims.heads, dims.head_dim)
         self.ln_2 = nn.LayerNorm(dims.width, eps=eps)
         self.mlp = MLP(dims.width, dims.mlp_width, activation)
 
