@@ -11,12 +11,13 @@ level  layer        modules
 0      interfaces   ``core`` (package), `core.interfaces`: the contracts
 1      helpers      what plugins share: guidance and label dropout, nn and rng
                     helpers, data-source helpers, option checks, device choice,
-                    checkpoint and npz files, signals and run outcomes, the
-                    conformance kit ``core.testing``
+                    checkpoint and npz files, signals and run outcomes,
+                    process-group collectives (sharded metrics gather with
+                    them), the conformance kit ``core.testing``
 2      config       experiment files: schema, validation, option docs, smoke caps
 3      build        components built once, in dependency order (`Components`)
 4      engine       the trainer loop, optimizer and LR, EMA, events, evaluation
-                    and generation, collectives, progress, the run directory
+                    and generation, progress, the run directory
 5      run          the runner, the public run loader, pretrained folders
 6      cli          the ``flowforge`` command and its subcommands, templates
 =====  ===========  ==========================================================
@@ -48,15 +49,16 @@ LAYERS: tuple[Layer, ...] = (
     Layer("interfaces", 0, ("core", "core.interfaces"), "the contracts every plugin implements"),
     Layer("helpers", 1, ("core.guidance", "core.nn", "core.rng", "core.data", "core.validate", "core.device",
                          "core.checkpoint", "core.npzfile", "core.signals", "core.errors", "core.layers",
-                         "core.testing"),
+                         "core.collectives", "core.testing"),
           "what plugins share: label dropout and guidance, nn and rng helpers, data-source helpers, option "
-          "checks, device choice, checkpoint and npz files, signals and run outcomes, the conformance kit"),
+          "checks, device choice, checkpoint and npz files, signals and run outcomes, process-group collectives "
+          "(metrics shard and gather with them), the conformance kit"),
     Layer("config", 2, ("core.config", "core.options", "core.smoke"),
           "experiment files: schema, validation, option documentation, smoke caps"),
     Layer("build", 3, ("core.build",), "components built once, in dependency order"),
     Layer("engine", 4, ("core.trainer", "core.optim", "core.ema", "core.posthoc_ema", "core.events", "core.generate",
-                        "core.collectives", "core.progress", "core.rundir"),
-          "the trainer loop, optimizer and LR, EMA, trainer events, evaluation and generation, collectives, "
+                        "core.progress", "core.rundir"),
+          "the trainer loop, optimizer and LR, EMA, trainer events, evaluation and generation, "
           "progress, the run directory"),
     Layer("run", 5, ("core.run", "core.runs", "core.pretrained"), "the runner, the public run loader, pretrained folders"),
     Layer("cli", 6, ("core.cli", "core.commands", "core.templates"), "the flowforge command and its subcommands"),
