@@ -282,3 +282,32 @@ def test_kid_of_cached_features_equals_kid_without_a_cache(moments, tmp_path):
         cached.update(fake, real=False)
         values.append(float(cached.compute()))
     assert values[0] == values[1] == float(plain.compute())
+
+
+# --------------------------------------------------------------------------- the kind's conformance check
+def test_every_extractor_passes_the_kind_check(moments, tmp_path):
+    from plugins.data.digits import Digits, DigitsConfig
+    from plugins.metrics.testing import check_feature_extractor
+
+    data = Digits(DigitsConfig())
+    weights = str(random_inception(tmp_path / "w.pth"))
+    built = {
+        "raw": ({"plugin": "raw"}, DataSpec(shape=(5,))),
+        "digits_cnn": ({"plugin": "digits_cnn", "cache_dir": str(tmp_path), **TINY}, data.spec),
+        "inception": ({"plugin": "inception", "weights": weights, "resize": 75}, DataSpec(shape=(3, 8, 8))),
+        "moments": ({"plugin": "moments"}, DataSpec(shape=(4, 4))),
+    }
+    assert set(built) == set(registry.available("feature_extractor"))  # every installed one is checked
+    for name, (mapping, spec) in built.items():
+        check_feature_extractor(registry.build("feature_extractor", mapping, spec=spec, data=data), spec, n=3)
+
+
+def test_the_kind_check_catches_batch_statistics():
+    from plugins.metrics.testing import check_feature_extractor
+
+    def normalised(x):  # features that depend on the rest of the batch
+        flat = x.reshape(len(x), -1).double()
+        return flat - flat.mean(0)
+
+    with pytest.raises(AssertionError, match="alone"):
+        check_feature_extractor(normalised, DataSpec(shape=(3,)))

@@ -155,7 +155,7 @@ def _score(metrics: dict[str, Any], first: np.ndarray, second: np.ndarray, batch
     from core.generate import _to_floats
 
     group = Group()
-    features: dict[int, torch.Tensor] = {}
+    features: dict[tuple[int, str], torch.Tensor] = {}
 
     def of(extractor: Any, images: np.ndarray, tag: str) -> torch.Tensor:
         key = (id(extractor), tag)
