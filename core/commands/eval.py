@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluations per point (seeds seed, seed+1, ...) for the mean and its standard error")
     parser.add_argument("--metric", action="append", default=[], metavar="PLUGIN|{TOML}",
                         help="evaluate this metric instead of the run's (repeatable): a plugin name, or an inline "
-                             "TOML table such as '{plugin = \"kid\", subset_size = 500}'")
+                             "TOML table such as '{plugin = \"NAME\", KEY = VALUE}' (flowforge plugins lists the metrics)")
     parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the data-vs-data floor")
     parser.add_argument("--out", help="output folder (default RUN_DIR/eval)")
 
@@ -201,11 +201,46 @@ def plot(rows: list[dict[str, Any]], metric_keys: list[str], setting_keys: list[
     return path
 
 
+def _cli_metrics(specs: list[str], c: Any) -> dict[str, Any]:
+    """The ``--metric`` entries, built with the run's context (spec, data, scheduler, path, objective, kinds)."""
+    import registry
+    from core.generate import metric_names
+    from registry import ConfigError
+
+    entries = [_parse_metric(m) for m in specs]
+    metrics = {}
+    for index, (name, entry) in enumerate(zip(metric_names(entries), entries)):
+        try:
+            metrics[name] = registry.build("metric", entry, spec=c.spec, data=c.data, scheduler=c.scheduler,
+                                           path=c.path, objective=c.objective, **c.extras)
+        except ConfigError as exc:
+            raise exc.within(f"--metric[{index}]") from None
+    return metrics
+
+
+def _preamble(run: Any, n: int, seed: int, repeats: int, floor_values: dict[str, float],
+              model_values: dict[str, float]) -> str:
+    """The text above eval.md's table: the run, the sample counts and seeds, the floor, the model metrics."""
+    repeated = (f"mean and standard error (`_se`) over {repeats} seeds ({seed} to {seed + repeats - 1})"
+                if repeats > 1 else f"seed {seed}, no error bars (--repeats 1)")
+    preamble = (f"# Evaluation of {run.name}\n\nrun `{run.run_dir.root}`, step {run.step}, {run.weights} weights, "
+                f"{n} generated vs {n} held-out examples per row, {repeated}; nfe = model evaluations per sample "
+                f"(a guided evaluation runs the conditional and unconditional halves as one batch).")
+    if floor_values:
+        preamble += "\n\nData-vs-data floor (two independent held-out samples of the same size): " + \
+            ", ".join(f"{k} = {v:.5g}" + (f" ± {floor_values[k + '_se']:.2g}" if k + "_se" in floor_values else "")
+                      for k, v in floor_values.items() if not k.endswith("_se"))
+    if model_values:
+        preamble += "\n\nModel metrics (independent of the sampler): " + \
+            ", ".join(f"{k} = {v:.5g}" for k, v in model_values.items())
+    return preamble
+
+
 def main(args: argparse.Namespace) -> int:
     import attrs
 
     import registry
-    from core.generate import evaluate, floor, metric_names
+    from core.generate import evaluate, floor
     from core.interfaces import SampleMetric
     from core.runs import load_run, write_table
     from registry import ConfigError
@@ -221,15 +256,7 @@ def main(args: argparse.Namespace) -> int:
     if not c.can_generate:
         raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate")
     if args.metric:
-        entries = [_parse_metric(m) for m in args.metric]
-        metrics = {}
-        for index, (name, entry) in enumerate(zip(metric_names(entries), entries)):
-            try:
-                metrics[name] = registry.build("metric", entry, spec=c.spec, data=c.data, scheduler=c.scheduler,
-                                               path=c.path, objective=c.objective, **c.extras)
-            except ConfigError as exc:
-                raise exc.within(f"--metric[{index}]") from None
-        run.components = c = attrs.evolve(c, metrics=metrics)
+        run.components = c = attrs.evolve(c, metrics=_cli_metrics(args.metric, c))
     sample_metrics = {k: m for k, m in c.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
     model_metrics = {k: m for k, m in c.metrics.items() if k not in sample_metrics}
     if not sample_metrics:
@@ -259,18 +286,7 @@ def main(args: argparse.Namespace) -> int:
     setting_keys = ["solver", *axes, "guidance"]
     metric_keys = [k for k in rows[0] if k not in setting_keys and k not in ("nfe", "seconds") and not k.endswith("_se")]
     columns = [*setting_keys, "nfe", *(c for k in metric_keys for c in (k, f"{k}_se") if c in rows[0]), "seconds"]
-    repeated = (f"mean and standard error (`_se`) over {args.repeats} seeds ({seed} to {seed + args.repeats - 1})"
-                if args.repeats > 1 else f"seed {seed}, no error bars (--repeats 1)")
-    preamble = (f"# Evaluation of {run.name}\n\nrun `{run.run_dir.root}`, step {run.step}, {run.weights} weights, "
-                f"{n} generated vs {n} held-out examples per row, {repeated}; nfe = model evaluations per sample "
-                f"(a guided evaluation runs the conditional and unconditional halves as one batch).")
-    if floor_values:
-        preamble += "\n\nData-vs-data floor (two independent held-out samples of the same size): " + \
-            ", ".join(f"{k} = {v:.5g}" + (f" ± {floor_values[k + '_se']:.2g}" if k + "_se" in floor_values else "")
-                      for k, v in floor_values.items() if not k.endswith("_se"))
-    if model_values:
-        preamble += "\n\nModel metrics (independent of the sampler): " + \
-            ", ".join(f"{k} = {v:.5g}" for k, v in model_values.items())
+    preamble = _preamble(run, n, seed, args.repeats, floor_values, model_values)
     files = write_table(rows, columns, out / "eval", preamble)
     files.append(plot(rows, metric_keys, setting_keys, floor_values, out / "eval.png",
                       f"{run.name} (step {run.step}, {run.weights})"))

@@ -25,7 +25,8 @@ def flowforge_register(register):
     register("feature_extractor", "raw", "plugins.metrics.features:make_raw", None,
              doc="the flattened examples themselves")
     register("metric", "energy_distance", "plugins.metrics.distances:make_energy_distance", None,
-             doc="energy distance (V-statistic) between generated and held-out samples; lower is better")
+             doc="energy distance (V-statistic) between generated and held-out samples; lower is better",
+             default=True)
     register("metric", "sliced_wasserstein", "plugins.metrics.distances:make_sliced_wasserstein",
              "plugins.metrics.distances:SlicedWassersteinConfig",
              doc="sliced 1-Wasserstein distance over random projections; lower is better")
