@@ -123,18 +123,18 @@ def test_the_feature_extractor_section_is_the_runs_default(moments, tmp_path):
 
 def test_unknown_extractor_is_a_did_you_mean_exit_2(tmp_path):
     status, stderr = run_in_process([str(RF2D), "--out", str(tmp_path / "r"), "--set",
-                                     "metrics=[{plugin='frechet_distance', features='rawr'}]"])
+                                     "metrics=[{plugin='frechet_distance', features='pixel'}]"])
     assert status == 2, stderr
-    assert "unknown feature_extractor plugin 'rawr'" in stderr and 'did you mean "raw"' in stderr
+    assert "unknown feature_extractor plugin 'pixel'" in stderr and 'did you mean "pixels"' in stderr
     assert "metrics[0].features" in stderr and "Traceback" not in stderr
 
 
 def test_features_and_the_older_options_do_not_mix():
     spec = DataSpec(shape=(2,))
     with pytest.raises(ConfigError, match="older form of features"):
-        registry.build("metric", {"plugin": "kid", "features": "raw", "feature_extractor": "inception"}, spec=spec)
+        registry.build("metric", {"plugin": "kid", "features": "pixels", "feature_extractor": "inception"}, spec=spec)
     with pytest.raises(ConfigError, match="older form of features"):
-        registry.build("metric", {"plugin": "kid", "features": "raw", "weights": "w.pth"}, spec=spec)
+        registry.build("metric", {"plugin": "kid", "features": "pixels", "weights": "w.pth"}, spec=spec)
     with pytest.raises(ConfigError, match="needs a plugin key"):
         registry.build("metric", {"plugin": "kid", "features": {"weights": "x"}}, spec=spec)
     with pytest.raises(ConfigError, match=r'features.feature_dims: unknown key \(did you mean "feature_dim"'):
@@ -292,7 +292,7 @@ def test_every_extractor_passes_the_kind_check(moments, tmp_path):
     data = Digits(DigitsConfig())
     weights = str(random_inception(tmp_path / "w.pth"))
     built = {
-        "raw": ({"plugin": "raw"}, DataSpec(shape=(5,))),
+        "pixels": ({"plugin": "pixels"}, DataSpec(shape=(5,))),
         "digits_cnn": ({"plugin": "digits_cnn", "cache_dir": str(tmp_path), **TINY}, data.spec),
         "inception": ({"plugin": "inception", "weights": weights, "resize": 75}, DataSpec(shape=(3, 8, 8))),
         "moments": ({"plugin": "moments"}, DataSpec(shape=(4, 4))),
