@@ -35,7 +35,7 @@ def write_pngs(folder, images: np.ndarray) -> None:
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
-    """The raw extractor's features of uint8 (N, H, W, C) images, written independently: CHW floats in [-1, 1]."""
+    """The pixels extractor's features of uint8 (N, H, W, C) images, written independently: CHW floats in [-1, 1]."""
     x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
     return x.reshape(len(x), -1).astype(np.float64)
 
@@ -70,7 +70,7 @@ def images(tmp_path):
 
 def test_folder_against_npz_equals_float64_fid_and_kid(images, tmp_path, capsys):
     a, b = images
-    got = score(capsys, "--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b.npz"), "--features", "raw",
+    got = score(capsys, "--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b.npz"), "--features", "pixels",
                 "--metric", "frechet_distance", "--metric", "{plugin = 'kid', subset_size = 100}",
                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
     fa, fb = pixel_features(a), pixel_features(b)
@@ -79,7 +79,7 @@ def test_folder_against_npz_equals_float64_fid_and_kid(images, tmp_path, capsys)
     assert got["metrics"]["kid"] == pytest.approx(kid_unbiased(fa, fb), rel=1e-8)
     assert json.loads((tmp_path / "out" / "eval-inputs.json").read_text()) == got
     # the second evaluation reads the reference statistics from the cache, with the same numbers
-    again = score(capsys, "--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b.npz"), "--features", "raw",
+    again = score(capsys, "--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b.npz"), "--features", "pixels",
                   "--metric", "frechet_distance", "--metric", "{plugin = 'kid', subset_size = 100}",
                   "--cache", str(tmp_path / "cache"))
     assert again["metrics"] == got["metrics"]
@@ -113,7 +113,7 @@ def test_bad_inputs_exit_2(images, tmp_path, capsys, case, monkeypatch):
     np.savez(tmp_path / "big.npz", arr_0=np.zeros((3, 7, 7, 3), dtype=np.uint8))  # the others are 3 x 3
     first = {"missing": "nope", "empty folder": "empty", "text file": "notes.txt", "float npz": "float.npz",
              "shapes differ": "big.npz"}.get(case, "a")
-    args = ["eval", "--input1", str(tmp_path / first), "--features", "inception" if case == "no weights" else "raw"]
+    args = ["eval", "--input1", str(tmp_path / first), "--features", "inception" if case == "no weights" else "pixels"]
     if case != "alone":
         args += ["--input2", str(tmp_path / "b.npz")]
     if case != "no metric":
@@ -140,7 +140,7 @@ def test_a_sample_npz_round_trips(tmp_path, capsys):
                 "--out", str(tmp_path / "s")]) == 0
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (48, 8, 8, 1)
-    common = ["--features", "raw", "--metric", "frechet_distance", "--cache", str(tmp_path / "cache")]
+    common = ["--features", "pixels", "--metric", "frechet_distance", "--cache", str(tmp_path / "cache")]
     same = score(capsys, "--input1", str(tmp_path / "s.npz"), "--input2", str(tmp_path / "pngs"), *common)
     assert abs(same["metrics"]["frechet_distance"]) < 1e-9  # the PNG folder holds exactly the npz's images
     got = score(capsys, "--input1", str(tmp_path / "s.npz"), "--input2", str(out), "--seed", "5", *common)
@@ -159,7 +159,7 @@ def _free_port() -> int:
 
 
 def test_two_torchrun_processes_give_the_numbers_of_one(images, tmp_path, capsys):
-    args = ["--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b.npz"), "--features", "raw", "--no-cache",
+    args = ["--input1", str(tmp_path / "a"), "--input2", str(tmp_path / "b.npz"), "--features", "pixels", "--no-cache",
             "--batch-size", "7", "--metric", "frechet_distance", "--metric", "{plugin = 'kid', subset_size = 100}"]
     one = score(capsys, *args)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -123,18 +123,18 @@ def test_the_feature_extractor_section_is_the_runs_default(moments, tmp_path):
 
 def test_unknown_extractor_is_a_did_you_mean_exit_2(tmp_path):
     status, stderr = run_in_process([str(RF2D), "--out", str(tmp_path / "r"), "--set",
-                                     "metrics=[{plugin='frechet_distance', features='rawr'}]"])
+                                     "metrics=[{plugin='frechet_distance', features='pixel'}]"])
     assert status == 2, stderr
-    assert "unknown feature_extractor plugin 'rawr'" in stderr and 'did you mean "raw"' in stderr
+    assert "unknown feature_extractor plugin 'pixel'" in stderr and 'did you mean "pixels"' in stderr
     assert "metrics[0].features" in stderr and "Traceback" not in stderr
 
 
 def test_features_and_the_older_options_do_not_mix():
     spec = DataSpec(shape=(2,))
     with pytest.raises(ConfigError, match="older form of features"):
-        registry.build("metric", {"plugin": "kid", "features": "raw", "feature_extractor": "inception"}, spec=spec)
+        registry.build("metric", {"plugin": "kid", "features": "pixels", "feature_extractor": "inception"}, spec=spec)
     with pytest.raises(ConfigError, match="older form of features"):
-        registry.build("metric", {"plugin": "kid", "features": "raw", "weights": "w.pth"}, spec=spec)
+        registry.build("metric", {"plugin": "kid", "features": "pixels", "weights": "w.pth"}, spec=spec)
     with pytest.raises(ConfigError, match="needs a plugin key"):
         registry.build("metric", {"plugin": "kid", "features": {"weights": "x"}}, spec=spec)
     with pytest.raises(ConfigError, match=r'features.feature_dims: unknown key \(did you mean "feature_dim"'):
@@ -282,3 +282,34 @@ def test_kid_of_cached_features_equals_kid_without_a_cache(moments, tmp_path):
         cached.update(fake, real=False)
         values.append(float(cached.compute()))
     assert values[0] == values[1] == float(plain.compute())
+
+
+# --------------------------------------------------------------------------- the kind's conformance check
+def test_every_extractor_passes_the_kind_check(moments, tmp_path):
+    from plugins.data.digits import Digits, DigitsConfig
+    from plugins.metrics.testing import check_feature_extractor
+
+    data = Digits(DigitsConfig())
+    weights = str(random_inception(tmp_path / "w.pth"))
+    built = {
+        "pixels": ({"plugin": "pixels"}, DataSpec(shape=(5,))),
+        "digits_cnn": ({"plugin": "digits_cnn", "cache_dir": str(tmp_path), **TINY}, data.spec),
+        "inception": ({"plugin": "inception", "weights": weights, "resize": 75}, DataSpec(shape=(3, 8, 8))),
+        "moments": ({"plugin": "moments"}, DataSpec(shape=(4, 4))),
+    }
+    first_party = {n for n in registry.available("feature_extractor")
+                   if registry.get("feature_extractor", n).distribution == "flowforge"}
+    assert set(built) == first_party | {"moments"}  # every first-party one, and the third-party one
+    for name, (mapping, spec) in built.items():
+        check_feature_extractor(registry.build("feature_extractor", mapping, spec=spec, data=data), spec, n=3)
+
+
+def test_the_kind_check_catches_batch_statistics():
+    from plugins.metrics.testing import check_feature_extractor
+
+    def normalised(x):  # features that depend on the rest of the batch
+        flat = x.reshape(len(x), -1).double()
+        return flat - flat.mean(0)
+
+    with pytest.raises(AssertionError, match="alone"):
+        check_feature_extractor(normalised, DataSpec(shape=(3,)))

@@ -266,12 +266,7 @@ def model_only(run: Any, model_metrics: dict[str, Any], args: argparse.Namespace
 
 
 def main(args: argparse.Namespace) -> int:
-    import attrs
-
-    import registry
-    from core.generate import evaluate, floor
-    from core.interfaces import SampleMetric
-    from core.runs import load_run, write_table
+    """``flowforge eval``: the run's sweep, or ``--input1/--input2`` scoring (`core.commands.eval_inputs`)."""
     from registry import ConfigError
 
     if args.input1 or args.input2:
@@ -280,6 +275,19 @@ def main(args: argparse.Namespace) -> int:
         return score_inputs(args)
     if not args.run_dir:
         raise ConfigError("flowforge eval needs RUN_DIR, or --input1 A --input2 B to score images against others")
+    return evaluate_run(args)
+
+
+def evaluate_run(args: argparse.Namespace) -> int:
+    """The sweep of RUN_DIR's metrics (see the module docstring)."""
+    import attrs
+
+    import registry
+    from core.generate import evaluate, floor
+    from core.interfaces import SampleMetric
+    from core.runs import load_run, write_table
+    from registry import ConfigError
+
     run = load_run(args.run_dir, args.overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
     c = run.components
     if args.metric:

@@ -8,7 +8,7 @@ reference selection that evaluation uses (seed ``--seed``, default the run's), q
 way ``flowforge sample`` writes images. Images are mapped to ``u / 127.5 - 1`` in [-1, 1], channels first.
 
 The feature metrics named with ``--metric`` (e.g. ``frechet_distance``, ``kid``, ``precision_recall``)
-use the extractor ``--features`` (e.g. ``inception`` from a local weights file, ``raw``) unless their
+use the extractor ``--features`` (e.g. ``inception`` from a local weights file) unless their
 table names their own; both are required (core names no plugin). Under ``torchrun`` every rank extracts the features of its blocks of images and
 the features are gathered in global order, so the numbers do not depend on the number of processes;
 the reference statistics are read from and written to the cache (``--cache DIR``, default
@@ -38,8 +38,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input2", metavar="PATH", help="against these: PNG folder, .npz, or a run directory "
                                                          "(its held-out data)")
     parser.add_argument("--features", metavar="PLUGIN|{TOML}",
-                        help="feature extractor for --input1/--input2 (required with them), e.g. raw, digits_cnn "
-                             "or '{plugin = \"inception\", weights = \"w.pth\"}'")
+                        help="feature extractor for --input1/--input2 (required with them): a feature_extractor "
+                             "plugin name or an inline TOML table with its options (flowforge plugins lists them)")
     parser.add_argument("--cache", metavar="DIR", help="with --input1/--input2: the reference-statistics cache folder "
                                                        "(default $FLOWFORGE_CACHE, else ~/.cache/flowforge)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
@@ -155,7 +155,7 @@ def _score(metrics: dict[str, Any], first: np.ndarray, second: np.ndarray, batch
     from core.generate import _to_floats
 
     group = Group()
-    features: dict[int, torch.Tensor] = {}
+    features: dict[tuple[int, str], torch.Tensor] = {}
 
     def of(extractor: Any, images: np.ndarray, tag: str) -> torch.Tensor:
         key = (id(extractor), tag)

@@ -22,8 +22,8 @@ def flowforge_register(register):
     register("feature_extractor", "inception", "plugins.metrics.inception:make_inception",
              "plugins.metrics.inception:InceptionConfig",
              doc="InceptionV3 pool3 features (2048-d, FID's network) from a local weights file, never downloaded")
-    register("feature_extractor", "raw", "plugins.metrics.features:make_raw", None,
-             doc="the flattened examples themselves")
+    register("feature_extractor", "pixels", "plugins.metrics.features:make_pixels", None,
+             doc="the flattened examples themselves (pixels, for images)")
     register("metric", "energy_distance", "plugins.metrics.distances:make_energy_distance", None,
              doc="energy distance (V-statistic) between generated and held-out samples; lower is better",
              default=True)

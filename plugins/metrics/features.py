@@ -9,7 +9,7 @@ with flowforge:
   cached (`plugins.metrics.trained`); the default.
 * ``inception``: InceptionV3's pool3 features from a local weights file
   (`plugins.metrics.inception`).
-* ``raw``: the flattened examples themselves (2D toy data, latents, tests).
+* ``pixels``: the flattened examples themselves (pixels for images; 2D toy data, latents, tests).
 
 A third-party extractor is any object called as ``extractor(x) -> (B, F)``; an
 attribute ``identity`` (JSON-able) names what determines its features, and only
@@ -25,7 +25,7 @@ Which extractor a metric uses (`build_extractor`): its ``features`` option (a
 name or a table, resolved with the extractor's defaults when the experiment is
 validated), else the older options (``feature_extractor = "trained" |
 "inception" | "raw"`` with ``weights`` and the training options, which map to
-``digits_cnn``, ``inception`` and ``raw``) when any differs from its default,
+``digits_cnn``, ``inception`` and ``pixels``) when any differs from its default,
 else the experiment's ``[feature_extractor]`` section, else ``digits_cnn`` with
 its defaults. With ``features`` set, ``feature_extractor`` and ``weights`` are
 refused and the older training options are not used.
@@ -45,13 +45,13 @@ from core.interfaces import DataSource, DataSpec
 from registry import ConfigError
 
 #: The older ``feature_extractor`` names and the plugins they stand for.
-LEGACY_NAMES = {"trained": "digits_cnn", "inception": "inception", "raw": "raw"}
+LEGACY_NAMES = {"trained": "digits_cnn", "inception": "inception", "raw": "pixels"}
 #: The older options that configure the trained network (with ``cache_dir``).
 TRAINING_KEYS = ("feature_dim", "train_steps", "train_batch_size", "train_lr", "feature_seed")
 
 FEATURE_OPTIONS_DOC = """
         features: the feature extractor: a feature_extractor plugin name ("digits_cnn", "inception",
-            "raw", or a third-party one) or a table with its options, e.g. {plugin = "inception",
+            "pixels", or a third-party one) or a table with its options, e.g. {plugin = "inception",
             weights = "/path/to/pt_inception-2015-12-05-6726825d.pth"}. Default: the experiment's
             [feature_extractor] section, else "digits_cnn".
         cache_reference: cache the reference set's statistics on disk, keyed by a fingerprint of
@@ -59,7 +59,7 @@ FEATURE_OPTIONS_DOC = """
         cache_dir: where reference statistics (reference/) and, for the older options, trained
             networks (features/) are cached (default $FLOWFORGE_CACHE, else
             $XDG_CACHE_HOME/flowforge, else ~/.cache/flowforge).
-        feature_extractor: older form of features: "trained" (digits_cnn), "inception" or "raw".
+        feature_extractor: older form of features: "trained" (digits_cnn), "inception" or "raw" (pixels).
         weights: older form: the InceptionV3 weights file for feature_extractor = "inception".
         feature_dim: older form (not used with features): digits_cnn's feature_dim.
         train_steps: older form (not used with features): digits_cnn's train_steps.
@@ -168,9 +168,9 @@ class FeatureExtractor(nn.Module):
         return torch.cat(out)
 
 
-def make_raw(spec: DataSpec) -> FeatureExtractor:
-    """Feature-extractor factory for ``plugin = "raw"``: the flattened examples, ``(B, prod(shape))``."""
-    return FeatureExtractor(None, spec, "raw", identity={})
+def make_pixels(spec: DataSpec) -> FeatureExtractor:
+    """Feature-extractor factory for ``plugin = "pixels"``: the flattened examples, ``(B, prod(shape))``."""
+    return FeatureExtractor(None, spec, "pixels", identity={})
 
 
 def _legacy_options(config: FeatureConfig) -> list[str]:
