@@ -118,7 +118,7 @@ def test_block_coupling_is_process_count_invariant(kind):
                                              scheduler=registry.build("scheduler", {"plugin": "cond_ot"})))
 
     def source(conf, batch):
-        return coupled_source(conf, 0.5, batch, rng.for_batch(batch))
+        return coupled_source(conf, 0.5, batch, rng.for_batch(batch), cfg.path)
 
     whole = source(cfg.config, {"x": x, "seeds": rng.shard_seeds(seed, step, n, 0)})
     shards = [source(cfg.config, {"x": x[r * 8:(r + 1) * 8], "seeds": rng.shard_seeds(seed, step, 8, r)})
@@ -143,7 +143,7 @@ def test_ot_coupling_lowers_the_pair_cost_and_trains():
     batch = {"x": x, "seeds": rng.shard_seeds(0, 0, 256)}
     draw = rng.for_batch(batch)
     indep = draw.randn_like(x, "noise")
-    ot = coupled_source(obj.config, None, batch, draw)
+    ot = coupled_source(obj.config, None, batch, draw, obj.path)
     assert ((x - ot) ** 2).sum() < 0.5 * ((x - indep) ** 2).sum()
     assert torch.equal(torch.sort(ot[:, 0]).values, torch.sort(indep[:, 0]).values)  # the same noise, re-paired
     model = torch.nn.Linear(2, 2)
