@@ -70,8 +70,8 @@ def flowforge(model: Gaussian, x: torch.Tensor, plugin: str, steps: int, **optio
     solver = registry.build("solver", {"plugin": plugin, **opts, **options}, path=path)
     field = lambda x_t, t, y=None: model.eps(x_t, ((1 - t.double()) * T - 1).numpy())  # noqa: E731
     out = solver.sample(field, x)
-    if plugin == "ddim":
-        ab = float(path.diffusion.tables["alphas_cumprod"][solver.diffusion.timestep_map[-1]])
+    if plugin in ("ddim", "ode"):  # ode: the probability flow from t = 0, the last training step
+        ab = float(path.diffusion.tables["alphas_cumprod"][-1 if plugin == "ode" else solver.diffusion.timestep_map[-1]])
         s0 = ((1 - ab) / ab) ** 0.5
     else:
         s0 = float(solver.sigmas[0])
@@ -118,6 +118,7 @@ SOLVERS = [
     ("UniPC bh2", ("unipc", {"solver_type": "bh2"}), ("UniPCMultistepScheduler", {"solver_type": "bh2"}), None),
     ("Euler", ("euler", {}), ("EulerDiscreteScheduler", {}), None),
     ("Heun", ("heun", {}), ("HeunDiscreteScheduler", {}), lambda nfe: (nfe + 1) // 2),
+    ("ode midpoint (probability flow in t)", ("ode", {"method": "midpoint"}), None, lambda nfe: max(nfe // 2, 1)),
 ]
 
 
@@ -132,11 +133,15 @@ def main() -> None:
     model = Gaussian(sigmas)
     x = torch.randn(args.samples, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     rows, figures = [], {}
-    for label, (plugin, ff_opts), (cls, d_opts), to_steps in SOLVERS:
+    for label, (plugin, ff_opts), reference, to_steps in SOLVERS:
         for nfe in NFES:
             steps = to_steps(nfe) if to_steps else nfe
             ours, our_nfe = flowforge(model, x, plugin, steps, **ff_opts)
-            theirs, their_nfe = diffusers_run(model, x, cls, steps, **d_opts)
+            if reference is None:
+                rows.append([label, our_nfe, ours, "-", "-", "-"])
+                figures[f"{label}/{nfe}"] = {"flowforge": ours, "nfe": our_nfe}
+                continue
+            theirs, their_nfe = diffusers_run(model, x, reference[0], steps, **reference[1])
             rows.append([label, our_nfe, ours, their_nfe, theirs, ours / theirs])
             figures[f"{label}/{nfe}"] = {"flowforge": ours, "diffusers": theirs, "nfe": our_nfe, "nfe_diffusers": their_nfe}
     text = table(["solver", "NFE", "flowforge RMS error", "diffusers NFE", f"diffusers {diffusers.__version__}",
