@@ -40,6 +40,9 @@ COMPONENT_SECTIONS: dict[str, str] = {
     "launcher": "launcher",
 }
 REQUIRED_SECTIONS = ("data", "backbone", "objective")
+#: Sections an experiment may leave out: it then gets the component that declares itself its kind's
+#: default (``register(..., default=True)``; flowforge's one-process launcher does).
+DEFAULTED_SECTIONS = ("launcher",)
 #: Lists of tables, each entry a component: ``[[metrics]] plugin = "..."``; ``[[loggers]]`` (default
 #: none) receive every metrics.jsonl record, which is always written.
 LIST_SECTIONS: dict[str, str] = {"metrics": "metric", "loggers": "logger"}
@@ -263,6 +266,9 @@ class Experiment:
     file: str | None = None
     #: the other list sections (``loggers``, and those of plugin-declared kinds): section -> entries
     lists: dict[str, list[dict[str, Any]]] = attrs.Factory(dict)
+    #: each component's structured config object (None: no options), by key path ("backbone",
+    #: "metrics[0]"): structured once by `resolve`, built from by `core.build` (never re-validated)
+    configs: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def section(self, name: str) -> dict[str, Any] | None:
         """The resolved mapping of a component section, or None when absent."""
@@ -417,37 +423,50 @@ def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
             core[name] = registry.structure(raw.get(name, {}), cls)
         except ConfigError as exc:
             raise exc.within(name, file=file) from None
-    components: dict[str, dict[str, Any]] = {}
+    configs: dict[str, Any] = {}
     sections = dict(raw)
-    sections.setdefault("launcher", {"plugin": "local"})
-    for name, kind in tables.items():
-        if name not in sections:
-            continue
-        try:
-            components[name] = registry.resolved(kind, sections[name])
-        except ConfigError as exc:
-            raise exc.within(name, file=file) from None
-    entries: dict[str, list[dict[str, Any]]] = {}
-    for name, kind in lists.items():
-        entries[name] = []
-        for index, item in enumerate(raw.get(name, [])):
-            try:
-                entries[name].append(registry.resolved(kind, item))
-            except ConfigError as exc:
-                raise exc.within(f"{name}[{index}]", file=file) from None
+    for name in DEFAULTED_SECTIONS:
+        fallback = registry.default_of(tables[name])
+        if name not in sections and fallback is not None:
+            sections[name] = {"plugin": fallback}
+    components = {name: _configure(kind, sections[name], name, file, configs)
+                  for name, kind in tables.items() if name in sections}
+    entries = {name: [_configure(kind, item, f"{name}[{index}]", file, configs)
+                      for index, item in enumerate(raw.get(name, []))] for name, kind in lists.items()}
     metrics = entries.pop("metrics")
     check_monitor(core["trainer"].monitor, metrics, file)
-    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file, entries)
+    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file, entries, configs)
+
+
+def _configure(kind: str, mapping: Any, where: str, file: str | None, configs: dict[str, Any]) -> dict[str, Any]:
+    """Structure one component section (once): record its config object in `configs` under `where`
+    and return the resolved mapping (``plugin`` first, every default filled in)."""
+    try:
+        comp, config = registry.configure(kind, mapping)
+    except ConfigError as exc:
+        raise exc.within(where, file=file) from None
+    configs[where] = config
+    return {"plugin": comp.name, **(registry.unstructure(config) if config is not None else {})}
 
 
 def check_monitor(monitor: str, metrics: Sequence[Mapping[str, Any]], file: str | None = None) -> None:
     """``trainer.monitor`` must name one of the ``[[metrics]]`` (``NAME`` or ``NAME/RESULT``)."""
-    from .generate import metric_names
-
     names = metric_names(metrics)
     if monitor and monitor.split("/")[0] not in names:
         raise ConfigError(f"{monitor!r} is not an evaluation result{did_you_mean(monitor, names)}; the metrics are: "
                           f"{', '.join(names) or '(none: add [[metrics]])'}", ("trainer", "monitor"), file)
+
+
+def metric_names(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Summary keys for ``[[metrics]]`` entries: the plugin name, made unique with a suffix."""
+    names: list[str] = []
+    for entry in metrics:
+        base = entry.get("name") or entry["plugin"]
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 @attrs.define

@@ -126,7 +126,7 @@ def run_process(config: BpdConfig, path: Any) -> DiffusionConfig:
     return path.config
 
 
-def make_bpd(config: BpdConfig, spec: DataSpec, path: Any = None) -> BitsPerDim:
+def make_ddpm_bpd(config: BpdConfig, spec: DataSpec, path: Any = None) -> BitsPerDim:
     """Metric factory for ``plugin = "ddpm_bpd"``: continuous data only; inside a run, the run's `path`."""
     if spec.kind != "continuous":
         raise ConfigError(f"ddpm_bpd needs continuous data in [-1, 1], got {spec.kind!r} data")

@@ -3,9 +3,10 @@
 Per (micro-)batch of data ``x_start (B, ...)``:
 
 1. draw steps ``k (B,)`` and importance weights ``w (B,)`` from the schedule sampler;
-2. draw ``noise ~ N(0, I)`` (plus ``noise_offset`` offset noise) and build
-   ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise`` (from ``noise + gamma n'`` with
-   ``input_perturbation = gamma``; the target keeps ``noise``), see `plugins.ddpm.weighting`;
+2. draw the source ``noise ~ N(0, I)`` through ``path.sample_source`` (plus ``noise_offset``
+   offset noise) and build ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise`` (from
+   ``noise + gamma n'`` with ``input_perturbation = gamma``; the target keeps ``noise``),
+   see `plugins.ddpm.weighting`;
 3. call ``model(x_k, t_k, y)`` with ``t_k = 1 - (k + 1) / T`` (labels replaced by the
    null label ``num_classes`` with probability ``label_dropout``);
 4. per-example losses of `GaussianDiffusion.training_losses` for ``loss_type``
@@ -102,6 +103,7 @@ class MeanGuidance(ClassifierFreeGuidance):
     the second half (the learned variance) is the conditional model's."""
 
     def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
+        """Guide the mean channels ``[:C]`` of ``(B, 2C, ...)``; keep the conditional variance channels ``[C:]``."""
         (cond_mean, cond_var), uncond_mean = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)[0]
         return torch.cat([guide(cond_mean, uncond_mean, self.scale, self.rescale), cond_var], dim=1)
 
@@ -110,7 +112,7 @@ class DDPMObjective(Objective):
     """See the module docstring."""
 
     def __init__(self, config: DDPMConfig, spec: DataSpec, path: Any = None):
-        self.config, self.spec = config, spec
+        self.config, self.spec, self.path = config, spec, path
         self.diffusion = diffusion_of(path, "the ddpm objective")
         self.sampler = create_schedule_sampler(config.schedule_sampler, self.diffusion.num_timesteps,
                                                config.history_per_term, config.uniform_prob)
@@ -121,8 +123,8 @@ class DDPMObjective(Objective):
         draw = rng.for_batch(batch)
         k, weights = self.sampler.sample(x_start.shape[0], x_start.device, draw=draw)
         c = self.config
-        noise, target_noise = perturbed_noise(draw.randn_like(x_start, "noise"), draw, c.noise_offset,
-                                              c.input_perturbation)
+        noise = self.path.sample_source(x_start.shape, device=x_start.device, dtype=x_start.dtype, draw=draw)
+        noise, target_noise = perturbed_noise(noise, draw, c.noise_offset, c.input_perturbation)
         x_t = d.q_sample(x_start, k, noise)
         y = batch.get("y")
         if y is not None:
@@ -137,6 +139,11 @@ class DDPMObjective(Objective):
             loss = snr_w * terms["mse"] + terms.get("vb", 0.0)
         return (loss * weights).mean(), logs
 
+    @property
+    def prediction(self) -> str:
+        """What the model predicts: the process's ``[path] prediction`` (epsilon, x_start or v)."""
+        return self.path.config.prediction
+
     def sampling_model(self, model: nn.Module) -> Field:
         cls = MeanGuidance if self.diffusion.learned_variance else None
         return configured(model, self.config.guidance_interval, self.config.guidance_rescale, cls)
@@ -146,3 +153,8 @@ class DDPMObjective(Objective):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def make_ddpm(config: DDPMConfig, spec: DataSpec, path: Any = None) -> DDPMObjective:
+    """Objective factory for ``plugin = "ddpm"``."""
+    return DDPMObjective(config, spec, path)

@@ -16,6 +16,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from core import rng
 from core.interfaces import DataSpec, Path, PathSample
 from registry import ConfigError
 
@@ -82,8 +83,10 @@ class GaussianDiffusionPath(Path):
         return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=x_t, target=self.diffusion.target(x_1, x_0, k))
 
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
-        return torch.randn(*shape, generator=generator).to(device or "cpu")
+                      device: torch.device | str | None = None, *, dtype: torch.dtype | None = None,
+                      draw: rng.ExampleRandom | None = None) -> Tensor:
+        """``x_0 ~ N(0, I)`` ``(B, ...)`` (`core.rng.standard_normal`, stream ``"noise"``)."""
+        return rng.standard_normal(shape, generator, device, dtype=dtype, draw=draw)
 
     def velocity_field(self, field: Any) -> Any:
         """The probability-flow velocity of a model of this process (`plugins.ddpm.flow`), for ODE solvers."""
@@ -92,7 +95,8 @@ class GaussianDiffusionPath(Path):
         return ProbabilityFlow(field, self.diffusion)
 
 
-def build_path(config: DiffusionConfig, spec: DataSpec | None = None, scheduler: Any = None) -> GaussianDiffusionPath:
+def make_gaussian_diffusion(config: DiffusionConfig, spec: DataSpec | None = None,
+                            scheduler: Any = None) -> GaussianDiffusionPath:
     """Path factory: continuous data only; the process defines its own schedule (no [scheduler])."""
     if scheduler is not None:
         raise ConfigError("the gaussian_diffusion path defines its own noise schedule (options schedule, steps): "

@@ -7,9 +7,8 @@ so few-step and one-step (one euler step: ``x_1 = x_0 + u(x_0, 0)``) samples
 improve. Repeating gives k-RF.
 
 ``reflow_pairs`` is a data source: ``run = "runs/my-1rf"`` names a finished
-run directory; its ``config.toml`` is loaded and its components rebuilt
-(`core.trainer.build_components`), the latest checkpoint's EMA weights (or raw
-weights) are loaded, and ``num_pairs`` couplings are generated with the run's
+run directory, loaded with `core.runs.load_run` (its components rebuilt, the
+latest checkpoint's EMA weights or raw weights loaded), and ``num_pairs`` couplings are generated with the run's
 own ``[solver]`` (keys of ``solver`` override it, e.g. ``{method = "rk4",
 steps = 50}``) and sampling field (``objective.sampling_model``, optionally
 guided). Class-conditional runs draw labels uniformly and generate
@@ -34,6 +33,7 @@ import attrs
 import torch
 
 from core import checkpoint as ckpt
+from core.runs import LoadedRun, load_run, solver_overrides
 from core.data import TensorDataSource
 from core.data import generator as make_generator
 from core.interfaces import Batch, DataSource
@@ -75,38 +75,13 @@ class ReflowPairsConfig:
             raise ConfigError("overrides the run's solver options; the plugin stays the run's", ("solver", "plugin"))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_run(run: str | Path, solver_overrides: dict[str, Any] | None = None, use_ema: bool = True):
-    """Rebuild a finished run: ``(experiment, components, model with the latest weights, checkpoint path)``."""
-    from core import config as cfg
-    from core.trainer import build_components
-
-    root = Path(run)
-    if not (root / "config.toml").is_file():
-        raise ConfigError(f"{root} is not a run directory (no config.toml); train the flow to rectify first, "
-                          f"e.g. python -m core.run experiments/reflow_2d_1rf.toml", ("run",))
-    path = ckpt.latest(root / "checkpoints")
-    if path is None:
-        raise ConfigError(f"run {root} has no checkpoint; let its training finish first", ("run",))
-    raw = cfg.read_toml(root / "config.toml")
-    if solver_overrides:
-        if "solver" not in raw:
-            raise ConfigError(f"run {root} has no [solver] section to override", ("solver",))
-        raw["solver"] = {**raw["solver"], **solver_overrides}
+def load_source(config: ReflowPairsConfig) -> LoadedRun:
+    """The run to rectify (`core.runs.load_run`), with the ``solver`` overrides, on ``config.device``."""
     try:
-        exp = cfg.resolve(raw, file=str(root / "config.toml"))
+        return load_run(config.run, solver_overrides(**config.solver), ema=config.use_ema, device=config.device)
     except ConfigError as exc:
-        raise ConfigError(f"cannot load the run to rectify: {exc}", ("run",)) from None
-    components = build_components(exp)
-    state = ckpt.load(path)
-    weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
-    components.model.load_state_dict(weights)
-    return exp, components, components.model, path
+        raise ConfigError(f"cannot load the run to rectify ({exc}); train the flow to rectify first, "
+                          f"e.g. python -m core.run experiments/reflow_2d_1rf.toml", ("run",)) from None
 
 
 class ReflowPairs(TensorDataSource):
@@ -114,7 +89,8 @@ class ReflowPairs(TensorDataSource):
 
     def __init__(self, config: ReflowPairsConfig):
         self.config = config
-        exp, components, model, ckpt_path = load_run(config.run, config.solver, config.use_ema)
+        loaded = load_source(config)
+        exp, components, ckpt_path = loaded.exp, loaded.components, loaded.checkpoint
         if components.solver is None or components.path is None:
             raise ConfigError(f"run {config.run} has no [solver] and [path]: it cannot generate couplings", ("run",))
         self.source: DataSource = components.data
@@ -128,7 +104,7 @@ class ReflowPairs(TensorDataSource):
         self.cache_file = Path(config.run) / "reflow" / f"pairs-{digest}.pt"
         pairs = self._load_cache() if config.cache else None
         if pairs is None:
-            pairs = self._generate(components, model)
+            pairs = self._generate(components, loaded.model, loaded.device)
             if config.cache:
                 ckpt.save_atomic(pairs, self.cache_file)
         self.pairs = pairs
@@ -149,12 +125,10 @@ class ReflowPairs(TensorDataSource):
         return pairs
 
     @torch.no_grad()
-    def _generate(self, components, model) -> dict[str, torch.Tensor]:
+    def _generate(self, components, model, device: torch.device) -> dict[str, torch.Tensor]:
         from core.guidance import guided
 
         c, spec = self.config, components.spec
-        device = _device(c.device)
-        model = model.to(device).eval()
         g = make_generator(c.seed, "reflow-pairs")
         labels = torch.randint(spec.num_classes, (c.num_pairs,), generator=g) if spec.num_classes > 0 else None
         field = components.objective.sampling_model(guided(model, c.guidance_scale, spec.num_classes))
@@ -179,14 +153,6 @@ class ReflowPairs(TensorDataSource):
         return self.source.render(batch, path)
 
 
-def build_reflow_pairs(config: ReflowPairsConfig) -> ReflowPairs:
+def make_reflow_pairs(config: ReflowPairsConfig) -> ReflowPairs:
     """Data factory for ``plugin = "reflow_pairs"``."""
     return ReflowPairs(config)
-
-
-def build_one_step(config: None = None, scheduler=None, path=None, spec=None):
-    """Solver factory for ``plugin = "one_step"``: the ode solver with one euler step (one model evaluation)."""
-    import registry
-
-    return registry.build("solver", {"plugin": "ode", "method": "euler", "steps": 1}, scheduler=scheduler, path=path,
-                          spec=spec)

@@ -61,7 +61,7 @@ from core.guidance import check_options, configured, drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
-from .paths import AffinePath
+from .path import AffinePath
 
 
 @attrs.define
@@ -209,7 +209,7 @@ class FlowMatching(Objective):
         draw = rng.for_batch(batch)
         x_0 = batch.get("x0")
         if x_0 is None:
-            x_0 = draw.randn_like(x_1, "noise")
+            x_0 = self.path.sample_source(x_1.shape, device=x_1.device, dtype=x_1.dtype, draw=draw)
         t_dtype = torch.float64 if x_1.dtype == torch.float64 else torch.float32
         t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype, draw=draw)
         ps = self.path.sample(x_0, x_1, t)
@@ -244,6 +244,11 @@ class FlowMatching(Objective):
         self._last_bins = values
         return {f"loss_bin/{i}": v for i, v in enumerate(values.unbind())}
 
+    @property
+    def prediction(self) -> str:
+        """What the model predicts: ``[objective] prediction`` (velocity, epsilon or x1)."""
+        return self.config.prediction
+
     def sampling_model(self, model: nn.Module) -> Field:
         model = configured(model, self.config.guidance_interval, self.config.guidance_rescale)
         if self.config.prediction == "velocity":
@@ -253,5 +258,11 @@ class FlowMatching(Objective):
         return PredictionToVelocity(model, self.path, self.config.prediction, self.config.sampling_eps)
 
 
-#: The older name (``velocity_mse``): the same objective, velocity prediction by default.
-VelocityMSE = FlowMatching
+def make_flow_matching(config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
+    """Objective factory for ``plugin = "flow_matching"``."""
+    return FlowMatching(config, spec, path)
+
+
+def make_velocity_mse(config: VelocityMSEConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
+    """Objective factory for ``plugin = "velocity_mse"`` (the flow_matching objective under its older name)."""
+    return FlowMatching(config, spec, path)
