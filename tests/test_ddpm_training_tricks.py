@@ -163,6 +163,10 @@ def test_zero_terminal_snr_with_v_trains_at_the_last_step_and_samples_with_trail
     assert solver.steps[0] == T - 1
     out = solver.sample(lambda x, t, y=None: 0.1 * x, torch.randn(3, *SPEC.shape, dtype=torch.float64))
     assert torch.isfinite(out.x).all()
+    for name in ("ddim", "ddpm_ancestral"):  # both start at the zero-SNR step T-1
+        out = registry.build("solver", {"plugin": name}, path=path).sample(lambda x, t, y=None: 0.1 * x,
+                                                                            torch.randn(3, *SPEC.shape, dtype=torch.float64))
+        assert torch.isfinite(out.x).all(), name
 
 
 @pytest.mark.parametrize("path_options, options, key", [

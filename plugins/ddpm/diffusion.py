@@ -342,8 +342,10 @@ class GaussianDiffusion:
         return self.extract("sqrt_recip_alphas_cumprod", k, x_t) * x_t - self.extract("sqrt_recipm1_alphas_cumprod", k, x_t) * eps
 
     def eps_from_xstart(self, x_t: Tensor, k: Tensor, x_start: Tensor) -> Tensor:
-        return ((self.extract("sqrt_recip_alphas_cumprod", k, x_t) * x_t - x_start)
-                / self.extract("sqrt_recipm1_alphas_cumprod", k, x_t))
+        """``(x_t / sqrt(abar) - x_start) / sqrt(1/abar - 1)``; at a zero-SNR step (``abar = 0``) ``x_t`` is the noise."""
+        eps = ((self.extract("sqrt_recip_alphas_cumprod", k, x_t) * x_t - x_start)
+               / self.extract("sqrt_recipm1_alphas_cumprod", k, x_t))
+        return torch.where(self.extract("alphas_cumprod", k, x_t) > 0, eps, x_t)
 
     def xstart_from_v(self, x_t: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.extract("sqrt_alphas_cumprod", k, x_t) * x_t - self.extract("sqrt_one_minus_alphas_cumprod", k, x_t) * v

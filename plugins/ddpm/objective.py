@@ -3,13 +3,17 @@
 Per (micro-)batch of data ``x_start (B, ...)``:
 
 1. draw steps ``k (B,)`` and importance weights ``w (B,)`` from the schedule sampler;
-2. draw the source ``noise ~ N(0, I)`` through ``path.sample_source`` and ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise``;
+2. draw the source ``noise ~ N(0, I)`` through ``path.sample_source`` (plus ``noise_offset``
+   offset noise) and build ``x_k = sqrt(abar_k) x_start + sqrt(1 - abar_k) noise`` (from
+   ``noise + gamma n'`` with ``input_perturbation = gamma``; the target keeps ``noise``),
+   see `plugins.ddpm.weighting`;
 3. call ``model(x_k, t_k, y)`` with ``t_k = 1 - (k + 1) / T`` (labels replaced by the
    null label ``num_classes`` with probability ``label_dropout``);
 4. per-example losses of `GaussianDiffusion.training_losses` for ``loss_type``
    (mse, rescaled_mse, kl, rescaled_kl; the bound term of learned variances
    trains only the variance), fed to the schedule sampler, and
-   ``loss = mean(w * losses)``.
+   ``loss = mean(w * losses)``; with ``weighting`` (min_snr, snr) the mse term of each
+   example is multiplied by its SNR weight first.
 
 Logged: ``mse`` and ``vb`` (batch means, unweighted) where they apply.
 
@@ -17,9 +21,11 @@ Sampling with classifier-free guidance: the runner wraps the model in
 `core.guidance.ClassifierFreeGuidance` before handing it to the solver. With a
 fixed variance the guided output ``(1 + w) cond - w uncond`` is used as is
 (epsilon, x_start and v are affine in one another at fixed ``(x_k, k)``, so
-guiding any of them is the same). With a learned variance `sampling_model`
+guiding any of them is the same; ``guidance_rescale`` is not affine and acts on
+the model's own output, as diffusers'). With a learned variance `sampling_model`
 replaces that wrapper by `MeanGuidance`, which guides only the mean channels
 and keeps the conditional model's variance channels (as GLIDE does).
+``guidance_interval`` and ``guidance_rescale`` are `core.guidance`'s.
 """
 
 from __future__ import annotations
