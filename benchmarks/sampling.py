@@ -37,7 +37,7 @@ import torch
 
 import registry
 from core.data import generator as make_generator
-from plugins.flow_matching.solvers import STAGES, ODEConfig, ODESolver
+from plugins.flow_matching.solver import STAGES, ODEConfig, ODESolver
 
 NFES = (1, 2, 4, 8, 16, 32, 64)
 TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from plugins.rectified_flow.reflow import load_run
+    from core.runs import load_run
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run) if args.run else train(args.train_steps, Path(tmp) / "run")
-        _, comps, model, ckpt = load_run(run_dir)
+        loaded = load_run(run_dir, device="cpu")
+        comps, model = loaded.components, loaded.model
     model.eval()
     objective, path, spec = comps.objective, comps.path, comps.spec
     field = objective.sampling_model(model)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         overhead = measure_overhead(field, x0[:args.overhead_batch], max(args.repeats, 5))
 
     figures = {"run": str(run_dir) if args.run else f"(trained {args.train_steps} steps)",
-               "checkpoint": ckpt.name, "samples": n, "threads": torch.get_num_threads(), "floor": floor,
+               "checkpoint": loaded.checkpoint.name, "samples": n, "threads": torch.get_num_threads(), "floor": floor,
                "cells": cells, "overhead": overhead}
     if args.json:
         print(json.dumps(figures, indent=2))

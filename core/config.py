@@ -96,6 +96,16 @@ class TrainerConfig:
         min_lr_ratio: final learning rate as a fraction of lr.
         grad_clip: clip the global gradient norm to this value (0: no clipping).
         ema_decay: EMA decay rate, or a list of rates kept at once (the first is used for evaluation); 0: no EMA.
+        ema_warmup: "none" (the constant rate), "meta" (min(decay, (1 + n) / (10 + n)) at update n) or
+            "power" (diffusers' EMAModel warm-up, 1 - (1 + m / ema_inv_gamma)^-ema_power clamped to
+            [ema_min_decay, decay], m = n - ema_update_after_step - 1); see `core.ema`.
+        ema_power: exponent of the power warm-up (2/3; 3/4 for long runs).
+        ema_inv_gamma: inverse multiplicative factor of the power warm-up.
+        ema_min_decay: lower clamp of the power warm-up.
+        ema_update_after_step: updates before the power warm-up starts averaging (copies until then).
+        posthoc_ema: sigma_rel of each power-function EMA kept for post-hoc reconstruction (EDM2 uses
+            [0.05, 0.10]); empty: none. See `core.posthoc_ema`.
+        posthoc_ema_every: store the power EMAs in <run>/ema_snapshots every N steps.
         precision: fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scale; skipped steps are logged).
         gradient_checkpointing: recompute activations in backward (backbones that support it).
         compile: wrap the backbone in torch.compile for training (evaluation uses the EMA copy, uncompiled).
@@ -133,6 +143,13 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
     ema_decay: float | list[float] = 0.999
+    ema_warmup: Literal["none", "meta", "power"] = "none"
+    ema_power: float = 2.0 / 3.0
+    ema_inv_gamma: float = 1.0
+    ema_min_decay: float = 0.0
+    ema_update_after_step: int = 0
+    posthoc_ema: list[float] = attrs.Factory(list)
+    posthoc_ema_every: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -153,6 +170,14 @@ class TrainerConfig:
         rates = self.ema_decay if isinstance(self.ema_decay, list) else [self.ema_decay]
         return [r for r in rates if r > 0]
 
+    @property
+    def ema_schedule(self) -> Any:
+        """The `core.ema.Warmup` these options describe."""
+        from .ema import Warmup
+
+        return Warmup(self.ema_warmup, self.ema_power, self.ema_inv_gamma, self.ema_min_decay,
+                      self.ema_update_after_step)
+
     def __attrs_post_init__(self) -> None:
         rates = self.ema_decay if isinstance(self.ema_decay, list) else [self.ema_decay]
         checks = [
@@ -167,6 +192,13 @@ class TrainerConfig:
             (self.lr >= 0, "lr", "a non-negative number"),
             (all(0.0 <= r < 1.0 for r in rates) and len(rates) > 0, "ema_decay",
              "a number in [0, 1) or a list of them (0 disables EMA)"),
+            (self.ema_power > 0 and self.ema_inv_gamma > 0, "ema_power", "a positive ema_power and ema_inv_gamma"),
+            (0.0 <= self.ema_min_decay < 1.0, "ema_min_decay", "a number in [0, 1)"),
+            (self.ema_update_after_step >= 0, "ema_update_after_step", "a non-negative integer"),
+            (all(0.0 < s < 12 ** -0.5 for s in self.posthoc_ema), "posthoc_ema",
+             "sigma_rel values in (0, 0.2887) (EDM2 uses [0.05, 0.10])"),
+            (self.posthoc_ema_every >= 0 and (self.posthoc_ema_every > 0) == bool(self.posthoc_ema),
+             "posthoc_ema_every", "a positive snapshot interval with posthoc_ema, 0 without"),
             (self.grad_clip >= 0, "grad_clip", "a non-negative number (0 disables clipping)"),
             (self.warmup_steps >= 0, "warmup_steps", "a non-negative integer"),
             (self.warmup_epochs >= 0, "warmup_epochs", "a non-negative number"),

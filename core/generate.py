@@ -94,6 +94,14 @@ def _reference(data: DataSource, n: int, seed: int, parts: list[tuple[int, int]]
     return group.gather_cat(torch.cat(mine) if mine else torch.empty(0))
 
 
+def reference_examples(data: DataSource, n: int, seed: int, *, batch_size: int = 1000, rank: int = 0,
+                       world_size: int = 1) -> Tensor:
+    """The `n` held-out examples ``(n, ...)`` that `evaluate` compares `n` generated ones with (seed `seed`),
+    read in blocks of `batch_size` shared by the ranks and gathered: the same on any number of processes."""
+    group = Group(rank, world_size)
+    return _reference(data, n, seed, blocks(n, batch_size, rank, world_size), group, "eval-reference")
+
+
 def evaluate(components: Components, model: nn.Module, n: int, seed: int, *, rank: int = 0, world_size: int = 1,
              guidance_scale: float = 0.0, batch_size: int = 1000, device: torch.device | str = "cpu") -> dict[str, float]:
     """Every metric of the experiment for `model`: `n` generated vs `n` held-out examples (sample metrics)

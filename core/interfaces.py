@@ -139,8 +139,14 @@ class Path(abc.ABC):
 
     @abc.abstractmethod
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
-        """Draw ``x_0 ~ p_0`` of the given full shape ``(B, ...)`` (Gaussian noise, mask tokens, ...)."""
+                      device: torch.device | str | None = None, *, dtype: torch.dtype | None = None,
+                      draw: Any = None) -> Tensor:
+        """Draw ``x_0 ~ p_0`` of the given full shape ``(B, ...)`` (Gaussian noise, mask tokens, ...).
+
+        Every objective draws its source here. `draw` is a training batch's ``core.rng.for_batch``:
+        with it each example's draw is keyed by its seed (process-count invariant), without it the draw
+        comes from `generator`. `dtype` is the floating dtype of a continuous source (default float32).
+        """
 
 
 # --------------------------------------------------------------------------- solvers
@@ -180,7 +186,14 @@ class Solver(abc.ABC):
 
 # --------------------------------------------------------------------------- training
 class Objective(abc.ABC):
-    """A training loss. Holds any state the loss needs (time samplers, loss history)."""
+    """A training loss. Holds any state the loss needs (time samplers, loss history).
+
+    ``prediction`` names what the trained model outputs (``"velocity"``, ``"epsilon"``, ``"x1"``, ...,
+    None when the question does not apply): the one place metrics and tools read it from, whichever
+    section of the experiment set it.
+    """
+
+    prediction: str | None = None
 
     @abc.abstractmethod
     def loss(self, models: Mapping[str, nn.Module], batch: Batch,

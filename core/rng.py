@@ -178,6 +178,20 @@ class GlobalRandom(ExampleRandom):
         return torch.randint(low, high, (self.batch_size, *shape), device=device, generator=self.generator)
 
 
+def standard_normal(shape: Sequence[int], generator: torch.Generator | None = None, device: Any = None, *,
+                    dtype: torch.dtype | None = None, draw: ExampleRandom | None = None, stream: str = "noise") -> Tensor:
+    """``(B, ...)`` standard normals of the full `shape`: the Gaussian source ``x_0 ~ N(0, I)`` of a path.
+
+    With `draw` (a batch's `for_batch`) every example's draw is keyed by its seed and `stream`, on
+    `device` in `dtype` (default float32); without it they come from `generator` (torch's global RNG
+    when None) on the CPU, moved to `device` (and cast to `dtype` when one is given).
+    """
+    if draw is not None:
+        return draw.randn(tuple(shape)[1:], stream, device=device, dtype=dtype or torch.float32)
+    x = torch.randn(*shape, generator=generator).to(device or "cpu")
+    return x if dtype is None else x.to(dtype)
+
+
 def for_batch(batch: Mapping[str, Any], batch_size: int | None = None) -> ExampleRandom:
     """The draws of a training batch: keyed by ``batch["seeds"]`` when present, else torch's global RNG.
 

@@ -97,23 +97,10 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
     dev = pick_device(device)
     exp = load_experiment(root, overrides)
     run_dir = RunDir(root)
-    path = Path(checkpoint) if checkpoint is not None else ckpt.latest(run_dir.checkpoints)
-    if path is None:
-        raise ConfigError(f"no checkpoint in {run_dir.checkpoints}: the run has not saved one yet "
-                          f"(it saves at the end and every trainer.checkpoint_every steps)")
-    state = ckpt.load(path)
+    path = Path(checkpoint) if checkpoint is not None else newest_checkpoint(run_dir)
+    weights, tensors, state = checkpoint_weights(path, ema)
     components = build_components(exp)
     model = components.model
-    weights = "raw"
-    if ema and state.get("ema") is not None:
-        weights, tensors = "ema", state["ema"]
-    else:
-        if ema:
-            print(f"flowforge: {path} holds no EMA weights (trainer.ema_decay = 0); using the raw weights",
-                  file=sys.stderr)
-        tensors = state.get("model")
-    if not isinstance(tensors, Mapping):
-        raise ConfigError(f"checkpoint {path} has no model weights")
     try:
         model.load_state_dict(tensors)
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -135,6 +122,32 @@ def train(file: str | Path, overrides: Sequence[str] = (), out: str | Path | Non
     from .run import run
 
     return run(file, overrides, out, resume=resume, overwrite=overwrite)
+
+
+def newest_checkpoint(run_dir: RunDir | str | Path) -> Path:
+    """The newest checkpoint file of a run directory; ConfigError when it has saved none."""
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    path = ckpt.latest(run_dir.checkpoints)
+    if path is None:
+        raise ConfigError(f"no checkpoint in {run_dir.checkpoints}: the run has not saved one yet "
+                          f"(it saves at the end and every trainer.checkpoint_every steps)")
+    return path
+
+
+def checkpoint_weights(path: Path, ema: bool = True) -> tuple[str, Mapping[str, torch.Tensor], dict[str, Any]]:
+    """``(which, tensors, state)`` of the checkpoint file `path`: its EMA weights (``which = "ema"``) when
+    `ema` and it has them, else its raw ones (``"raw"``, with a note when EMA was asked for); ConfigError
+    when it holds no model weights."""
+    state = ckpt.load(path)
+    if ema and state.get("ema") is not None:
+        return "ema", state["ema"], state
+    if ema:
+        print(f"flowforge: {path} holds no EMA weights (trainer.ema_decay = 0); using the raw weights",
+              file=sys.stderr)
+    tensors = state.get("model")
+    if not isinstance(tensors, Mapping):
+        raise ConfigError(f"checkpoint {path} has no model weights")
+    return "raw", tensors, state
 
 
 def build_solver(run: LoadedRun, mapping: Mapping[str, Any]) -> Any:
@@ -163,8 +176,19 @@ def solver_overrides(solver: str | None = None, **options: Any) -> list[str]:
     out = [f'solver={{plugin = "{solver}"}}'] if solver else []
     for key, value in options.items():
         if value is not None:
-            out.append(f"solver.{key}={json.dumps(value)}")
+            out.append(f"solver.{key}={toml_value(value)}")
     return out
+
+
+def toml_value(value: Any) -> str:
+    """`value` (str, bool, int, float, list, dict) as an inline TOML value: ``{"a" = [1, true]}``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 # --------------------------------------------------------------------------- tables and plots of results

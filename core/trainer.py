@@ -47,7 +47,7 @@ from torch import nn
 from registry import ConfigError
 
 from . import checkpoint as ckpt
-from . import rng, signals, validate
+from . import posthoc_ema, rng, signals, validate
 from .build import build, build_components
 from .config import Experiment
 from .data import derive_seed, device_prefetch, to_device
@@ -206,7 +206,8 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif self.is_main:
                 print("flowforge: trainer.sync_batchnorm needs GPUs (NCCL); kept per-process BatchNorm on CPU")
-        self.emas = {rate: EMA(model, rate) for rate in cfg.ema_decays}
+        self.emas = {rate: EMA(model, rate, cfg.ema_schedule) for rate in cfg.ema_decays}
+        self.posthoc = posthoc_ema.PowerEMA(model, cfg.posthoc_ema) if cfg.posthoc_ema else None
         params = param_groups(model, cfg.weight_decay, cfg.no_decay_ndim, cfg.no_decay_patterns)
         fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps,
@@ -248,6 +249,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "ema_rates": {str(rate): e.state_dict() for rate, e in self.emas.items()},
+            "posthoc_ema": self.posthoc.state_dict() if self.posthoc is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "objective": self.components.objective.state_dict(),
             "rng": rng,
@@ -282,6 +284,8 @@ class Trainer:
                     saved = state.get("ema")
                 e.load_state_dict(saved if saved is not None else state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.posthoc is not None:
+                self.posthoc.load_state_dict(state["posthoc_ema"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"checkpoint {path} does not match this experiment's model or optimizer "
                               f"(was it trained with other options?): {ckpt.mismatch_detail(exc)}") from None
@@ -437,7 +441,10 @@ class Trainer:
         else:
             loop.consecutive_skips = 0
             for ema in self.emas.values():
-                ema.update(self.raw_model)
+                ema.update(self.raw_model, self.step)
+            if self.posthoc is not None:
+                posthoc_ema.after_step(self.posthoc, self.raw_model, self.step, self.cfg.posthoc_ema_every,
+                                       self.run_dir.root / "ema_snapshots", self.is_main)
             loop.loss_sum += step_loss
             loop.loss_count += 1
         self.step += 1

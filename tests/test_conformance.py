@@ -599,7 +599,7 @@ class WrongTargetPath(PathInterface):
         tt = t.reshape(-1, *([1] * (x_1.ndim - 1)))
         return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=tt * x_1 + (1 - tt) * x_0, target=x_1)
 
-    def sample_source(self, shape, generator=None, device=None):
+    def sample_source(self, shape, generator=None, device=None, *, dtype=None, draw=None):
         return torch.randn(*shape, generator=generator)
 
     def __repr__(self):

@@ -14,8 +14,8 @@ import registry
 from core.interfaces import DataSpec
 from core.testing.strategies import seeds
 from plugins.flow_matching.analytic import GaussianFlow
-from plugins.flow_matching.objectives import FlowMatchingConfig, loss_weights, sample_times
-from plugins.flow_matching.paths import AffinePath
+from plugins.flow_matching.objective import FlowMatchingConfig, loss_weights, sample_times
+from plugins.flow_matching.path import AffinePath
 
 from .test_flow_schedulers import schedulers
 
@@ -174,7 +174,7 @@ def test_time_samplers():
     logit = torch.log(t / (1 - t))
     assert logit.mean().item() == pytest.approx(0.7, abs=0.01) and logit.std().item() == pytest.approx(0.5, abs=0.01)
     # EDM: ln(sigma) ~ N(p_mean, p_std) with sigma = (1 - t) / t under cond_ot
-    from plugins.flow_matching.schedulers import CondOTScheduler, CosineScheduler
+    from plugins.flow_matching.scheduler import CondOTScheduler, CosineScheduler
 
     t = sample_times(cfg(time_sampler="log_normal", p_mean=-1.2, p_std=1.2), n, scheduler=CondOTScheduler(),
                      generator=g, dtype=torch.float64)
@@ -228,7 +228,7 @@ def test_label_dropout():
 
 @pytest.mark.parametrize("prediction", ["epsilon", "x1"])
 def test_sampling_model_turns_predictions_into_the_velocity(prediction):
-    from plugins.flow_matching.schedulers import CosineScheduler
+    from plugins.flow_matching.scheduler import CosineScheduler
 
     scheduler = CosineScheduler()
     obj = objective({"plugin": "cosine"}, spec=DataSpec(shape=(2,)), prediction=prediction, sampling_eps=1e-3)

@@ -12,7 +12,7 @@ from core.interfaces import PathSample
 from core.testing import paths as kit
 from core.testing.strategies import batch_sizes, data_shapes, seeds, time_tensors
 from plugins.flow_matching.analytic import GaussianFlow
-from plugins.flow_matching.paths import AffinePath
+from plugins.flow_matching.path import AffinePath
 
 from .test_flow_schedulers import FIRST_PARTY, schedulers
 
@@ -92,7 +92,7 @@ class LossyConversion(AffinePath):
 
 
 def test_kit_names_the_violated_invariant():
-    from plugins.flow_matching.schedulers import CondOTScheduler
+    from plugins.flow_matching.scheduler import CondOTScheduler
 
     x_0, x_1 = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     t = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import registry
 from core.interfaces import ConvexScheduler, Scheduler, SchedulerOutput
 from core.testing import schedulers as kit
-from plugins.flow_matching.schedulers import (
+from plugins.flow_matching.scheduler import (
     CondOTScheduler,
     CosineScheduler,
     LinearVPScheduler,

@@ -14,7 +14,7 @@ import registry
 from core.testing import solvers as kit
 from core.testing.strategies import data_shapes, seeds
 from plugins.flow_matching.analytic import GaussianFlow
-from plugins.flow_matching.schedulers import (
+from plugins.flow_matching.scheduler import (
     CondOTScheduler,
     CosineScheduler,
     LinearVPScheduler,
@@ -22,7 +22,8 @@ from plugins.flow_matching.schedulers import (
     PolynomialConvexScheduler,
     VPScheduler,
 )
-from plugins.flow_matching.solvers import ODEConfig, ODESolver, edm_grid, edm_sigmas, integrate_fixed, rk_step
+from plugins.flow_matching.solver import (TABLEAUS, ODEConfig, ODESolver, edm_grid, edm_sigmas, integrate_fixed,
+                                          rk_step)
 from plugins.flow_matching.transforms import ScheduleTransformedModel
 
 from .test_flow_schedulers import schedulers
@@ -39,6 +40,30 @@ def test_fixed_step_methods_pass_the_kit_on_edm_and_explicit_grids():
     for method in FIXED:
         kit.check_constant_field(lambda m, s: ode(method=m, steps=s, grid="edm"), method, 7)
         kit.check_constant_field(lambda m, s: ode(method=m, times=[0.0, 0.1, 0.5, 0.55, 1.0]), method, 4)
+
+
+@pytest.mark.parametrize("method", sorted(FIXED))
+def test_tableau_meets_the_butcher_order_conditions(method):
+    """Butcher's conditions up to the stated order (rooted trees of order <= 4), in exact fractions."""
+    from fractions import Fraction as F
+
+    tab = TABLEAUS[method]
+    s = tab.stages
+    a = [[F(row[j]) if j < len(row) else F(0) for j in range(s)] for row in tab.a]
+    b = [F(w) / F(tab.denominator) for w in tab.weights]
+    c = [F(ci) for ci in tab.c]
+    assert tab.order == FIXED[method][1] and s == FIXED[method][0]
+    assert all(c[i] == sum(a[i]) for i in range(s)), "c_i = sum_j a_ij"
+    ac = [sum(a[i][j] * c[j] for j in range(s)) for i in range(s)]
+    conditions = {1: [(sum(b), F(1))], 2: [(sum(bi * ci for bi, ci in zip(b, c)), F(1, 2))],
+                  3: [(sum(bi * ci ** 2 for bi, ci in zip(b, c)), F(1, 3)), (sum(bi * x for bi, x in zip(b, ac)), F(1, 6))],
+                  4: [(sum(bi * ci ** 3 for bi, ci in zip(b, c)), F(1, 4)),
+                      (sum(bi * ci * x for bi, ci, x in zip(b, c, ac)), F(1, 8)),
+                      (sum(b[i] * sum(a[i][j] * c[j] ** 2 for j in range(s)) for i in range(s)), F(1, 12)),
+                      (sum(b[i] * sum(a[i][j] * ac[j] for j in range(s)) for i in range(s)), F(1, 24))]}
+    for order, pairs in conditions.items():
+        met = all(got == want for got, want in pairs)
+        assert met == (order <= tab.order), (method, order, pairs)
 
 
 @pytest.mark.parametrize("method", sorted(FIXED))

@@ -16,7 +16,7 @@ from core.interfaces import DataSpec
 from core.testing.strategies import seeds
 from plugins.flow_matching.analytic import GaussianFlow
 from plugins.flow_matching.likelihood import divergence, log_likelihood
-from plugins.flow_matching.schedulers import (
+from plugins.flow_matching.scheduler import (
     CondOTScheduler,
     CosineScheduler,
     PolynomialConfig,
@@ -58,7 +58,7 @@ def test_fixed_step_likelihood_converges():
 @pytest.mark.parametrize("prediction", ["epsilon", "x1"])
 def test_likelihood_of_a_converted_prediction(prediction):
     """An epsilon- or x1-predicting model, converted by the path, has the same likelihood."""
-    from plugins.flow_matching.paths import AffinePath
+    from plugins.flow_matching.path import AffinePath
     from plugins.flow_matching.transforms import PredictionToVelocity
 
     scheduler = CosineScheduler()

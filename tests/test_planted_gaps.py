@@ -21,7 +21,7 @@ from core.interfaces import DataSpec
 from plugins.discrete_flow.path import MixtureDiscretePath
 from plugins.discrete_flow.solver import DiscreteEulerConfig, DiscreteEulerSolver
 from plugins.flow_matching.analytic import GaussianFlow
-from plugins.flow_matching.schedulers import CondOTScheduler
+from plugins.flow_matching.scheduler import CondOTScheduler
 
 
 # --------------------------------------------------------------------------- x1 clamp at t = 1

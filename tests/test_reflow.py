@@ -11,7 +11,7 @@ import torch
 import registry
 from core.data import generator as make_generator
 from core.run import run
-from plugins.rectified_flow.reflow import load_run
+from core.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_RF = ROOT / "experiments" / "reflow_2d_1rf.toml"
@@ -50,7 +50,8 @@ def test_pairs_are_the_runs_own_ode_samples(one_rf):
     assert data.spec.shape == (2,) and data.cache_file.is_file() and data.cache_file.parent == one_rf / "reflow"
     pairs = data.pairs
     assert pairs["x0"].shape == pairs["x1"].shape == (300, 2)
-    _, comps, model, _ = load_run(one_rf)
+    loaded = load_run(one_rf, device="cpu")
+    comps, model = loaded.components, loaded.model
     with torch.no_grad():
         again = comps.solver.sample(comps.objective.sampling_model(model.eval()), pairs["x0"][:128]).x
     assert torch.allclose(again, pairs["x1"][:128], atol=1e-5)
@@ -64,7 +65,7 @@ def test_pairs_are_the_runs_own_ode_samples(one_rf):
 
 
 def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
-    from plugins.rectified_flow.reflow import ReflowPairs
+    from plugins.rectified_flow.data import ReflowPairs
 
     first = registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "num_pairs": 200})
 
@@ -82,11 +83,11 @@ def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
 def test_solver_overrides_and_errors(one_rf, tmp_path):
     data = registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "num_pairs": 64, "cache": False,
                                    "solver": {"method": "euler", "steps": 1}})
-    model = load_run(one_rf)[2]
+    model = load_run(one_rf, device="cpu").model
     with torch.no_grad():
         one = data.pairs["x0"] + model.eval()(data.pairs["x0"], torch.zeros(64))
     assert torch.allclose(one, data.pairs["x1"], atol=1e-5)
-    with pytest.raises(registry.ConfigError, match="not a run directory"):
+    with pytest.raises(registry.ConfigError, match="cannot load the run to rectify .*run directory not found"):
         registry.build("data", {"plugin": "reflow_pairs", "run": str(tmp_path / "nothing")})
     with pytest.raises(registry.ConfigError, match="unknown key"):
         registry.build("data", {"plugin": "reflow_pairs", "run": str(one_rf), "solver": {"methd": "euler"}})

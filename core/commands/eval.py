@@ -19,6 +19,8 @@ Writes ``OUT/eval.md`` and ``OUT/eval.csv`` (one row per point: the settings,
 model evaluations per sample, every metric, seconds) and ``OUT/eval.png``
 (each metric against model evaluations, the data-vs-data floor dashed), and
 ``OUT/eval.json`` with everything. ``OUT`` defaults to ``RUN_DIR/eval``.
+``--input1 A --input2 B`` scores image folders or npz archives instead
+(`core.commands.eval_inputs`).
 Model metrics (likelihoods, zero-shot accuracy) do not depend on the sampler
 and are computed once.
 """
@@ -50,7 +52,10 @@ def _list(kind: type):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_solver_arguments(parser)
+    from .eval_inputs import add_input_arguments
+
+    add_solver_arguments(parser, run_optional=True)
+    add_input_arguments(parser)
     parser.add_argument("--solver", type=_list(str), default=None, help="solver plugins to compare, comma-separated")
     parser.add_argument("--steps", type=_list(int), default=None, help="solver steps, comma-separated, e.g. 4,8,16,32")
     parser.add_argument("--method", type=_list(str), default=None, help="solver methods, e.g. euler,midpoint,rk4")
@@ -240,6 +245,12 @@ def main(args: argparse.Namespace) -> int:
     from core.runs import load_run, write_table
     from registry import ConfigError
 
+    if args.input1 or args.input2:
+        from .eval_inputs import score_inputs
+
+        return score_inputs(args)
+    if not args.run_dir:
+        raise ConfigError("flowforge eval needs RUN_DIR, or --input1 A --input2 B to score images against others")
     run = load_run(args.run_dir, args.overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
     c = run.components
     if not c.can_generate:

@@ -12,7 +12,7 @@ Layout of the package (``DIR/NAME``)::
     pyproject.toml                  entry point  PACKAGE = "PACKAGE"  in the group flowforge.plugins
     README.md
     src/PACKAGE/__init__.py         FLOWFORGE_API and the flowforge_register hook
-    src/PACKAGE/KIND.py             the component: an attrs config class and the factory ``build``
+    src/PACKAGE/KIND.py             the component: an attrs config class and the factory ``make_COMPONENT``
     tests/test_PACKAGE.py           registration, the conformance kit, a short run of the experiment
     experiments/COMPONENT.toml      a small 2D experiment using the component
 

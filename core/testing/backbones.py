@@ -37,35 +37,20 @@ convolutions) do not hide a broken graph.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from core.interfaces import DataSpec
 
+from .invariants import checking as _checking
+from .invariants import require as _require
+
 
 def _label(model: nn.Module, name: str | None) -> str:
     return f"backbone {name or type(model).__name__!r}"
-
-
-def _require(ok: bool, component: str, invariant: str, detail: str) -> None:
-    if not ok:
-        raise AssertionError(f"{component} violates '{invariant}': {detail}")
-
-
-@contextlib.contextmanager
-def _checking(component: str, invariant: str) -> Iterator[None]:
-    """Name the invariant being checked on any error the component itself raises."""
-    try:
-        yield
-    except AssertionError:
-        raise
-    except Exception as exc:
-        exc.add_note(f"(raised by {component} while the conformance kit checked '{invariant}')")
-        raise
 
 
 def example_inputs(spec: DataSpec, batch_size: int = 3, seed: int = 0,

@@ -35,9 +35,8 @@ The invariants, each named in the ``AssertionError`` that reports it:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -45,21 +44,8 @@ from torch import Tensor
 
 from core.interfaces import DataSpec
 
-
-def _require(ok: bool, component: str, invariant: str, detail: str) -> None:
-    if not ok:
-        raise AssertionError(f"{component} violates '{invariant}': {detail}")
-
-
-@contextlib.contextmanager
-def _checking(component: str, invariant: str) -> Iterator[None]:
-    try:
-        yield
-    except AssertionError:
-        raise
-    except Exception as exc:
-        exc.add_note(f"(raised by {component} while the conformance kit checked '{invariant}')")
-        raise
+from .invariants import checking as _checking
+from .invariants import require as _require
 
 
 def _take(data: Any, n: int, batch_size: int, **kwargs: Any) -> list[Mapping[str, Tensor]]:

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .invariants import require as _require
+
 
 class ProbeFailure(RuntimeError):
     """Raised on purpose by `failing_entry`."""
@@ -61,11 +63,6 @@ def probe_entry(accelerator: Any, workdir: str, token: str, resume: bool = False
 def failing_entry(accelerator: Any, token: str, resume: bool = False) -> None:
     """Raise `ProbeFailure` on every process."""
     raise ProbeFailure(f"deliberate failure ({token}) from the conformance kit")
-
-
-def _require(ok: bool, component: str, invariant: str, detail: str) -> None:
-    if not ok:
-        raise AssertionError(f"{component} violates '{invariant}': {detail}")
 
 
 def check_launcher(launcher: Any, *, name: str | None = None, accelerator_kwargs: Mapping[str, Any] | None = None,

@@ -32,29 +32,15 @@ seeded generators (``deterministic given the generator``).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-
-def _require(ok: bool, component: str, invariant: str, detail: str) -> None:
-    if not ok:
-        raise AssertionError(f"{component} violates '{invariant}': {detail}")
-
-
-@contextlib.contextmanager
-def _checking(component: str, invariant: str) -> Iterator[None]:
-    try:
-        yield
-    except AssertionError:
-        raise
-    except Exception as exc:
-        exc.add_note(f"(raised by {component} while the conformance kit checked '{invariant}')")
-        raise
+from .invariants import checking as _checking
+from .invariants import require as _require
 
 
 def _values(value: Any, who: str) -> dict[str, float]:

@@ -44,32 +44,18 @@ The invariants, each named in the ``AssertionError`` that reports it:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-def _require(ok: bool, component: str, invariant: str, detail: str) -> None:
-    if not ok:
-        raise AssertionError(f"{component} violates '{invariant}': {detail}")
-
-
-@contextlib.contextmanager
-def _checking(component: str, invariant: str) -> Iterator[None]:
-    try:
-        yield
-    except AssertionError:
-        raise
-    except Exception as exc:
-        exc.add_note(f"(raised by {component} while the conformance kit checked '{invariant}')")
-        raise
+from .invariants import checking as _checking
+from .invariants import require as _require
 
 
 def _clone_batch(batch: Mapping[str, Any]) -> dict[str, Any]:

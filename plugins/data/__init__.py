@@ -7,19 +7,19 @@ FLOWFORGE_API = 1
 
 @hookimpl
 def flowforge_register(register):
-    register("data", "toy2d", "plugins.data.toy2d:Toy2D", "plugins.data.toy2d:Toy2DConfig",
+    register("data", "toy2d", "plugins.data.toy2d:make_toy2d", "plugins.data.toy2d:Toy2DConfig",
              doc="2D toy distributions (checkerboard, moons, eight gaussians, two spirals)", default=True)
-    register("data", "digits", "plugins.data.digits:Digits", "plugins.data.digits:DigitsConfig",
+    register("data", "digits", "plugins.data.digits:make_digits", "plugins.data.digits:DigitsConfig",
              doc="scikit-learn's 8x8 handwritten digits (1797 images, 10 classes)")
-    register("data", "toy2d_discrete", "plugins.data.toy2d_discrete:Toy2DDiscrete",
+    register("data", "toy2d_discrete", "plugins.data.toy2d_discrete:make_toy2d_discrete",
              "plugins.data.toy2d_discrete:Toy2DDiscreteConfig",
              doc="2D toy distributions quantised to bins (token ids per coordinate)")
-    register("data", "text", "plugins.data.text:Text", "plugins.data.text:TextConfig",
+    register("data", "text", "plugins.data.text:make_text", "plugins.data.text:TextConfig",
              doc="character-level text of the Python standard library's own source files")
-    register("data", "cifar10", "plugins.data.cifar10:Cifar10", "plugins.data.cifar10:Cifar10Config",
+    register("data", "cifar10", "plugins.data.cifar10:make_cifar10", "plugins.data.cifar10:Cifar10Config",
              doc="CIFAR-10 from its python pickle batches (read without executing code)")
-    register("data", "imagefolder", "plugins.data.imagefolder:ImageFolder",
+    register("data", "imagefolder", "plugins.data.imagefolder:make_imagefolder",
              "plugins.data.imagefolder:ImageFolderConfig",
              doc="images in a class-per-folder tree, decoded by DataLoader workers")
-    register("data", "npz", "plugins.data.npz:Npz", "plugins.data.npz:NpzConfig",
+    register("data", "npz", "plugins.data.npz:make_npz", "plugins.data.npz:NpzConfig",
              doc="arrays from a .npz file (e.g. precomputed latents), memory-mapped when uncompressed")

@@ -210,3 +210,8 @@ class Cifar10(ArraySource):
                                "train_examples": len(train), "held_out_examples": len(held_out)})
         super().__init__(train, held_out, spec, _to_tokens if discrete else _to_unit_range,
                          flip=config.flip, num_workers=config.num_workers)
+
+
+def make_cifar10(config: Cifar10Config) -> Cifar10:
+    """Data factory for ``plugin = "cifar10"``."""
+    return Cifar10(config)

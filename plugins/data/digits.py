@@ -78,3 +78,8 @@ class Digits(TensorDataSource):
             order = torch.argsort(batch["y"], stable=True)
             x = x[order]
         return [grid_png(x.clamp(-1, 1), path, (-1.0, 1.0), upscale=4)]
+
+
+def make_digits(config: DigitsConfig) -> Digits:
+    """Data factory for ``plugin = "digits"``."""
+    return Digits(config)

@@ -266,3 +266,8 @@ class ImageFolder(DataSource):
         if self.spec.kind == "discrete":
             x = x.float() / 127.5 - 1.0
         return render_images(x, batch.get("y"), path, (-1.0, 1.0))
+
+
+def make_imagefolder(config: ImageFolderConfig) -> ImageFolder:
+    """Data factory for ``plugin = "imagefolder"``."""
+    return ImageFolder(config)

@@ -358,3 +358,8 @@ class _Affine:
         if self.shift != 0.0:
             out.add_(self.shift)
         return out
+
+
+def make_npz(config: NpzConfig) -> Npz:
+    """Data factory for ``plugin = "npz"``."""
+    return Npz(config)

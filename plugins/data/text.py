@@ -166,3 +166,8 @@ class Text(DataSource):
             extra.write_text(text, encoding="utf-8")
             files.append(str(extra))
         return files
+
+
+def make_text(config: TextConfig) -> Text:
+    """Data factory for ``plugin = "text"``."""
+    return Text(config)

@@ -100,3 +100,8 @@ class Toy2D(DataSource):
 
     def render(self, batch: Batch, path: str) -> list[str]:
         return [scatter_png(batch["x"], path, title=f"{self.config.dataset} ({len(batch['x'])} samples)", lim=4.5)]
+
+
+def make_toy2d(config: Toy2DConfig) -> Toy2D:
+    """Data factory for ``plugin = "toy2d"``."""
+    return Toy2D(config)

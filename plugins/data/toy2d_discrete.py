@@ -94,3 +94,8 @@ class Toy2DDiscrete(DataSource):
         title = f"{c.dataset}, {c.bins} bins per coordinate ({len(batch['x'])} samples)"
         lim = max(abs(c.low), abs(c.high)) + 0.5
         return [scatter_png(self.dequantize(batch["x"].clamp(0, c.bins - 1)), path, title=title, lim=lim)]
+
+
+def make_toy2d_discrete(config: Toy2DDiscreteConfig) -> Toy2DDiscrete:
+    """Data factory for ``plugin = "toy2d_discrete"``."""
+    return Toy2DDiscrete(config)

@@ -23,27 +23,29 @@ from registry import hookimpl
 
 FLOWFORGE_API = 1
 
+_M = "plugins.ddpm."
+
 
 @hookimpl
 def flowforge_register(register):
     """Register this family's components."""
-    register("path", "gaussian_diffusion", "plugins.ddpm.path:build_path", "plugins.ddpm.path:DiffusionConfig",
+    register("path", "gaussian_diffusion", _M + "path:make_gaussian_diffusion", _M + "path:DiffusionConfig",
              doc="DDPM's discrete Gaussian process (linear/cosine betas; epsilon, x_start or v; fixed or learned variance)")
-    register("objective", "ddpm", "plugins.ddpm.objective:DDPMObjective", "plugins.ddpm.objective:DDPMConfig",
+    register("objective", "ddpm", _M + "objective:make_ddpm", _M + "objective:DDPMConfig",
              doc="guided-diffusion's losses (mse, rescaled_mse hybrid, kl, rescaled_kl) with importance-sampled steps")
-    register("solver", "ddpm_ancestral", "plugins.ddpm.solvers:AncestralSolver", "plugins.ddpm.solvers:AncestralConfig",
+    register("solver", "ddpm_ancestral", _M + "solver:make_ddpm_ancestral", _M + "solver:AncestralConfig",
              doc="ancestral DDPM sampling p(x_{k-1} | x_k), optionally over respaced steps")
-    register("solver", "ddim", "plugins.ddpm.solvers:DDIMSolver", "plugins.ddpm.solvers:DDIMConfig",
+    register("solver", "ddim", _M + "solver:make_ddim", _M + "solver:DDIMConfig",
              doc="DDIM sampling with eta over respaced steps (e.g. respacing = \"ddim50\")")
-    register("solver", "dpm_solver", "plugins.ddpm.dpm_solver:DPMSolver", "plugins.ddpm.dpm_solver:DPMSolverConfig",
+    register("solver", "dpm_solver", _M + "dpm_solver:make_dpm_solver", _M + "dpm_solver:DPMSolverConfig",
              doc="DPM-Solver++ 2M / 3M / 2S and SDE variants in log-SNR, with dynamic thresholding (diffusers' numbers)")
-    register("solver", "unipc", "plugins.ddpm.unipc:UniPCSolver", "plugins.ddpm.unipc:UniPCConfig",
+    register("solver", "unipc", _M + "unipc:make_unipc", _M + "unipc:UniPCConfig",
              doc="UniPC predictor-corrector (bh1 / bh2), data prediction (diffusers' UniPCMultistepScheduler)")
-    register("solver", "euler", "plugins.ddpm.edm:EulerSolver", "plugins.ddpm.edm:EDMConfig",
+    register("solver", "euler", _M + "edm:make_euler", _M + "edm:EDMConfig",
              doc="EDM Euler with churn (S_churn, S_noise, S_tmin, S_tmax) in sigma space (Karras et al. Algorithm 2)")
-    register("solver", "heun", "plugins.ddpm.edm:HeunSolver", "plugins.ddpm.edm:EDMConfig",
+    register("solver", "heun", _M + "edm:make_heun", _M + "edm:EDMConfig",
              doc="EDM Heun (2nd order) with churn, Karras et al. Algorithm 2")
-    register("solver", "euler_ancestral", "plugins.ddpm.edm:EulerAncestralSolver", "plugins.ddpm.edm:AncestralEulerConfig",
+    register("solver", "euler_ancestral", _M + "edm:make_euler_ancestral", _M + "edm:AncestralEulerConfig",
              doc="Euler ancestral (k-diffusion / diffusers' EulerAncestralDiscreteScheduler), eta")
-    register("metric", "ddpm_bpd", "plugins.ddpm.metrics:make_bpd", "plugins.ddpm.metrics:BpdConfig",
+    register("metric", "ddpm_bpd", _M + "metrics:make_ddpm_bpd", _M + "metrics:BpdConfig",
              doc="variational bound in bits per dimension over every diffusion step; lower is better")

@@ -169,3 +169,8 @@ class DPMSolver(SigmaSolver):
             if traj is not None:
                 traj.append(x)
         return x
+
+
+def make_dpm_solver(config: DPMSolverConfig | None = None, path: Any = None) -> DPMSolver:
+    """Solver factory for ``plugin = "dpm_solver"``."""
+    return DPMSolver(config, path)

@@ -149,3 +149,18 @@ class EulerAncestralSolver(_VESolver):
         if s_next > 0 and s_up > 0:
             z = z + (s_up * c.s_noise).to(z.dtype) * noise_like(z, generator)
         return z
+
+
+def make_euler(config: EDMConfig | None = None, path: Any = None) -> EulerSolver:
+    """Solver factory for ``plugin = "euler"``."""
+    return EulerSolver(config, path)
+
+
+def make_euler_ancestral(config: AncestralEulerConfig | None = None, path: Any = None) -> EulerAncestralSolver:
+    """Solver factory for ``plugin = "euler_ancestral"``."""
+    return EulerAncestralSolver(config, path)
+
+
+def make_heun(config: EDMConfig | None = None, path: Any = None) -> HeunSolver:
+    """Solver factory for ``plugin = "heun"``."""
+    return HeunSolver(config, path)

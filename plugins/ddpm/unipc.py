@@ -116,3 +116,8 @@ class UniPCSolver(SigmaSolver):
             if traj is not None:
                 traj.append(x)
         return x
+
+
+def make_unipc(config: UniPCConfig | None = None, path: Any = None) -> UniPCSolver:
+    """Solver factory for ``plugin = "unipc"``."""
+    return UniPCSolver(config, path)

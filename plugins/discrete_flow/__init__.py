@@ -22,17 +22,17 @@ FLOWFORGE_API = 1
 def flowforge_register(register):
     """Register this family's components."""
     here = "plugins.discrete_flow"
-    register("path", "mixture_discrete", f"{here}.path:build_mixture_path", f"{here}.path:MixturePathConfig",
+    register("path", "mixture_discrete", f"{here}.path:make_mixture_discrete", f"{here}.path:MixturePathConfig",
              doc="mixture discrete path over token ids: mask or uniform source, any convex scheduler")
-    register("objective", "discrete_fm", f"{here}.objective:DiscreteFlowMatching", f"{here}.objective:DiscreteFMConfig",
+    register("objective", "discrete_fm", f"{here}.objective:make_discrete_fm", f"{here}.objective:DiscreteFMConfig",
              doc="discrete flow matching: generalized KL or cross-entropy of the posterior p(x_1 | x_t)")
-    register("solver", "discrete_euler", f"{here}.solver:build_discrete_euler", f"{here}.solver:DiscreteEulerConfig",
+    register("solver", "discrete_euler", f"{here}.solver:make_discrete_euler", f"{here}.solver:DiscreteEulerConfig",
              doc="discrete (CTMC) Euler sampler: divergence-free term, float64 sampling, infilling")
-    register("metric", "discrete_elbo", f"{here}.metrics:make_elbo", f"{here}.metrics:ELBOConfig",
+    register("metric", "discrete_elbo", f"{here}.metrics:make_discrete_elbo", f"{here}.metrics:ELBOConfig",
              doc="upper bound on the negative log-likelihood per token (nats, bits) on held-out data")
-    register("metric", "discrete_infill", f"{here}.metrics:make_infill", f"{here}.metrics:InfillConfig",
+    register("metric", "discrete_infill", f"{here}.metrics:make_discrete_infill", f"{here}.metrics:InfillConfig",
              doc="infill hidden spans of held-out data; accuracy of the restored tokens")
     register("metric", "dequantized", f"{here}.metrics:make_dequantized", f"{here}.metrics:DequantizedConfig",
              doc="a continuous sample metric applied to the bin centres of quantised data")
-    register("data", "with_mask_token", f"{here}.data:WithMaskToken", f"{here}.data:WithMaskTokenConfig",
+    register("data", "with_mask_token", f"{here}.data:make_with_mask_token", f"{here}.data:WithMaskTokenConfig",
              doc="a discrete data source with a mask token added to its vocabulary")

@@ -77,3 +77,8 @@ class WithMaskToken(DataSource):
         if name == "inner":  # not yet set (during construction or unpickling)
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def make_with_mask_token(config: WithMaskTokenConfig) -> WithMaskToken:
+    """Data factory for ``plugin = "with_mask_token"``."""
+    return WithMaskToken(config)

@@ -197,7 +197,7 @@ class DiscreteELBO:
                 "bits_per_token_stderr": stderr / math.log(2)}
 
 
-def make_elbo(config: ELBOConfig, spec: DataSpec, path: Any = None) -> DiscreteELBO:
+def make_discrete_elbo(config: ELBOConfig, spec: DataSpec, path: Any = None) -> DiscreteELBO:
     """Metric factory for ``plugin = "discrete_elbo"``."""
     return DiscreteELBO(config, config.build_path(spec, path))
 
@@ -277,7 +277,7 @@ class Infill:
         return "\n".join(lines)
 
 
-def make_infill(config: InfillConfig, spec: DataSpec, path: Any = None) -> Infill:
+def make_discrete_infill(config: InfillConfig, spec: DataSpec, path: Any = None) -> Infill:
     """Metric factory for ``plugin = "discrete_infill"``."""
     return Infill(config, config.build_path(spec, path))
 

@@ -92,6 +92,9 @@ def generalized_kl(log_p: Tensor, x_1: Tensor, x_t: Tensor, jump_coefficient: Te
 class DiscreteFlowMatching(Objective):
     """See the module docstring."""
 
+    #: the model outputs logits of the posterior ``p(x_1 | x_t)`` ``(B, ..., V)``
+    prediction = "x1"
+
     def __init__(self, config: DiscreteFMConfig, spec: DataSpec, path: Path | None = None):
         if not isinstance(path, MixtureDiscretePath):
             raise ConfigError("discrete_fm needs a [path] section with plugin = \"mixture_discrete\"", ("plugin",))
@@ -121,3 +124,8 @@ class DiscreteFlowMatching(Objective):
         if self.config.loss == "generalized_kl":
             return gkl, {"ce": ce.item()}
         return ce, {"gkl": gkl.item()}
+
+
+def make_discrete_fm(config: DiscreteFMConfig, spec: DataSpec, path: Path | None = None) -> DiscreteFlowMatching:
+    """Objective factory for ``plugin = "discrete_fm"``."""
+    return DiscreteFlowMatching(config, spec, path)

@@ -145,9 +145,11 @@ class MixtureDiscretePath(Path):
         return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=torch.where(keep, x_1, x_0), target=x_1)
 
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None, draw: ExampleRandom | None = None) -> Tensor:
+                      device: torch.device | str | None = None, *, dtype: torch.dtype | None = None,
+                      draw: ExampleRandom | None = None) -> Tensor:
         """``(B, ...)`` mask tokens, or tokens uniform over the data vocabulary (drawn from `draw`,
-        per example with stream ``"source"``, when given, else from `generator`)."""
+        per example with stream ``"source"``, when given, else from `generator`); int64 (`dtype` is
+        not used: tokens are ids)."""
         if self.source == "mask":
             return torch.full(tuple(shape), self.mask_token, dtype=torch.long, device=device)
         if draw is not None:
@@ -205,7 +207,8 @@ class MixtureDiscretePath(Path):
         return coef * ((1.0 - kappa) * p_0 + kappa * posterior - onehot)
 
 
-def build_mixture_path(config: MixturePathConfig, spec: DataSpec, scheduler: ConvexScheduler | None = None) -> MixtureDiscretePath:
+def make_mixture_discrete(config: MixturePathConfig, spec: DataSpec,
+                          scheduler: ConvexScheduler | None = None) -> MixtureDiscretePath:
     """Path factory: needs discrete data and the experiment's convex ``[scheduler]``."""
     if spec.kind != "discrete" or spec.vocab_size <= 0:
         raise ConfigError(f"the mixture_discrete path needs discrete data (token ids); the data is {spec.kind!r}",

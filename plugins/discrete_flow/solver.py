@@ -160,7 +160,7 @@ class DiscreteEulerSolver(Solver):
                             times=grid.float() if intermediates else None)
 
 
-def build_discrete_euler(config: DiscreteEulerConfig, path: Path | None = None) -> DiscreteEulerSolver:
+def make_discrete_euler(config: DiscreteEulerConfig, path: Path | None = None) -> DiscreteEulerSolver:
     """Solver factory: needs the experiment's mixture_discrete ``[path]``."""
     if not isinstance(path, MixtureDiscretePath):
         raise ConfigError("discrete_euler needs a [path] section with plugin = \"mixture_discrete\"", ("plugin",))

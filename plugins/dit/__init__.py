@@ -12,5 +12,5 @@ FLOWFORGE_API = 1
 @hookimpl
 def flowforge_register(register):
     """Register this family's components."""
-    register("backbone", "dit", "plugins.dit.model:build", "plugins.dit.model:DiTConfig",
+    register("backbone", "dit", "plugins.dit.model:make_dit", "plugins.dit.model:DiTConfig",
              doc="DiT with adaLN-Zero (presets DiT-S/2 ... DiT-XL/8); images, sequences, continuous or discrete")

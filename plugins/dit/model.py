@@ -60,7 +60,8 @@ from torch.utils.checkpoint import checkpoint
 from core.guidance import drop_labels
 from core.interfaces import DataSpec
 from core.nn import expand_t, timestep_embedding
-from registry import ConfigError, did_you_mean
+from core.presets import fill_from_preset
+from registry import ConfigError
 
 #: Architectures of the DiT paper (Table 1) and a tiny one for 8x8 digits.
 #: Names are "DiT-{size}/{patch}".
@@ -88,18 +89,6 @@ DEFAULTS: dict[str, Any] = {
     "time_scale": 1000.0,
     "use_checkpoint": False,
 }
-
-
-def fill_from_preset(config: Any, presets: dict[str, dict[str, Any]], defaults: dict[str, Any]) -> None:
-    """Fill the unset (None) fields of `config` from its preset, then from `defaults`."""
-    if config.preset is not None and config.preset not in presets:
-        raise ConfigError(f"unknown preset {config.preset!r}{did_you_mean(config.preset, presets)}; "
-                          f"presets: {', '.join(presets)}", ("preset",))
-    values = {**defaults, **presets.get(config.preset, {})}
-    for field in attrs.fields(type(config)):
-        if field.name != "preset" and getattr(config, field.name) is None and field.name in values:
-            value = values[field.name]
-            setattr(config, field.name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
 @attrs.define
@@ -445,6 +434,6 @@ class DiT(nn.Module):
         return out
 
 
-def build(config: DiTConfig, spec: DataSpec) -> DiT:
+def make_dit(config: DiTConfig, spec: DataSpec) -> DiT:
     """Backbone factory: a `DiT` sized for `spec`."""
     return DiT(config, spec)

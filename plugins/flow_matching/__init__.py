@@ -2,11 +2,11 @@
 
 Components (``flowforge plugins --options NAME`` lists each one's options):
 
-* schedulers ``cond_ot``, ``polynomial``, ``cosine``, ``vp``, ``linear_vp`` (schedulers.py)
-* path ``affine`` with velocity / epsilon / x_1 conversions (paths.py)
-* objectives ``flow_matching`` and its older name ``velocity_mse`` (objectives.py)
+* schedulers ``cond_ot``, ``polynomial``, ``cosine``, ``vp``, ``linear_vp`` (scheduler.py)
+* path ``affine`` with velocity / epsilon / x_1 conversions (path.py)
+* objectives ``flow_matching`` and its older name ``velocity_mse`` (objective.py)
 * solver ``ode``: euler, midpoint, heun, rk4, dopri5, dopri8; uniform, EDM or explicit grids;
-  sampling under another scheduler (solvers.py, transforms.py)
+  sampling under another scheduler (solver.py, transforms.py)
 * metrics ``likelihood`` (NLL / bits per dim, likelihood.py) and ``few_step`` (a sample
   metric under another solver, e.g. one step; metrics.py)
 """
@@ -20,27 +20,27 @@ _M = "plugins.flow_matching."
 
 @hookimpl
 def flowforge_register(register):
-    register("scheduler", "cond_ot", _M + "schedulers:CondOTScheduler", None,
+    register("scheduler", "cond_ot", _M + "scheduler:make_cond_ot", None,
              doc="rectified flow / conditional OT: alpha_t = t, sigma_t = 1 - t", default=True)
-    register("scheduler", "polynomial", _M + "schedulers:build_polynomial", _M + "schedulers:PolynomialConfig",
+    register("scheduler", "polynomial", _M + "scheduler:make_polynomial", _M + "scheduler:PolynomialConfig",
              doc="polynomial convex: alpha_t = t^n, sigma_t = 1 - t^n")
-    register("scheduler", "cosine", _M + "schedulers:CosineScheduler", None,
+    register("scheduler", "cosine", _M + "scheduler:make_cosine", None,
              doc="cosine: alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2)")
-    register("scheduler", "vp", _M + "schedulers:build_vp", _M + "schedulers:VPConfig",
+    register("scheduler", "vp", _M + "scheduler:make_vp", _M + "scheduler:VPConfig",
              doc="variance preserving SDE schedule with linear beta(beta_min, beta_max)")
-    register("scheduler", "linear_vp", _M + "schedulers:LinearVPScheduler", None,
+    register("scheduler", "linear_vp", _M + "scheduler:make_linear_vp", None,
              doc="linear variance preserving: alpha_t = t, sigma_t = sqrt(1 - t^2)")
-    register("path", "affine", _M + "paths:build_affine", None,
+    register("path", "affine", _M + "path:make_affine", None,
              doc="x_t = alpha_t x_1 + sigma_t x_0 over any scheduler, Gaussian source; prediction conversions",
              default=True)
-    register("objective", "flow_matching", _M + "objectives:FlowMatching", _M + "objectives:FlowMatchingConfig",
+    register("objective", "flow_matching", _M + "objective:make_flow_matching", _M + "objective:FlowMatchingConfig",
              doc="flow matching with a velocity, epsilon or x1 target, loss weighting and time samplers")
-    register("objective", "velocity_mse", _M + "objectives:VelocityMSE", _M + "objectives:VelocityMSEConfig",
+    register("objective", "velocity_mse", _M + "objective:make_velocity_mse", _M + "objective:VelocityMSEConfig",
              doc="flow matching: E || u_theta(x_t, t) - (d_alpha x_1 + d_sigma x_0) ||^2 (same as flow_matching)",
              default=True)
-    register("solver", "ode", _M + "solvers:build_ode", _M + "solvers:ODEConfig",
+    register("solver", "ode", _M + "solver:make_ode", _M + "solver:ODEConfig",
              doc="ODE solver: euler, midpoint, heun, rk4 (fixed steps), dopri5, dopri8 (adaptive)", default=True)
-    register("metric", "likelihood", _M + "likelihood:build_likelihood", _M + "likelihood:LikelihoodConfig",
+    register("metric", "likelihood", _M + "likelihood:make_likelihood", _M + "likelihood:LikelihoodConfig",
              doc="negative log-likelihood / bits per dim of held-out data (exact or Hutchinson divergence)")
-    register("metric", "few_step", _M + "metrics:build_few_step", _M + "metrics:FewStepConfig",
+    register("metric", "few_step", _M + "metrics:make_few_step", _M + "metrics:FewStepConfig",
              doc="a sample metric of the model under its own solver (default: one euler step)")

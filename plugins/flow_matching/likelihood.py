@@ -32,8 +32,8 @@ from core.interfaces import DataSource, DataSpec, Field
 from core.validate import non_negative, positive
 from registry import ConfigError
 
-from .paths import AffinePath
-from .solvers import ADAPTIVE, STAGES, integrate_adaptive, integrate_fixed
+from .path import AffinePath
+from .solver import ADAPTIVE, STAGES, integrate_adaptive, integrate_fixed
 
 
 @attrs.frozen
@@ -291,14 +291,14 @@ class LikelihoodMetric:
                 "nfe": float(sum(nfes) / len(nfes))}
 
 
-def check_matches_run(config: LikelihoodConfig, objective: Any) -> None:
-    """Refuse a `scheduler` / `prediction` that contradicts the run's objective and path (a likelihood of an
-    epsilon model integrated as a velocity field is a number, but not this model's likelihood)."""
+def check_matches_run(config: Any, objective: Any, metric: str = "likelihood") -> None:
+    """Refuse a ``config.scheduler`` / ``config.prediction`` that contradicts the run's objective and path (a
+    likelihood of an epsilon model integrated as a velocity field is a number, but not this model's likelihood)."""
     run_path = getattr(objective, "path", None)
     if not isinstance(run_path, AffinePath):
-        raise ConfigError(f"the likelihood metric integrates a flow-matching velocity field; this run's objective "
+        raise ConfigError(f"the {metric} metric integrates a flow-matching velocity field; this run's objective "
                           f"{type(objective).__name__} has no affine [path] (use the family's own metric, e.g. ddpm_bpd)")
-    trained = getattr(getattr(objective, "config", None), "prediction", "velocity")
+    trained = getattr(objective, "prediction", None) or "velocity"
     if config.prediction is not None and config.prediction != trained:
         raise ConfigError(f"prediction = {config.prediction!r}, but this run's objective predicts {trained!r}; "
                           f"leave it unset to use the run's", ("prediction",))
@@ -309,6 +309,6 @@ def check_matches_run(config: LikelihoodConfig, objective: Any) -> None:
                               f"({type(theirs).__name__}); leave it unset to use the run's", ("scheduler",))
 
 
-def build_likelihood(config: LikelihoodConfig, spec: DataSpec | None = None, objective: Any = None) -> LikelihoodMetric:
+def make_likelihood(config: LikelihoodConfig, spec: DataSpec | None = None, objective: Any = None) -> LikelihoodMetric:
     """Metric factory for ``plugin = "likelihood"``; inside a run it receives the run's `objective`."""
     return LikelihoodMetric(config, spec, objective)

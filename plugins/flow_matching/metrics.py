@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from core.guidance import guided
-from core.interfaces import DataSource, DataSpec
+from core.interfaces import DataSource, DataSpec, Field
 from registry import ConfigError
 
-from .likelihood import build_scheduler, velocity_field
-from .paths import AffinePath
-from .solvers import ODEConfig, ODESolver
+from .likelihood import build_scheduler, check_matches_run, velocity_field
+from .path import AffinePath
+from .solver import ODEConfig, ODESolver
 
 
 @attrs.define
@@ -37,8 +37,11 @@ class FewStepConfig:
         distance: the sample metric: a metric plugin name or a table {plugin = ..., ...}.
         num_samples: generated (and held-out) examples compared.
         batch_size: examples generated per solver call.
-        scheduler: the scheduler the model was trained with (name or table); converts epsilon / x1 predictions.
-        prediction: what the model predicts: velocity, epsilon or x1.
+        scheduler: the scheduler the model was trained with (name or table). Inside a run leave it unset:
+            the metric samples the run's own objective's field on its path; a contradicting value is refused.
+            Unset outside a run: cond_ot.
+        prediction: what the model predicts: velocity, epsilon or x1 (unset: the run's objective's; velocity
+            outside a run). A value that contradicts the run's objective is refused.
         guidance_scale: classifier-free guidance scale w (0: none) for class-conditional models.
         sampling_eps: how far from the singular end an epsilon / x1 model is evaluated.
         name: the key of this metric in summaries (default: the plugin name).
@@ -49,8 +52,8 @@ class FewStepConfig:
     distance: str | dict[str, Any] = "energy_distance"
     num_samples: int = 2000
     batch_size: int = 1000
-    scheduler: str | dict[str, Any] = "cond_ot"
-    prediction: Literal["velocity", "epsilon", "x1"] = "velocity"
+    scheduler: str | dict[str, Any] | None = None
+    prediction: Literal["velocity", "epsilon", "x1"] | None = None
     guidance_scale: float = 0.0
     sampling_eps: float = 1e-3
     name: str = ""
@@ -66,11 +69,17 @@ class FewStepMetric:
 
     higher_is_better = False
 
-    def __init__(self, config: FewStepConfig, spec: DataSpec | None = None, data: DataSource | None = None):
+    def __init__(self, config: FewStepConfig, spec: DataSpec | None = None, data: DataSource | None = None,
+                 objective: Any = None):
         import registry
 
         self.config, self.spec = config, spec
-        self.path = AffinePath(build_scheduler(config.scheduler))
+        self.objective = objective if hasattr(objective, "sampling_model") else None
+        if self.objective is not None:
+            check_matches_run(config, self.objective, "few_step")
+            self.path = self.objective.path
+        else:
+            self.path = AffinePath(build_scheduler(config.scheduler or "cond_ot"))
         self.solver = ODESolver(ODEConfig(method=config.method, steps=config.steps))
         mapping = {"plugin": config.distance} if isinstance(config.distance, str) else dict(config.distance)
         self.distance_name = mapping.get("plugin", "distance")
@@ -80,6 +89,12 @@ class FewStepMetric:
             raise exc.within("distance") from None
         if not hasattr(self.distance, "update") or hasattr(self.distance, "evaluate"):
             raise ConfigError(f"distance {self.distance_name!r} is not a sample metric", ("distance",))
+
+    def field(self, net: nn.Module) -> Field:
+        """The velocity field sampled: the run's objective's sampling field, or the configured conversion."""
+        if self.objective is not None:
+            return self.objective.sampling_model(net)
+        return velocity_field(net, self.path, self.config.prediction or "velocity", self.config.sampling_eps)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
@@ -91,8 +106,7 @@ class FewStepMetric:
         was_training = model.training
         model.eval()
         labels = torch.randint(spec.num_classes, (c.num_samples,), generator=generator) if spec.num_classes > 0 else None
-        field = velocity_field(guided(model, c.guidance_scale, spec.num_classes), self.path, c.prediction,
-                               c.sampling_eps)
+        field = self.field(guided(model, c.guidance_scale, spec.num_classes))
         xs, nfe = [], 0
         for start in range(0, c.num_samples, c.batch_size):
             stop = min(c.num_samples, start + c.batch_size)
@@ -117,6 +131,7 @@ class FewStepMetric:
         return out
 
 
-def build_few_step(config: FewStepConfig, spec: DataSpec | None = None, data: DataSource | None = None) -> FewStepMetric:
-    """Metric factory for ``plugin = "few_step"``."""
-    return FewStepMetric(config, spec, data)
+def make_few_step(config: FewStepConfig, spec: DataSpec | None = None, data: DataSource | None = None,
+                  objective: Any = None) -> FewStepMetric:
+    """Metric factory for ``plugin = "few_step"``; inside a run it receives the run's `objective`."""
+    return FewStepMetric(config, spec, data, objective)

@@ -1,6 +1,6 @@
 """Wrappers that turn a trained network into the velocity field an ODE solver integrates.
 
-* `PredictionToVelocity`: a model predicting epsilon or x_1 (see paths.py) as a velocity field.
+* `PredictionToVelocity`: a model predicting epsilon or x_1 (see path.py) as a velocity field.
 * `ScheduleTransformedModel`: a velocity model trained under one scheduler, sampled under another
   without retraining (the scale-time transformation of Meta's flow_matching library,
   ``ScheduleTransformedModel``; Lipman et al. 2024, section 4.8).
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from core.interfaces import Scheduler
 from core.nn import append_dims
 
-from .paths import AffinePath
+from .path import AffinePath
 
 
 class PredictionToVelocity(nn.Module):

@@ -8,13 +8,13 @@ FLOWFORGE_API = 1
 
 @hookimpl
 def flowforge_register(register):
-    register("launcher", "local", "plugins.launchers.local:LocalLauncher", "plugins.launchers.local:LocalConfig",
+    register("launcher", "local", "plugins.launchers.local:make_local", "plugins.launchers.local:LocalConfig",
              doc="one process on this machine (CPU or one GPU)", default=True)
-    register("launcher", "accelerate", "plugins.launchers.accelerate_launcher:AccelerateLauncher",
+    register("launcher", "accelerate", "plugins.launchers.accelerate_launcher:make_accelerate",
              "plugins.launchers.accelerate_launcher:AccelerateConfig",
              doc="N processes per machine on M machines (gloo on CPU, NCCL on GPUs); works under torchrun too")
-    register("launcher", "slurm", "plugins.launchers.slurm:SlurmLauncher", "plugins.launchers.slurm:SlurmConfig",
+    register("launcher", "slurm", "plugins.launchers.slurm:make_slurm", "plugins.launchers.slurm:SlurmConfig",
              doc="a Slurm job through submitit (one task per GPU), requeued and resumed on preemption")
-    register("logger", "tensorboard", "plugins.launchers.loggers:TensorBoardLogger",
+    register("logger", "tensorboard", "plugins.launchers.loggers:make_tensorboard",
              "plugins.launchers.loggers:TensorBoardConfig",
              doc="every number of metrics.jsonl as a TensorBoard scalar (needs pip install tensorboard)")

@@ -48,3 +48,8 @@ class TensorBoardLogger(Logger):
         close = getattr(self.writer, "close", None)
         if close is not None:
             close()
+
+
+def make_tensorboard(config: TensorBoardConfig, run_dir: Path) -> TensorBoardLogger:
+    """Logger factory for ``plugin = "tensorboard"``."""
+    return TensorBoardLogger(config, run_dir)

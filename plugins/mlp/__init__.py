@@ -7,5 +7,5 @@ FLOWFORGE_API = 1
 
 @hookimpl
 def flowforge_register(register):
-    register("backbone", "mlp", "plugins.mlp.model:build", "plugins.mlp.model:MLPConfig",
+    register("backbone", "mlp", "plugins.mlp.model:make_mlp", "plugins.mlp.model:MLPConfig",
              doc="time-conditioned MLP (continuous or discrete data, optional class labels)", default=True)

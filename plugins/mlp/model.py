@@ -125,6 +125,6 @@ class MLP(nn.Module):
         return out.reshape(batch, *self.spec.shape)
 
 
-def build(config: MLPConfig, spec: DataSpec) -> MLP:
+def make_mlp(config: MLPConfig, spec: DataSpec) -> MLP:
     """Backbone factory: an `MLP` sized for `spec`."""
     return MLP(config, spec)

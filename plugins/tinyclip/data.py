@@ -422,3 +422,18 @@ class Pairs(CaptionData):
             return int(value)
         raise ConfigError(f"label {value!r} is neither a class name nor an index into class_names {names}",
                           ("held_out" if split == "held_out" and self.config.held_out else "train",))
+
+
+def make_clip_digits(config: DigitsCaptionConfig) -> DigitsCaptions:
+    """Data factory for ``plugin = "clip_digits"``."""
+    return DigitsCaptions(config)
+
+
+def make_clip_pairs(config: PairsConfig) -> Pairs:
+    """Data factory for ``plugin = "clip_pairs"``."""
+    return Pairs(config)
+
+
+def make_clip_shapes(config: ShapesConfig) -> Shapes:
+    """Data factory for ``plugin = "clip_shapes"``."""
+    return Shapes(config)

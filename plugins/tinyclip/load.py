@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 import registry
-from core import checkpoint as ckpt
 from core.interfaces import DataSpec
+from core.runs import checkpoint_weights, newest_checkpoint
 from registry import ConfigError
 
 from .model import CLIP
@@ -45,8 +45,8 @@ def _run_config(run: Path, key: str) -> dict:
 
 
 def _from_checkpoint(run: Path, checkpoint: Path, spec: DataSpec, weights: str, key: str) -> CLIP:
-    config = _run_config(run, key)
-    backbone = dict(config.get("backbone") or {})
+    """The run's [backbone] alone, rebuilt for `spec` (the rest of its config.toml is not read)."""
+    backbone = dict(_run_config(run, key).get("backbone") or {})
     if not backbone:
         raise ConfigError(f"{run / 'config.toml'} has no [backbone] section", (key,))
     backbone["inherit_from"] = ""  # the weights come from the checkpoint, not from the run's own ancestor
@@ -56,8 +56,10 @@ def _from_checkpoint(run: Path, checkpoint: Path, spec: DataSpec, weights: str, 
         raise ConfigError(f"cannot rebuild the backbone of {run}: {exc}", (key,)) from None
     if not isinstance(model, CLIP):
         raise ConfigError(f"the run {run} did not train a CLIP model (backbone plugin {backbone.get('plugin')!r})", (key,))
-    state = ckpt.load(checkpoint)
-    chosen = state.get("ema") if weights == "ema" and state.get("ema") is not None else state.get("model")
+    try:
+        chosen = checkpoint_weights(checkpoint, ema=weights == "ema")[1]
+    except ConfigError as exc:
+        raise exc.within(key) from None
     try:
         model.load_state_dict(chosen)
     except (RuntimeError, TypeError) as exc:
@@ -86,9 +88,10 @@ def load_clip(source: str | Path, spec: DataSpec, weights: Literal["ema", "model
             raise ConfigError(f"checkpoint {path} is not inside a run directory (no {run / 'config.toml'})", (key,))
         return _from_checkpoint(run, path, spec, weights, key)
     if (path / "config.toml").is_file():
-        latest = ckpt.latest(path / "checkpoints")
-        if latest is None:
-            raise ConfigError(f"the run {path} has no checkpoint yet (has it been trained?)", (key,))
+        try:
+            latest = newest_checkpoint(path)
+        except ConfigError as exc:
+            raise ConfigError(f"the run {path} has no checkpoint yet (has it been trained?): {exc}", (key,)) from None
         return _from_checkpoint(path, latest, spec, weights, key)
     if (path / "config.json").is_file():
         from .hf import load_hf_clip

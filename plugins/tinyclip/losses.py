@@ -325,3 +325,13 @@ class TinyCLIPDistill(ClipContrastive):
             return cached_loss(models["model"], image, text, self.feature_loss, self.config.accum_chunks)
         finally:
             self._teacher_out = None
+
+
+def make_clip_contrastive(config: ContrastiveConfig) -> ClipContrastive:
+    """Objective factory for ``plugin = "clip_contrastive"``."""
+    return ClipContrastive(config)
+
+
+def make_tinyclip_distill(config: DistillConfig, spec: DataSpec, teacher: nn.Module | None = None) -> TinyCLIPDistill:
+    """Objective factory for ``plugin = "tinyclip_distill"``."""
+    return TinyCLIPDistill(config, spec, teacher)

@@ -377,7 +377,7 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build(config: CLIPConfig, spec: DataSpec) -> CLIP:
+def make_clip(config: CLIPConfig, spec: DataSpec) -> CLIP:
     """Backbone factory for ``plugin = "clip"``; applies weight inheritance when ``inherit_from`` is set."""
     model = CLIP(resolve_dims(config, spec), config.logit_scale_init, config.gradient_checkpointing)
     if config.inherit_from:

@@ -126,3 +126,8 @@ class ZeroShot:
             return out
         finally:
             model.train(was_training)
+
+
+def make_zero_shot(config: ZeroShotConfig | None = None) -> ZeroShot:
+    """Metric factory for ``plugin = "zero_shot"``."""
+    return ZeroShot(config)

@@ -12,5 +12,5 @@ FLOWFORGE_API = 1
 @hookimpl
 def flowforge_register(register):
     """Register this family's components."""
-    register("backbone", "unet", "plugins.unet.model:build", "plugins.unet.model:UNetConfig",
+    register("backbone", "unet", "plugins.unet.model:make_unet", "plugins.unet.model:UNetConfig",
              doc="ADM UNet of guided-diffusion (presets cifar10, imagenet64, digits); continuous or discrete images")

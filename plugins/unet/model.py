@@ -61,7 +61,8 @@ from torch.utils.checkpoint import checkpoint
 from core.guidance import drop_labels
 from core.interfaces import DataSpec
 from core.nn import expand_t, timestep_embedding
-from registry import ConfigError, did_you_mean
+from core.presets import fill_from_preset
+from registry import ConfigError
 
 #: Named configurations. Keys written in the experiment override the preset's.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,18 +108,6 @@ DEFAULTS: dict[str, Any] = {
     "use_checkpoint": False,
     "channels_last": False,
 }
-
-
-def fill_from_preset(config: Any, presets: dict[str, dict[str, Any]], defaults: dict[str, Any]) -> None:
-    """Fill the unset (None) fields of `config` from its preset, then from `defaults`."""
-    if config.preset is not None and config.preset not in presets:
-        raise ConfigError(f"unknown preset {config.preset!r}{did_you_mean(config.preset, presets)}; "
-                          f"presets: {', '.join(presets)}", ("preset",))
-    values = {**defaults, **presets.get(config.preset, {})}
-    for field in attrs.fields(type(config)):
-        if field.name != "preset" and getattr(config, field.name) is None and field.name in values:
-            value = values[field.name]
-            setattr(config, field.name, list(value) if isinstance(value, (list, tuple)) else value)
 
 
 @attrs.define
@@ -448,6 +437,6 @@ class UNet(nn.Module):
         return out
 
 
-def build(config: UNetConfig, spec: DataSpec) -> UNet:
+def make_unet(config: UNetConfig, spec: DataSpec) -> UNet:
     """Backbone factory: a `UNet` sized for `spec`."""
     return UNet(config, spec)

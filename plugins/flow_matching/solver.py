@@ -44,8 +44,47 @@ from torch import Tensor
 from core.interfaces import Field, Scheduler, Solver, SolverResult
 from registry import ConfigError
 
-STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dopri5": 5, "dopri8": 8}
+
+@attrs.frozen
+class Tableau:
+    """An explicit Runge-Kutta method as its Butcher tableau, with ``b = weights / denominator``.
+
+    One step from ``(x, t)`` with step ``h`` evaluates, for stages ``i = 0 .. s-1``,
+
+        k_i = f(x + h sum_{j<i} a[i][j] k_j,  t + c[i] h)
+
+    and returns ``x + (h / denominator) * sum_i weights[i] k_i``. Both the eager loop
+    (`integrate_fixed`) and the compiled step (`rk_step`) evaluate this one definition.
+
+    Attributes:
+        a: the strictly lower-triangular stage coefficients, one row per stage (row 0 is empty).
+        c: the stage times as fractions of the step.
+        weights: the integer weights of the final combination.
+        denominator: what the weights are divided by (``b_i = weights[i] / denominator``).
+        order: the method's order of accuracy.
+    """
+
+    a: tuple[tuple[float, ...], ...]
+    c: tuple[float, ...]
+    weights: tuple[float, ...]
+    denominator: float
+    order: int
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+
+#: The fixed-step methods (see the module docstring).
+TABLEAUS: dict[str, Tableau] = {
+    "euler": Tableau(a=((),), c=(0.0,), weights=(1.0,), denominator=1.0, order=1),
+    "midpoint": Tableau(a=((), (0.5,)), c=(0.0, 0.5), weights=(0.0, 1.0), denominator=1.0, order=2),
+    "heun": Tableau(a=((), (1.0,)), c=(0.0, 1.0), weights=(1.0, 1.0), denominator=2.0, order=2),
+    "rk4": Tableau(a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), c=(0.0, 0.5, 0.5, 1.0),
+                   weights=(1.0, 2.0, 2.0, 1.0), denominator=6.0, order=4),
+}
+STAGES = {name: tab.stages for name, tab in TABLEAUS.items()}
+ORDER = {**{name: tab.order for name, tab in TABLEAUS.items()}, "dopri5": 5, "dopri8": 8}
 ADAPTIVE = ("dopri5", "dopri8")
 METHODS = (*STAGES, *ADAPTIVE)
 
@@ -165,50 +204,76 @@ def integrate_fixed(f: Field, x: Tensor, grid: Tensor, method: str, y: Tensor | 
     the times in ``x``'s device and floating dtype; `device_grid` passes that copy of `grid` ready-made
     (as a CUDA graph capture needs: no host-to-device copy inside the captured region).
     """
-    if method not in STAGES:
-        raise ValueError(f"unknown fixed-step method {method!r}; expected one of {tuple(STAGES)}")
-    batch = x.shape[0]
-    n = grid.shape[0] - 1
+    if method not in TABLEAUS:
+        raise ValueError(f"unknown fixed-step method {method!r}; expected one of {tuple(TABLEAUS)}")
+    tab = TABLEAUS[method]
+    batch, n = x.shape[0], grid.shape[0] - 1
     hs = (grid[1:] - grid[:-1]).tolist()
     grid = device_grid if device_grid is not None else grid.to(device=x.device, dtype=floating(x))
-    ts = grid[:, None].expand(n + 1, batch)
+    times = {c: stage_times(grid, c)[:, None].expand(n, batch) for c in set(tab.c)}
     traj = [x] if intermediates else None
-    add = torch.add
-    if method == "euler":
-        for k in range(n):
-            x = add(x, f(x, ts[k], y), alpha=hs[k])
-            if traj is not None:
-                traj.append(x)
-        return x, traj
-    mid = ((grid[:-1] + grid[1:]) * 0.5)[:, None].expand(n, batch)
-    if method == "midpoint":
-        for k in range(n):
-            h = hs[k]
-            x = add(x, f(add(x, f(x, ts[k], y), alpha=0.5 * h), mid[k], y), alpha=h)
-            if traj is not None:
-                traj.append(x)
-    elif method == "heun":
-        for k in range(n):
-            h = hs[k]
-            k1 = f(x, ts[k], y)
-            k2 = f(add(x, k1, alpha=h), ts[k + 1], y)
-            x = add(x, k1 + k2, alpha=0.5 * h)
-            if traj is not None:
-                traj.append(x)
-    else:  # rk4
-        for k in range(n):
-            h = hs[k]
-            t, tm = ts[k], mid[k]
-            k1 = f(x, t, y)
-            k2 = f(add(x, k1, alpha=0.5 * h), tm, y)
-            k3 = f(add(x, k2, alpha=0.5 * h), tm, y)
-            k4 = f(add(x, k3, alpha=h), ts[k + 1], y)
-            acc = k1 + k4
-            acc.add_(k2, alpha=2.0).add_(k3, alpha=2.0)
-            x = add(x, acc, alpha=h / 6.0)
-            if traj is not None:
-                traj.append(x)
+    for k in range(n):
+        x = tableau_step(tab, f, x, [times[c][k] for c in tab.c], hs[k], y, _add_scaled)
+        if traj is not None:
+            traj.append(x)
     return x, traj
+
+
+def _add_scaled(u: Tensor, k: Tensor, h: float, coef: float, div: float) -> Tensor:
+    """``u + (coef h / div) k`` as one fused ``torch.add`` (a Python float step)."""
+    return torch.add(u, k, alpha=coef * h / div)
+
+
+def _add_scaled_tensor(u: Tensor, k: Tensor, h: Tensor, coef: float, div: float) -> Tensor:
+    """``u + (coef h / div) k`` for a tensor step ``h`` (broadcastable against `u`)."""
+    return u + (coef * h / div) * k
+
+
+def stage_times(grid: Tensor, c: float) -> Tensor:
+    """``(N,)`` times ``t_k + c (t_{k+1} - t_k)`` of a stage of every step of `grid` ``(N+1,)``
+    (the grid points themselves for c = 0 and 1, the midpoints ``(t_k + t_{k+1}) / 2`` for c = 1/2)."""
+    if c == 0.0:
+        return grid[:-1]
+    if c == 1.0:
+        return grid[1:]
+    if c == 0.5:
+        return (grid[:-1] + grid[1:]) * 0.5
+    return grid[:-1] + c * (grid[1:] - grid[:-1])
+
+
+def tableau_step(tab: Tableau, f: Field, x: Tensor, times: Sequence[Tensor], h, y: Tensor | None,
+                 add_scaled=_add_scaled) -> Tensor:
+    """One step of `tab` from `x` with step `h` and the stage times ``times[i]`` ``(B,)``.
+
+    ``add_scaled(u, k, h, coef, div) = u + (coef h / div) k``: a fused ``torch.add`` for a Python
+    float `h` (the eager loop), tensor arithmetic for a tensor `h` (the compiled step).
+    """
+    ks: list[Tensor] = []
+    for row, t in zip(tab.a, times):
+        u = x
+        for j, a in enumerate(row):
+            if a != 0.0:
+                u = add_scaled(u, ks[j], h, a, 1.0)
+        ks.append(f(u, t, y))
+    return add_scaled(x, weighted_sum(ks, tab.weights), h, 1.0, tab.denominator)
+
+
+def weighted_sum(ks: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i weights[i] ks[i]``: the unit-weight terms first, in order, then the others (zeros skipped)."""
+    ones = [k for k, w in zip(ks, weights) if w == 1.0]
+    rest = [(k, w) for k, w in zip(ks, weights) if w not in (0.0, 1.0)]
+    if not ones:
+        (first, w), rest = rest[0], rest[1:]
+        acc = first * w
+    elif len(ones) == 1:
+        acc = ones[0].clone() if rest else ones[0]
+    else:
+        acc = ones[0] + ones[1]
+        for k in ones[2:]:
+            acc.add_(k)
+    for k, w in rest:
+        acc.add_(k, alpha=w)
+    return acc
 
 
 def integrate_compiled(step, x: Tensor, grid: Tensor, y: Tensor | None = None,
@@ -273,24 +338,14 @@ def compiled_step(method: str, f: Field):
 
 
 def rk_step(method: str, f: Field, x: Tensor, t: Tensor, h: Tensor, y: Tensor | None) -> Tensor:
-    """One step of a fixed-step `method` from ``(x, t)`` with step ``h`` (``(B,)``-broadcastable tensors)."""
+    """One step of a fixed-step `method` (its `TABLEAUS` entry) from ``(x, t)`` with step ``h``
+    (``(B,)``-broadcastable tensors)."""
+    if method not in TABLEAUS:
+        raise ValueError(f"unknown method {method!r}")
+    tab = TABLEAUS[method]
     hb = h.reshape(-1, *([1] * (x.ndim - 1))) if h.ndim else h
-    if method == "euler":
-        return x + hb * f(x, t, y)
-    if method == "midpoint":
-        k1 = f(x, t, y)
-        return x + hb * f(x + 0.5 * hb * k1, t + 0.5 * h, y)
-    if method == "heun":
-        k1 = f(x, t, y)
-        k2 = f(x + hb * k1, t + h, y)
-        return x + 0.5 * hb * (k1 + k2)
-    if method == "rk4":
-        k1 = f(x, t, y)
-        k2 = f(x + 0.5 * hb * k1, t + 0.5 * h, y)
-        k3 = f(x + 0.5 * hb * k2, t + 0.5 * h, y)
-        k4 = f(x + hb * k3, t + h, y)
-        return x + hb / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
-    raise ValueError(f"unknown method {method!r}")
+    times = [t if c == 0.0 else t + c * h for c in tab.c]
+    return tableau_step(tab, f, x, times, hb, y, _add_scaled_tensor)
 
 
 def integrate_adaptive(f: Field, x: Tensor, grid: Tensor, method: str = "dopri5", y: Tensor | None = None, *,
@@ -324,9 +379,10 @@ class ODESolver(Solver):
         scheduler: the experiment's scheduler (for the edm grid and ``sampling_scheduler``).
     """
 
-    def __init__(self, config: ODEConfig | None = None, scheduler: Scheduler | None = None):
+    def __init__(self, config: ODEConfig | None = None, scheduler: Scheduler | None = None, path: Any = None):
         self.config = config or ODEConfig()
         self.scheduler = scheduler
+        self.velocity_field = getattr(path, "velocity_field", None)  # a path whose models are not velocities
         self.sampling_scheduler: Scheduler | None = None
         self._compiled: dict[tuple[int, str], Any] = {}  # (id(model), method) -> compiled step
         self._graphed: tuple[tuple, Field, GraphedIntegration] | None = None  # (key, model, graph): the last one
@@ -360,7 +416,10 @@ class ODESolver(Solver):
         return uniform_grid(c.t0, c.t1, c.steps, device=device, dtype=dtype)
 
     def field(self, model: Field) -> Field:
-        """What is integrated: `model`, or its schedule-transformed version with ``sampling_scheduler``."""
+        """What is integrated: `model`, the path's velocity of it (a path with ``velocity_field``, e.g. the
+        probability flow of gaussian_diffusion), or its schedule-transformed version with ``sampling_scheduler``."""
+        if self.velocity_field is not None:
+            return self.velocity_field(model)
         if self.sampling_scheduler is None:
             return model
         from .transforms import ScheduleTransformedModel
@@ -411,9 +470,17 @@ class ODESolver(Solver):
         return self._graphed[2](x, y)
 
 
-def build_ode(config: ODEConfig, scheduler: Scheduler | None = None) -> ODESolver:
-    """Solver factory for ``plugin = "ode"``."""
-    return ODESolver(config, scheduler)
+def make_ode(config: ODEConfig, scheduler: Scheduler | None = None, path: Any = None, spec: Any = None) -> ODESolver:
+    """Solver factory for ``plugin = "ode"``: continuous data; a path with ``velocity_field`` converts its
+    model's output (then without ``grid = "edm"``, which needs a [scheduler])."""
+    name = f"the [path] {type(path).__name__}"
+    if spec is not None and spec.kind != "continuous":
+        raise ConfigError(f"the ode solver integrates continuous states; {name} has {spec.kind} data "
+                          f"(use its own solver, e.g. discrete_euler)", ("plugin",))
+    if hasattr(path, "velocity_field") and config.grid == "edm" and config.times is None:
+        raise ConfigError(f"the ode solver's edm grid needs a [scheduler]; {name} has its own schedule: use "
+                          f"grid = \"uniform\", times, or the diffusion solvers' karras_sigmas", ("grid",))
+    return ODESolver(config, scheduler, path)
 
 
 def solve(model: Field, x_init: Tensor, *, method: str = "midpoint", steps: int = 20, y: Tensor | None = None,
@@ -427,6 +494,8 @@ __all__: Sequence[str] = [
     "METHODS",
     "ORDER",
     "STAGES",
+    "TABLEAUS",
+    "Tableau",
     "ODEConfig",
     "ODESolver",
     "GraphedIntegration",
@@ -438,5 +507,6 @@ __all__: Sequence[str] = [
     "integrate_fixed",
     "rk_step",
     "solve",
+    "tableau_step",
     "uniform_grid",
 ]

@@ -7,9 +7,8 @@ so few-step and one-step (one euler step: ``x_1 = x_0 + u(x_0, 0)``) samples
 improve. Repeating gives k-RF.
 
 ``reflow_pairs`` is a data source: ``run = "runs/my-1rf"`` names a finished
-run directory; its ``config.toml`` is loaded and its components rebuilt
-(`core.runs.load_run`), the latest checkpoint's EMA weights (or raw
-weights) are loaded, and ``num_pairs`` couplings are generated with the run's
+run directory, loaded with `core.runs.load_run` (its components rebuilt, the
+latest checkpoint's EMA weights or raw weights loaded), and ``num_pairs`` couplings are generated with the run's
 own ``[solver]`` (keys of ``solver`` override it, e.g. ``{method = "rk4",
 steps = 50}``) and sampling field (``objective.sampling_model``, optionally
 guided). Class-conditional runs draw labels uniformly and generate
@@ -27,22 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from core import checkpoint as ckpt
+from core.runs import LoadedRun, load_run, solver_overrides
 from core.data import TensorDataSource
 from core.data import generator as make_generator
-from core.device import pick_device
 from core.interfaces import Batch, DataSource
 from registry import ConfigError
 
@@ -82,27 +75,13 @@ class ReflowPairsConfig:
             raise ConfigError("overrides the run's solver options; the plugin stays the run's", ("solver", "plugin"))
 
 
-def load_run(run: str | Path, solver_overrides: dict[str, Any] | None = None, use_ema: bool = True):
-    """Rebuild a finished run: ``(experiment, components, model with the latest weights, checkpoint path)``.
-
-    Loaded by `core.runs.load_run` (the public run loader) on the CPU, with ``solver.KEY=VALUE``
-    overrides for `solver_overrides`.
-    """
-    from core.runs import load_run as load, solver_overrides as as_overrides
-
-    root = Path(run)
-    if not (root / "config.toml").is_file():
-        raise ConfigError(f"{root} is not a run directory (no config.toml); train the flow to rectify first, "
-                          f"e.g. python -m core.run experiments/reflow_2d_1rf.toml", ("run",))
-    if ckpt.latest(root / "checkpoints") is None:
-        raise ConfigError(f"run {root} has no checkpoint; let its training finish first", ("run",))
-    if solver_overrides and "solver" not in tomllib.loads((root / "config.toml").read_text()):
-        raise ConfigError(f"run {root} has no [solver] section to override", ("solver",))
+def load_source(config: ReflowPairsConfig) -> LoadedRun:
+    """The run to rectify (`core.runs.load_run`), with the ``solver`` overrides, on ``config.device``."""
     try:
-        loaded = load(root, as_overrides(**(solver_overrides or {})), ema=use_ema, device="cpu")
+        return load_run(config.run, solver_overrides(**config.solver), ema=config.use_ema, device=config.device)
     except ConfigError as exc:
-        raise ConfigError(f"cannot load the run to rectify: {exc}", ("run",)) from None
-    return loaded.exp, loaded.components, loaded.model, loaded.checkpoint
+        raise ConfigError(f"cannot load the run to rectify ({exc}); train the flow to rectify first, "
+                          f"e.g. python -m core.run experiments/reflow_2d_1rf.toml", ("run",)) from None
 
 
 class ReflowPairs(TensorDataSource):
@@ -110,7 +89,8 @@ class ReflowPairs(TensorDataSource):
 
     def __init__(self, config: ReflowPairsConfig):
         self.config = config
-        exp, components, model, ckpt_path = load_run(config.run, config.solver, config.use_ema)
+        loaded = load_source(config)
+        exp, components, ckpt_path = loaded.exp, loaded.components, loaded.checkpoint
         if components.solver is None or components.path is None:
             raise ConfigError(f"run {config.run} has no [solver] and [path]: it cannot generate couplings", ("run",))
         self.source: DataSource = components.data
@@ -124,7 +104,7 @@ class ReflowPairs(TensorDataSource):
         self.cache_file = Path(config.run) / "reflow" / f"pairs-{digest}.pt"
         pairs = self._load_cache() if config.cache else None
         if pairs is None:
-            pairs = self._generate(components, model)
+            pairs = self._generate(components, loaded.model, loaded.device)
             if config.cache:
                 ckpt.save_atomic(pairs, self.cache_file)
         self.pairs = pairs
@@ -145,12 +125,10 @@ class ReflowPairs(TensorDataSource):
         return pairs
 
     @torch.no_grad()
-    def _generate(self, components, model) -> dict[str, torch.Tensor]:
+    def _generate(self, components, model, device: torch.device) -> dict[str, torch.Tensor]:
         from core.guidance import guided
 
         c, spec = self.config, components.spec
-        device = pick_device(c.device, "device")
-        model = model.to(device).eval()
         g = make_generator(c.seed, "reflow-pairs")
         labels = torch.randint(spec.num_classes, (c.num_pairs,), generator=g) if spec.num_classes > 0 else None
         field = components.objective.sampling_model(guided(model, c.guidance_scale, spec.num_classes))
@@ -175,14 +153,6 @@ class ReflowPairs(TensorDataSource):
         return self.source.render(batch, path)
 
 
-def build_reflow_pairs(config: ReflowPairsConfig) -> ReflowPairs:
+def make_reflow_pairs(config: ReflowPairsConfig) -> ReflowPairs:
     """Data factory for ``plugin = "reflow_pairs"``."""
     return ReflowPairs(config)
-
-
-def build_one_step(config: None = None, scheduler=None, path=None, spec=None):
-    """Solver factory for ``plugin = "one_step"``: the ode solver with one euler step (one model evaluation)."""
-    import registry
-
-    return registry.build("solver", {"plugin": "ode", "method": "euler", "steps": 1}, scheduler=scheduler, path=path,
-                          spec=spec)

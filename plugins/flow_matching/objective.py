@@ -57,11 +57,11 @@ import torch
 from torch import Tensor, nn
 
 from core import rng
-from core.guidance import drop_labels
+from core.guidance import check_options, configured, drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
-from .paths import AffinePath
+from .path import AffinePath
 
 
 @attrs.define
@@ -82,6 +82,8 @@ class FlowMatchingConfig:
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
         loss_bins: number of equal bins of t whose mean loss is logged as loss_bin/k (0: none).
         sampling_eps: how far from the singular end an epsilon or x1 model is evaluated when sampling.
+        guidance_interval: [lo, hi]: classifier-free guidance only for t in it (Kynkaanniemi et al.).
+        guidance_rescale: CFG rescale phi (Lin et al.) of the model's output, see `core.guidance`.
     """
 
     prediction: Literal["velocity", "epsilon", "x1"] = "velocity"
@@ -97,8 +99,11 @@ class FlowMatchingConfig:
     label_dropout: float = 0.0
     loss_bins: int = 4
     sampling_eps: float = 1e-3
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_rescale: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        check_options(self.guidance_interval, self.guidance_rescale)
         checks = [
             (self.std > 0, "std", "a positive number"),
             (self.p_std > 0, "p_std", "a positive number"),
@@ -204,7 +209,7 @@ class FlowMatching(Objective):
         draw = rng.for_batch(batch)
         x_0 = batch.get("x0")
         if x_0 is None:
-            x_0 = draw.randn_like(x_1, "noise")
+            x_0 = self.path.sample_source(x_1.shape, device=x_1.device, dtype=x_1.dtype, draw=draw)
         t_dtype = torch.float64 if x_1.dtype == torch.float64 else torch.float32
         t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype, draw=draw)
         ps = self.path.sample(x_0, x_1, t)
@@ -239,7 +244,13 @@ class FlowMatching(Objective):
         self._last_bins = values
         return {f"loss_bin/{i}": v for i, v in enumerate(values.unbind())}
 
+    @property
+    def prediction(self) -> str:
+        """What the model predicts: ``[objective] prediction`` (velocity, epsilon or x1)."""
+        return self.config.prediction
+
     def sampling_model(self, model: nn.Module) -> Field:
+        model = configured(model, self.config.guidance_interval, self.config.guidance_rescale)
         if self.config.prediction == "velocity":
             return model
         from .transforms import PredictionToVelocity
@@ -247,5 +258,11 @@ class FlowMatching(Objective):
         return PredictionToVelocity(model, self.path, self.config.prediction, self.config.sampling_eps)
 
 
-#: The older name (``velocity_mse``): the same objective, velocity prediction by default.
-VelocityMSE = FlowMatching
+def make_flow_matching(config: FlowMatchingConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
+    """Objective factory for ``plugin = "flow_matching"``."""
+    return FlowMatching(config, spec, path)
+
+
+def make_velocity_mse(config: VelocityMSEConfig, spec: DataSpec, path: Path | None = None) -> FlowMatching:
+    """Objective factory for ``plugin = "velocity_mse"`` (the flow_matching objective under its older name)."""
+    return FlowMatching(config, spec, path)

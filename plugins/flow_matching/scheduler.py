@@ -209,9 +209,24 @@ class VPScheduler(Scheduler):
         return f"VPScheduler(beta_min={self.b}, beta_max={self.B})"
 
 
-def build_polynomial(config: PolynomialConfig) -> PolynomialConvexScheduler:
+def make_polynomial(config: PolynomialConfig) -> PolynomialConvexScheduler:
     return PolynomialConvexScheduler(config)
 
 
-def build_vp(config: VPConfig) -> VPScheduler:
+def make_vp(config: VPConfig) -> VPScheduler:
     return VPScheduler(config)
+
+
+def make_cond_ot() -> CondOTScheduler:
+    """Scheduler factory for ``plugin = "cond_ot"`` (no options)."""
+    return CondOTScheduler()
+
+
+def make_cosine() -> CosineScheduler:
+    """Scheduler factory for ``plugin = "cosine"`` (no options)."""
+    return CosineScheduler()
+
+
+def make_linear_vp() -> LinearVPScheduler:
+    """Scheduler factory for ``plugin = "linear_vp"`` (no options)."""
+    return LinearVPScheduler()

@@ -138,3 +138,13 @@ class DDIMSolver(_DiffusionSolver):
         if i == 0 or eta == 0:
             return mean
         return mean + sigma * randn_like(x, generator)
+
+
+def make_ddim(config: DDIMConfig | None = None, path: Any = None) -> DDIMSolver:
+    """Solver factory for ``plugin = "ddim"``."""
+    return DDIMSolver(config, path)
+
+
+def make_ddpm_ancestral(config: AncestralConfig | None = None, path: Any = None) -> AncestralSolver:
+    """Solver factory for ``plugin = "ddpm_ancestral"``."""
+    return AncestralSolver(config, path)

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from core import rng
 from core.interfaces import Path, PathSample, Scheduler
 from core.nn import append_dims
 from registry import ConfigError
@@ -74,8 +75,10 @@ class AffinePath(Path):
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
     def sample_source(self, shape: Sequence[int], generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> Tensor:
-        return torch.randn(*shape, generator=generator).to(device or "cpu")
+                      device: torch.device | str | None = None, *, dtype: torch.dtype | None = None,
+                      draw: rng.ExampleRandom | None = None) -> Tensor:
+        """``x_0 ~ N(0, I)`` ``(B, ...)`` (`core.rng.standard_normal`, stream ``"noise"``)."""
+        return rng.standard_normal(shape, generator, device, dtype=dtype, draw=draw)
 
     # -- conversions between predictions (all ``(pred, x_t, t) -> Tensor`` of x_t's shape) -------
     def velocity_to_x1(self, velocity: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -125,7 +128,7 @@ class AffinePath(Path):
         return f"AffinePath({self.scheduler!r})"
 
 
-def build_affine(scheduler: Scheduler | None = None) -> AffinePath:
+def make_affine(scheduler: Scheduler | None = None) -> AffinePath:
     """Path factory: needs the experiment's ``[scheduler]``."""
     if scheduler is None:
         raise ConfigError("the affine path needs a [scheduler] section (e.g. plugin = \"cond_ot\")")
