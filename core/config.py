@@ -170,14 +170,6 @@ class TrainerConfig:
         rates = self.ema_decay if isinstance(self.ema_decay, list) else [self.ema_decay]
         return [r for r in rates if r > 0]
 
-    @property
-    def ema_schedule(self) -> Any:
-        """The `core.ema.Warmup` these options describe."""
-        from .ema import Warmup
-
-        return Warmup(self.ema_warmup, self.ema_power, self.ema_inv_gamma, self.ema_min_decay,
-                      self.ema_update_after_step)
-
     def __attrs_post_init__(self) -> None:
         rates = self.ema_decay if isinstance(self.ema_decay, list) else [self.ema_decay]
         checks = [

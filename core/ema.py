@@ -16,7 +16,7 @@ for the 0-based optimizer step) ``beta`` is, by `warmup`:
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -35,6 +35,12 @@ class Warmup:
     inv_gamma: float = 1.0
     min_decay: float = 0.0
     update_after_step: int = 0
+
+    @classmethod
+    def of(cls, trainer: Any) -> "Warmup":
+        """The warm-up a ``[trainer]`` config (`core.config.TrainerConfig`) describes with its ``ema_*`` options."""
+        return cls(trainer.ema_warmup, trainer.ema_power, trainer.ema_inv_gamma, trainer.ema_min_decay,
+                   trainer.ema_update_after_step)
 
     def beta(self, decay: float, n: int) -> float:
         """The rate of the `n`-th update (1-based) for the EMA's `decay`."""

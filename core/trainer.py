@@ -52,7 +52,7 @@ from .build import build, build_components
 from .config import Experiment
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
-from .ema import EMA
+from .ema import EMA, Warmup
 from .errors import NonFiniteLossError
 from .events import Events
 from .optim import lr_factor, param_groups, scaled_lr, scheduled_lr  # noqa: F401 - lr_factor public here
@@ -206,7 +206,7 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif self.is_main:
                 print("flowforge: trainer.sync_batchnorm needs GPUs (NCCL); kept per-process BatchNorm on CPU")
-        self.emas = {rate: EMA(model, rate, cfg.ema_schedule) for rate in cfg.ema_decays}
+        self.emas = {rate: EMA(model, rate, Warmup.of(cfg)) for rate in cfg.ema_decays}
         self.posthoc = posthoc_ema.PowerEMA(model, cfg.posthoc_ema) if cfg.posthoc_ema else None
         params = param_groups(model, cfg.weight_decay, cfg.no_decay_ndim, cfg.no_decay_patterns)
         fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")

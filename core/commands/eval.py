@@ -201,6 +201,23 @@ def plot(rows: list[dict[str, Any]], metric_keys: list[str], setting_keys: list[
     return path
 
 
+def _load(args: argparse.Namespace) -> Any:
+    """The run of RUN_DIR (with --set overrides), able to generate, its metrics replaced by any --metric."""
+    import attrs
+
+    from core.runs import load_run
+    from registry import ConfigError
+
+    if not args.run_dir:
+        raise ConfigError("flowforge eval needs RUN_DIR, or --input1 A --input2 B to score images against others")
+    run = load_run(args.run_dir, args.overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
+    if not run.components.can_generate:
+        raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate")
+    if args.metric:
+        run.components = attrs.evolve(run.components, metrics=_cli_metrics(args.metric, run.components))
+    return run
+
+
 def _cli_metrics(specs: list[str], c: Any) -> dict[str, Any]:
     """The ``--metric`` entries, built with the run's context (spec, data, scheduler, path, objective, kinds)."""
     import registry
@@ -242,21 +259,15 @@ def main(args: argparse.Namespace) -> int:
     import registry
     from core.generate import evaluate, floor
     from core.interfaces import SampleMetric
-    from core.runs import load_run, write_table
+    from core.runs import write_table
     from registry import ConfigError
 
     if args.input1 or args.input2:
         from .eval_inputs import score_inputs
 
         return score_inputs(args)
-    if not args.run_dir:
-        raise ConfigError("flowforge eval needs RUN_DIR, or --input1 A --input2 B to score images against others")
-    run = load_run(args.run_dir, args.overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
+    run = _load(args)
     c = run.components
-    if not c.can_generate:
-        raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate")
-    if args.metric:
-        run.components = c = attrs.evolve(c, metrics=_cli_metrics(args.metric, c))
     sample_metrics = {k: m for k, m in c.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
     model_metrics = {k: m for k, m in c.metrics.items() if k not in sample_metrics}
     if not sample_metrics:

@@ -38,8 +38,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input2", metavar="PATH", help="against these: PNG folder, .npz, or a run directory "
                                                          "(its held-out data)")
     parser.add_argument("--features", metavar="PLUGIN|{TOML}",
-                        help="feature extractor for --input1/--input2 (required with them), e.g. raw, digits_cnn "
-                             "or '{plugin = \"inception\", weights = \"w.pth\"}'")
+                        help="feature extractor for --input1/--input2 (required with them): a feature_extractor "
+                             "plugin name (flowforge plugins lists them) or '{plugin = \"NAME\", weights = \"w.pth\"}'")
     parser.add_argument("--cache", metavar="DIR", help="with --input1/--input2: the reference-statistics cache folder "
                                                        "(default $FLOWFORGE_CACHE, else ~/.cache/flowforge)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
