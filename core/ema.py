@@ -36,6 +36,12 @@ class Warmup:
     min_decay: float = 0.0
     update_after_step: int = 0
 
+    @classmethod
+    def of(cls, trainer: Any) -> "Warmup":
+        """The warm-up a ``[trainer]`` config (`core.config.TrainerConfig`) describes with its ``ema_*`` options."""
+        return cls(trainer.ema_warmup, trainer.ema_power, trainer.ema_inv_gamma, trainer.ema_min_decay,
+                   trainer.ema_update_after_step)
+
     def beta(self, decay: float, n: int) -> float:
         """The rate of the `n`-th update (1-based) for the EMA's `decay`."""
         if self.rule == "none":
@@ -46,11 +52,6 @@ class Warmup:
         if m <= 0:
             return 0.0
         return max(min(1.0 - (1.0 + m / self.inv_gamma) ** -self.power, decay), self.min_decay)
-
-
-def warmup_of(cfg: Any) -> Warmup:
-    """The `Warmup` that a `core.config.TrainerConfig`'s ``ema_*`` options describe."""
-    return Warmup(cfg.ema_warmup, cfg.ema_power, cfg.ema_inv_gamma, cfg.ema_min_decay, cfg.ema_update_after_step)
 
 
 class EMA:

@@ -10,8 +10,8 @@ level  layer        modules
 =====  ===========  ==========================================================
 0      interfaces   ``core`` (package), `core.interfaces`: the contracts
 1      helpers      what plugins share: guidance and label dropout, nn and rng
-                    helpers, data-source helpers, option checks, device choice,
-                    checkpoint and npz files, signals and run outcomes,
+                    helpers, presets, data-source helpers, option checks, device
+                    choice, checkpoint and npz files, signals and run outcomes,
                     process-group collectives (sharded metrics gather with
                     them), the conformance kit ``core.testing``
 2      config       experiment files: schema, validation, option docs, smoke caps
@@ -49,7 +49,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer("interfaces", 0, ("core", "core.interfaces"), "the contracts every plugin implements"),
     Layer("helpers", 1, ("core.guidance", "core.nn", "core.rng", "core.data", "core.validate", "core.device",
                          "core.checkpoint", "core.npzfile", "core.signals", "core.errors", "core.layers",
-                         "core.collectives", "core.testing"),
+                         "core.presets", "core.collectives", "core.testing"),
           "what plugins share: label dropout and guidance, nn and rng helpers, data-source helpers, option "
           "checks, device choice, checkpoint and npz files, signals and run outcomes, process-group collectives "
           "(metrics shard and gather with them), the conformance kit"),
@@ -76,7 +76,8 @@ def layer_of(module: str) -> Layer | None:
     best: tuple[int, Layer] | None = None
     for layer in LAYERS:
         for name in layer.modules:
-            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[0]):
+            inside = module.startswith(name + ".") and name != "core"  # the package "core" is itself only
+            if (module == name or inside) and (best is None or len(name) > best[0]):
                 best = (len(name), layer)
     return best[1] if best else None
 

@@ -18,10 +18,16 @@ parameters whose names match the regex (first match wins, before the decay split
 into one group with those AdamW options; ``options["lr"]`` makes the group's learning
 rate fixed (the trainer's schedule leaves it alone: `scheduled_lr`). TinyCLIP's L0
 masks use this for their constant learning rate without weight decay.
+
+The learning rate of optimizer step ``s`` is ``scaled_lr(cfg) * lr_factor(s, cfg)``: the
+factor is linear warmup ``(s + 1) / warmup_steps`` and then constant, cosine
+``m + (1 - m)(1 + cos(pi p)) / 2`` or linear ``m + (1 - m)(1 - p)`` decay over
+``p = (s - warmup) / (steps - warmup)`` with ``m = min_lr_ratio``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -73,3 +79,28 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_ndim: int = 0,
 def scheduled_lr(group: dict[str, Any], lr: float) -> float:
     """The learning rate a group gets this step: its fixed rate if it declared one, else the schedule's `lr`."""
     return group.get(FIXED_LR, lr)
+
+
+def lr_factor(step: int, cfg: Any, total: int | None = None, warmup: int | None = None) -> float:
+    """The learning-rate multiplier at optimizer step `step` (see the module docstring).
+
+    `total` and `warmup` default to ``cfg.steps`` and ``cfg.warmup_steps``.
+    """
+    total = cfg.steps if total is None else total
+    warmup = cfg.warmup_steps if warmup is None else warmup
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    p = min(1.0, max(0.0, (step - warmup) / span))
+    m = cfg.min_lr_ratio
+    if cfg.lr_schedule == "cosine":
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
+    return m + (1.0 - m) * (1.0 - p)
+
+
+def scaled_lr(cfg: Any) -> float:
+    """``lr`` after the batch-size scaling rule: ``lr * (batch_size / base_batch_size) ** k``, k = 1 (linear), 1/2 (sqrt)."""
+    ratio = cfg.batch_size / cfg.base_batch_size
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.lr_scaling]

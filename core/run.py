@@ -1,7 +1,8 @@
 """Run an experiment: ``python -m core.run FILE.toml [--set k=v ...] [--out DIR] [--resume]``.
 
-Validates the whole file first (errors exit with status 2 and no traceback) and
-hands `run_entry` to the experiment's launcher. One writer: global rank 0 alone
+Validates the whole file first, once (errors exit with status 2 and no traceback),
+and hands `run_entry` and the structured experiment to the experiment's launcher
+(its workers build from it; nothing is validated again). One writer: global rank 0 alone
 locks and prepares the run directory, writes config.toml, env.json, metrics,
 checkpoints and the summary, and prints; the other ranks wait for it and read.
 

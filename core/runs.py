@@ -70,6 +70,14 @@ def load_experiment(root: str | Path, overrides: Sequence[str] = ()) -> Experime
     return load_config(run_dir.config, overrides)
 
 
+def load_file(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """The resolved experiment of the experiment file `path` with `overrides` (`core.config.load`).
+
+    For a plugin's command that reads experiment files (plugins import no config module directly).
+    """
+    return load_config(path, overrides)
+
+
 def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = True, device: str = "auto",
              checkpoint: str | Path | None = None) -> LoadedRun:
     """Load the run in `root` for sampling or evaluation (see the module docstring).

@@ -27,7 +27,7 @@ also scales the loss dynamically (``torch.amp.GradScaler``): a step whose
 gradients overflow is skipped (parameters and EMA unchanged), the scale is
 halved, and the skip is counted in the logs.
 
-The learning-rate factor is linear warmup ``(s + 1) / warmup_steps`` and then
+The learning-rate factor (`core.optim.lr_factor`) is linear warmup ``(s + 1) / warmup_steps`` and then
 constant, cosine ``m + (1 - m)(1 + cos(pi p)) / 2`` or linear ``m + (1 - m)(1 - p)``
 decay over ``p = (s - warmup) / (steps - warmup)`` with ``m = min_lr_ratio``.
 """
@@ -49,13 +49,13 @@ from registry import ConfigError
 from . import checkpoint as ckpt
 from . import posthoc_ema, rng, signals, validate
 from .build import build, build_components
-from .config import Experiment, TrainerConfig
+from .config import Experiment
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
-from .ema import EMA, warmup_of
+from .ema import EMA, Warmup
 from .errors import NonFiniteLossError
 from .events import Events
-from .optim import param_groups, scheduled_lr
+from .optim import lr_factor, param_groups, scaled_lr, scheduled_lr  # noqa: F401 - lr_factor public here
 from .generate import evaluate, floor, generate
 from .progress import Progress
 from .progress import phase as progress_phase
@@ -79,31 +79,6 @@ def check_finite(loss: torch.Tensor, first: int, last: int, run_dir: Any) -> Non
     raise NonFiniteLossError(
         f"loss is {loss.item()} {where}. {state} "
         f"(try a lower trainer.lr, trainer.grad_clip, or fp32 precision)")
-
-
-def lr_factor(step: int, cfg: TrainerConfig, total: int | None = None, warmup: int | None = None) -> float:
-    """The learning-rate multiplier at optimizer step `step` (see the module docstring).
-
-    `total` and `warmup` default to ``cfg.steps`` and ``cfg.warmup_steps``.
-    """
-    total = cfg.steps if total is None else total
-    warmup = cfg.warmup_steps if warmup is None else warmup
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup)
-    p = min(1.0, max(0.0, (step - warmup) / span))
-    m = cfg.min_lr_ratio
-    if cfg.lr_schedule == "cosine":
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
-    return m + (1.0 - m) * (1.0 - p)
-
-
-def scaled_lr(cfg: TrainerConfig) -> float:
-    """``lr`` after the batch-size scaling rule: ``lr * (batch_size / base_batch_size) ** k``, k = 1 (linear), 1/2 (sqrt)."""
-    ratio = cfg.batch_size / cfg.base_batch_size
-    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.lr_scaling]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
@@ -231,7 +206,7 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif self.is_main:
                 print("flowforge: trainer.sync_batchnorm needs GPUs (NCCL); kept per-process BatchNorm on CPU")
-        self.emas = {rate: EMA(model, rate, warmup_of(cfg)) for rate in cfg.ema_decays}
+        self.emas = {rate: EMA(model, rate, Warmup.of(cfg)) for rate in cfg.ema_decays}
         self.posthoc = posthoc_ema.PowerEMA(model, cfg.posthoc_ema) if cfg.posthoc_ema else None
         params = param_groups(model, cfg.weight_decay, cfg.no_decay_ndim, cfg.no_decay_patterns)
         fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")

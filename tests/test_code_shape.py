@@ -26,9 +26,11 @@ LIMIT = 60
 #: (file, string) pairs that equal a first-party component's name but mean something else.
 ALLOWED = {
     ("core/config.py", "cosine"): "trainer.lr_schedule's cosine decay of the learning rate",
-    ("core/trainer.py", "cosine"): "trainer.lr_schedule's cosine decay of the learning rate",
+    ("core/optim.py", "cosine"): "trainer.lr_schedule's cosine decay of the learning rate",
     ("core/rundir.py", "accelerate"): "the accelerate distribution, whose version env.json records",
     ("core/commands/new_plugin.py", "accelerate"): "an import name a generated package must not shadow",
+    ("core/runs.py", "raw"): "which weights a loaded run holds: the raw ones, not the EMA",
+    ("core/pretrained.py", "raw"): "which weights a loaded run holds: the raw ones, not the EMA",
 }
 NAMED = re.compile(r"""(?:\bplugin\b\s*=\s*|["']plugin["']\s*:\s*)\\?["'](\w+)\\?["']""")
 

@@ -39,7 +39,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "(its held-out data)")
     parser.add_argument("--features", metavar="PLUGIN|{TOML}",
                         help="feature extractor for --input1/--input2 (required with them): a feature_extractor "
-                             "plugin name or an inline TOML table with its options (flowforge plugins lists them)")
+                             "plugin name (flowforge plugins lists them) or '{plugin = \"NAME\", weights = \"w.pth\"}'")
     parser.add_argument("--cache", metavar="DIR", help="with --input1/--input2: the reference-statistics cache folder "
                                                        "(default $FLOWFORGE_CACHE, else ~/.cache/flowforge)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
