@@ -37,9 +37,29 @@ import registry
 from registry import ConfigError, did_you_mean
 
 from . import validate
-from .config import Experiment, declared_kinds
+from .config import Experiment, declared_kinds, metric_names
 from .data import derive_seed
-from .generate import Components, metric_names
+from .interfaces import DataSource, DataSpec, Objective, Path, Solver
+
+
+@attrs.define
+class Components:
+    """Everything built from an experiment file (the runner's working set)."""
+
+    spec: DataSpec
+    data: DataSource
+    model: nn.Module
+    objective: Objective
+    scheduler: Any = None
+    path: Path | None = None
+    solver: Solver | None = None
+    metrics: dict[str, Any] = attrs.Factory(dict)
+    #: components of plugin-declared kinds, by the name they provide
+    extras: dict[str, Any] = attrs.Factory(dict)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.solver is not None and self.path is not None
 
 
 @attrs.define
@@ -51,9 +71,16 @@ class Step:
     make: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def build(kind: str, section: str, mapping: Mapping[str, Any], file: str | None, **context: Any) -> Any:
-    """`registry.build`, with errors located at `section` of `file`."""
+def build(kind: str, section: str, mapping: Mapping[str, Any], file: str | None, *,
+          configs: Mapping[str, Any] | None = None, **context: Any) -> Any:
+    """`registry.build`, with errors located at `section` of `file`.
+
+    When `configs` (an `Experiment.configs`) holds `section`, the component is built from that
+    config object, structured once by `core.config.resolve`: nothing is validated a second time.
+    """
     try:
+        if configs is not None and section in configs:
+            return registry.build_configured(kind, mapping["plugin"], configs[section], **context)
         return registry.build(kind, mapping, **context)
     except ConfigError as exc:
         raise exc.within(section, file=file) from None
@@ -80,15 +107,16 @@ def _builtin_steps(exp: Experiment, offered: Sequence[str]) -> list[Step]:
 
     def optional(section: str, *names: str) -> Step:
         def make(c: dict[str, Any]) -> dict[str, Any]:
-            value = build(section, section, sections[section], file, **ctx(c, *names)) if section in sections else None
-            return {section: value}
+            if section not in sections:
+                return {section: None}
+            return {section: build(section, section, sections[section], file, configs=exp.configs, **ctx(c, *names))}
         return Step(section, (*names, *_asked(section, [sections.get(section)])), make)
 
     def _asked(kind: str, mappings: list[Any]) -> tuple[str, ...]:
         return asks_for(kind, [m for m in mappings if m], offered)
 
     def data(c: dict[str, Any]) -> dict[str, Any]:
-        source = build("data", "data", sections["data"], file, **ctx(c))
+        source = build("data", "data", sections["data"], file, configs=exp.configs, **ctx(c))
         validate.conditioning({"eval": registry.unstructure(exp.eval), **{k: v for k, v in sections.items() if k != "data"},
                                **{f"metrics[{i}]": m for i, m in enumerate(exp.metrics)}}, source.spec.num_classes, file)
         return {"data": source, "spec": source.spec}
@@ -96,14 +124,14 @@ def _builtin_steps(exp: Experiment, offered: Sequence[str]) -> list[Step]:
     def backbone(c: dict[str, Any]) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(exp.experiment.seed, "init"))
-            model = build("backbone", "backbone", sections["backbone"], file, **ctx(c, "spec"))
+            model = build("backbone", "backbone", sections["backbone"], file, configs=exp.configs, **ctx(c, "spec"))
         if not isinstance(model, nn.Module):
             raise TypeError(f"backbone plugin {sections['backbone']['plugin']!r} returned {type(model).__name__}, "
                             f"not an nn.Module")
         return {"model": model}
 
     def metrics(c: dict[str, Any]) -> dict[str, Any]:
-        return {"metrics": {name: build("metric", f"metrics[{i}]", entry, file,
+        return {"metrics": {name: build("metric", f"metrics[{i}]", entry, file, configs=exp.configs,
                                         **ctx(c, "spec", "data", "scheduler", "path", "objective"))
                             for i, (name, entry) in enumerate(zip(metric_names(exp.metrics), exp.metrics))}}
 
@@ -120,10 +148,12 @@ def _kind_step(exp: Experiment, kind: registry.Kind) -> Step:
         offered = {n: c[n] for n in kind.needs}
         if kind.many:
             entries = exp.lists.get(kind.section, [])
-            return {kind.provides: [build(kind.name, f"{kind.section}[{i}]", e, exp.file, **offered)
-                                    for i, e in enumerate(entries)]}
+            return {kind.provides: [build(kind.name, f"{kind.section}[{i}]", e, exp.file, configs=exp.configs,
+                                          **offered) for i, e in enumerate(entries)]}
         mapping = exp.components.get(kind.section)
-        return {kind.provides: None if mapping is None else build(kind.name, kind.section, mapping, exp.file, **offered)}
+        if mapping is None:
+            return {kind.provides: None}
+        return {kind.provides: build(kind.name, kind.section, mapping, exp.file, configs=exp.configs, **offered)}
 
     present = kind.section in exp.components or bool(exp.lists.get(kind.section))
     return Step(kind.section, kind.needs if present else (), make)

@@ -40,6 +40,9 @@ COMPONENT_SECTIONS: dict[str, str] = {
     "launcher": "launcher",
 }
 REQUIRED_SECTIONS = ("data", "backbone", "objective")
+#: Sections an experiment may leave out: it then gets the component that declares itself its kind's
+#: default (``register(..., default=True)``; flowforge's one-process launcher does).
+DEFAULTED_SECTIONS = ("launcher",)
 #: Lists of tables, each entry a component: ``[[metrics]] plugin = "..."``; ``[[loggers]]`` (default
 #: none) receive every metrics.jsonl record, which is always written.
 LIST_SECTIONS: dict[str, str] = {"metrics": "metric", "loggers": "logger"}
@@ -93,6 +96,16 @@ class TrainerConfig:
         min_lr_ratio: final learning rate as a fraction of lr.
         grad_clip: clip the global gradient norm to this value (0: no clipping).
         ema_decay: EMA decay rate, or a list of rates kept at once (the first is used for evaluation); 0: no EMA.
+        ema_warmup: "none" (the constant rate), "meta" (min(decay, (1 + n) / (10 + n)) at update n) or
+            "power" (diffusers' EMAModel warm-up, 1 - (1 + m / ema_inv_gamma)^-ema_power clamped to
+            [ema_min_decay, decay], m = n - ema_update_after_step - 1); see `core.ema`.
+        ema_power: exponent of the power warm-up (2/3; 3/4 for long runs).
+        ema_inv_gamma: inverse multiplicative factor of the power warm-up.
+        ema_min_decay: lower clamp of the power warm-up.
+        ema_update_after_step: updates before the power warm-up starts averaging (copies until then).
+        posthoc_ema: sigma_rel of each power-function EMA kept for post-hoc reconstruction (EDM2 uses
+            [0.05, 0.10]); empty: none. See `core.posthoc_ema`.
+        posthoc_ema_every: store the power EMAs in <run>/ema_snapshots every N steps.
         precision: fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scale; skipped steps are logged).
         gradient_checkpointing: recompute activations in backward (backbones that support it).
         compile: wrap the backbone in torch.compile for training (evaluation uses the EMA copy, uncompiled).
@@ -130,6 +143,13 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0
     ema_decay: float | list[float] = 0.999
+    ema_warmup: Literal["none", "meta", "power"] = "none"
+    ema_power: float = 2.0 / 3.0
+    ema_inv_gamma: float = 1.0
+    ema_min_decay: float = 0.0
+    ema_update_after_step: int = 0
+    posthoc_ema: list[float] = attrs.Factory(list)
+    posthoc_ema_every: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -164,6 +184,13 @@ class TrainerConfig:
             (self.lr >= 0, "lr", "a non-negative number"),
             (all(0.0 <= r < 1.0 for r in rates) and len(rates) > 0, "ema_decay",
              "a number in [0, 1) or a list of them (0 disables EMA)"),
+            (self.ema_power > 0 and self.ema_inv_gamma > 0, "ema_power", "a positive ema_power and ema_inv_gamma"),
+            (0.0 <= self.ema_min_decay < 1.0, "ema_min_decay", "a number in [0, 1)"),
+            (self.ema_update_after_step >= 0, "ema_update_after_step", "a non-negative integer"),
+            (all(0.0 < s < 12 ** -0.5 for s in self.posthoc_ema), "posthoc_ema",
+             "sigma_rel values in (0, 0.2887) (EDM2 uses [0.05, 0.10])"),
+            (self.posthoc_ema_every >= 0 and (self.posthoc_ema_every > 0) == bool(self.posthoc_ema),
+             "posthoc_ema_every", "a positive snapshot interval with posthoc_ema, 0 without"),
             (self.grad_clip >= 0, "grad_clip", "a non-negative number (0 disables clipping)"),
             (self.warmup_steps >= 0, "warmup_steps", "a non-negative integer"),
             (self.warmup_epochs >= 0, "warmup_epochs", "a non-negative number"),
@@ -231,6 +258,9 @@ class Experiment:
     file: str | None = None
     #: the other list sections (``loggers``, and those of plugin-declared kinds): section -> entries
     lists: dict[str, list[dict[str, Any]]] = attrs.Factory(dict)
+    #: each component's structured config object (None: no options), by key path ("backbone",
+    #: "metrics[0]"): structured once by `resolve`, built from by `core.build` (never re-validated)
+    configs: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def section(self, name: str) -> dict[str, Any] | None:
         """The resolved mapping of a component section, or None when absent."""
@@ -385,37 +415,50 @@ def resolve(raw: Mapping[str, Any], file: str | None = None) -> Experiment:
             core[name] = registry.structure(raw.get(name, {}), cls)
         except ConfigError as exc:
             raise exc.within(name, file=file) from None
-    components: dict[str, dict[str, Any]] = {}
+    configs: dict[str, Any] = {}
     sections = dict(raw)
-    sections.setdefault("launcher", {"plugin": "local"})
-    for name, kind in tables.items():
-        if name not in sections:
-            continue
-        try:
-            components[name] = registry.resolved(kind, sections[name])
-        except ConfigError as exc:
-            raise exc.within(name, file=file) from None
-    entries: dict[str, list[dict[str, Any]]] = {}
-    for name, kind in lists.items():
-        entries[name] = []
-        for index, item in enumerate(raw.get(name, [])):
-            try:
-                entries[name].append(registry.resolved(kind, item))
-            except ConfigError as exc:
-                raise exc.within(f"{name}[{index}]", file=file) from None
+    for name in DEFAULTED_SECTIONS:
+        fallback = registry.default_of(tables[name])
+        if name not in sections and fallback is not None:
+            sections[name] = {"plugin": fallback}
+    components = {name: _configure(kind, sections[name], name, file, configs)
+                  for name, kind in tables.items() if name in sections}
+    entries = {name: [_configure(kind, item, f"{name}[{index}]", file, configs)
+                      for index, item in enumerate(raw.get(name, []))] for name, kind in lists.items()}
     metrics = entries.pop("metrics")
     check_monitor(core["trainer"].monitor, metrics, file)
-    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file, entries)
+    return Experiment(core["experiment"], core["trainer"], core["eval"], components, metrics, file, entries, configs)
+
+
+def _configure(kind: str, mapping: Any, where: str, file: str | None, configs: dict[str, Any]) -> dict[str, Any]:
+    """Structure one component section (once): record its config object in `configs` under `where`
+    and return the resolved mapping (``plugin`` first, every default filled in)."""
+    try:
+        comp, config = registry.configure(kind, mapping)
+    except ConfigError as exc:
+        raise exc.within(where, file=file) from None
+    configs[where] = config
+    return {"plugin": comp.name, **(registry.unstructure(config) if config is not None else {})}
 
 
 def check_monitor(monitor: str, metrics: Sequence[Mapping[str, Any]], file: str | None = None) -> None:
     """``trainer.monitor`` must name one of the ``[[metrics]]`` (``NAME`` or ``NAME/RESULT``)."""
-    from .generate import metric_names
-
     names = metric_names(metrics)
     if monitor and monitor.split("/")[0] not in names:
         raise ConfigError(f"{monitor!r} is not an evaluation result{did_you_mean(monitor, names)}; the metrics are: "
                           f"{', '.join(names) or '(none: add [[metrics]])'}", ("trainer", "monitor"), file)
+
+
+def metric_names(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Summary keys for ``[[metrics]]`` entries: the plugin name, made unique with a suffix."""
+    names: list[str] = []
+    for entry in metrics:
+        base = entry.get("name") or entry["plugin"]
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 @attrs.define

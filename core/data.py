@@ -137,6 +137,24 @@ class _End:
     """Marks the end of a prefetched stream."""
 
 
+def _side_copy(batch: Batch, device: torch.device, stream: Any) -> tuple[Batch, Any]:
+    """`batch` copied to the CUDA `device` on `stream`, and the event that marks the copy done."""
+    with torch.cuda.stream(stream):
+        moved = {k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        done = torch.cuda.Event()
+        done.record(stream)
+    return moved, done
+
+
+def _wait_for_copy(batch: Batch, done: Any, device: torch.device) -> None:
+    """Make the current stream wait for the side-stream copy `done` of `batch` and own its memory."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(done)
+    for v in batch.values():
+        if isinstance(v, Tensor) and v.device.type == "cuda":
+            v.record_stream(current)  # the side stream's memory is in use on this one
+
+
 def device_prefetch(batches: Iterator[Batch], device: torch.device | str, depth: int = 2) -> Iterator[Batch]:
     """Yield `batches` moved to `device`, drawn up to `depth` batches ahead by a background thread.
 
@@ -161,19 +179,10 @@ def device_prefetch(batches: Iterator[Batch], device: torch.device | str, depth:
                 continue
         return False
 
-    def move(batch: Batch) -> tuple[Batch, Any]:
-        if not cuda:
-            return batch, None
-        with torch.cuda.stream(stream):
-            moved = {k: to_device(v, device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            done = torch.cuda.Event()
-            done.record(stream)
-        return moved, done
-
     def work() -> None:
         try:
             for batch in batches:
-                if not put(move(batch)):
+                if not put(_side_copy(batch, device, stream) if cuda else (batch, None)):
                     return
             put(_End)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
@@ -190,11 +199,7 @@ def device_prefetch(batches: Iterator[Batch], device: torch.device | str, depth:
                 raise item
             batch, done = item
             if done is not None:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(done)
-                for v in batch.values():
-                    if isinstance(v, Tensor) and v.device.type == "cuda":
-                        v.record_stream(current)  # the side stream's memory is in use on this one
+                _wait_for_copy(batch, done, device)
             yield batch
     finally:
         stop.set()  # the thread returns at its next hand-over; wait for it (it may be mid-copy) ...

@@ -10,39 +10,19 @@ on 1, 2 or 8 processes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import attrs
 import torch
 from torch import Tensor, nn
 
 from .collectives import Group, blocks, local_metrics, sync_allowed
 from .data import derive_seed
 from .data import generator as make_generator
-
+from .build import Components
+from .config import metric_names  # noqa: F401 - importable here as before
 from .guidance import guided
-from .interfaces import Batch, DataSource, DataSpec, Objective, Path, SampleMetric, Solver
-
-
-@attrs.define
-class Components:
-    """Everything built from an experiment file (the runner's working set)."""
-
-    spec: DataSpec
-    data: DataSource
-    model: nn.Module
-    objective: Objective
-    scheduler: Any = None
-    path: Path | None = None
-    solver: Solver | None = None
-    metrics: dict[str, Any] = attrs.Factory(dict)
-    #: components of plugin-declared kinds, by the name they provide
-    extras: dict[str, Any] = attrs.Factory(dict)
-
-    @property
-    def can_generate(self) -> bool:
-        return self.solver is not None and self.path is not None
+from .interfaces import Batch, DataSource, SampleMetric
 
 
 @torch.no_grad()
@@ -114,6 +94,14 @@ def _reference(data: DataSource, n: int, seed: int, parts: list[tuple[int, int]]
     return group.gather_cat(torch.cat(mine) if mine else torch.empty(0))
 
 
+def reference_examples(data: DataSource, n: int, seed: int, *, batch_size: int = 1000, rank: int = 0,
+                       world_size: int = 1) -> Tensor:
+    """The `n` held-out examples ``(n, ...)`` that `evaluate` compares `n` generated ones with (seed `seed`),
+    read in blocks of `batch_size` shared by the ranks and gathered: the same on any number of processes."""
+    group = Group(rank, world_size)
+    return _reference(data, n, seed, blocks(n, batch_size, rank, world_size), group, "eval-reference")
+
+
 def evaluate(components: Components, model: nn.Module, n: int, seed: int, *, rank: int = 0, world_size: int = 1,
              guidance_scale: float = 0.0, batch_size: int = 1000, device: torch.device | str = "cpu") -> dict[str, float]:
     """Every metric of the experiment for `model`: `n` generated vs `n` held-out examples (sample metrics)
@@ -152,15 +140,3 @@ def floor(components: Components, n: int, seed: int, *, rank: int = 0, world_siz
     a = _reference(components.data, n, seed, parts, group, "floor-a")
     b = _reference(components.data, n, seed, parts, group, "floor-b")
     return _compute_sample_metrics(sample_metrics, a, b, group)
-
-
-def metric_names(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Summary keys for ``[[metrics]]`` entries: the plugin name, made unique with a suffix."""
-    names: list[str] = []
-    for entry in metrics:
-        base = entry.get("name") or entry["plugin"]
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names

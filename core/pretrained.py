@@ -67,8 +67,9 @@ def from_pretrained(folder: str | Path, overrides: Sequence[str] = (), *, device
 
     from .checkpoint import mismatch_detail
     from .rundir import RunDir
-    from .runs import LoadedRun, load_experiment, pick_device
-    from .trainer import build_components
+    from .build import build_components
+    from .device import pick_device
+    from .runs import LoadedRun, load_experiment
 
     folder = Path(folder)
     if not is_pretrained(folder):

@@ -56,28 +56,45 @@ def run(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None 
     base, stages = config.split_stages(raw, str(file))
     if not stages:
         return run_config(config.resolve(base, file=str(file)), out, resume, overwrite)
-    for stage in stages:  # validate every stage before running any
-        config.resolve(config.stage_config(base, stage, "{previous}"), file=str(file))
-    first = config.resolve(config.stage_config(base, stages[0], None), file=str(file))
+    return run_stages(base, stages, str(file), out, resume, overwrite)
+
+
+def run_stages(base: dict[str, Any], stages: Sequence[Any], file: str, out: str | Path | None, resume: bool,
+               overwrite: bool) -> dict[str, Any]:
+    """Run ``[[stages]]`` one after the other (see `run`); every stage is resolved, once, before any runs."""
+    from . import config
+
+    first = config.resolve(config.stage_config(base, stages[0], None), file=file)
     root = Path(out) if out else Path("runs") / first.experiment.name
-    primary = _hosts_rank_zero(registry.build("launcher", first.components["launcher"]))
+    dirs = [root / f"{index}-{stage.name}" for index, stage in enumerate(stages)]
+    exps = [first, *(config.resolve(config.stage_config(base, stage, str(previous)), file=file)
+                     for stage, previous in zip(stages[1:], dirs))]
+    primary = _hosts_rank_zero(launcher_of(first))
     if primary and root.exists() and any(root.iterdir()) and not (resume or overwrite):
         raise ConfigError(f"run directory {root} already holds a run; pass --resume, --overwrite or --out DIR")
-    summaries, previous = [], None
-    for index, stage in enumerate(stages):
-        stage_dir = root / f"{index}-{stage.name}"
-        exp = config.resolve(config.stage_config(base, stage, previous), file=str(file))
+    summaries = []
+    for index, (stage, exp, stage_dir) in enumerate(zip(stages, exps, dirs)):
         if resume and (stage_dir / "summary.json").exists():
             import json
 
             summaries.append(json.loads((stage_dir / "summary.json").read_text()))
-        else:
-            if primary:
-                print(f"stage {index} ({stage.name}) -> {stage_dir}")
-            has_run = (stage_dir / "config.toml").exists()
-            summaries.append(run_config(exp, stage_dir, resume=resume and has_run, overwrite=overwrite or not has_run))
-        previous = str(stage_dir)
+            continue
+        if primary:
+            print(f"stage {index} ({stage.name}) -> {stage_dir}")
+        has_run = (stage_dir / "config.toml").exists()
+        summaries.append(run_config(exp, stage_dir, resume=resume and has_run, overwrite=overwrite or not has_run))
     return {"stages": summaries}
+
+
+def launcher_of(exp: Any) -> Any:
+    """The experiment's launcher, built from the config `resolve` structured (the section's default when absent)."""
+    from .build import build
+
+    if "launcher" not in exp.components:
+        raise ConfigError(f"no [launcher] section, and no installed launcher declares itself the default; "
+                          f"add [launcher] with plugin = one of: {', '.join(registry.available('launcher')) or '(none)'}",
+                          ("launcher",), exp.file)
+    return build("launcher", "launcher", exp.components["launcher"], exp.file, configs=exp.configs)
 
 
 def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -89,10 +106,7 @@ def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, ov
     from .rundir import RunDir
 
     out = Path(out) if out else Path("runs") / exp.experiment.name
-    try:
-        launcher = registry.build("launcher", exp.components["launcher"])
-    except ConfigError as exc:
-        raise exc.within("launcher", file=exp.file) from None
+    launcher = launcher_of(exp)
     run_dir = RunDir(out)
     created = _not_yet_there(out)
     # after a build error, remove what this run wrote, never what an earlier or a live run wrote
@@ -103,8 +117,7 @@ def run_config(exp: Any, out: str | Path | None = None, resume: bool = False, ov
     # configuration per process, whatever the experiment (accelerate's state is a singleton).
     accelerator_kwargs: dict[str, Any] = {}
     try:
-        return launcher.launch(run_entry, exp.to_dict(), exp.file, str(out), overwrite, resume,
-                               accelerator_kwargs=accelerator_kwargs)
+        return launcher.launch(run_entry, exp, str(out), overwrite, resume, accelerator_kwargs=accelerator_kwargs)
     except ConfigError:
         if writer and not resume:
             _discard_unstarted(run_dir, created)
@@ -122,9 +135,11 @@ def _hosts_rank_zero(launcher: Any) -> bool:
     return bool(getattr(launcher, "hosts_rank_zero", True))
 
 
-def run_entry(accelerator: Any, config: dict[str, Any], file: str | None, out: str, overwrite: bool,
-              resume: bool) -> dict[str, Any] | None:
-    """What every launcher runs on every process (picklable, top-level).
+def run_entry(accelerator: Any, exp: Any, out: str, overwrite: bool, resume: bool) -> dict[str, Any] | None:
+    """What every launcher runs on every process (picklable, top-level), with the structured experiment.
+
+    `exp` is the `core.config.Experiment` the launching process resolved (pickled to spawned or
+    submitted workers): it is not validated again.
 
     Global rank 0 prepares the run directory (lock, overwrite, config.toml, env.json) while the
     others wait for its outcome (`open_shared`); then every rank trains. Signals stop the run at
@@ -132,11 +147,10 @@ def run_entry(accelerator: Any, config: dict[str, Any], file: str | None, out: s
     ``resume = True`` (a requeue) resumes: ``overwrite`` applies to the first start only.
     """
     from . import signals
-    from .config import dumps, resolve
+    from .config import dumps
     from .rundir import RunDir
     from .trainer import Trainer
 
-    exp = resolve(config, file=file)
     run_dir = RunDir(out)
     with signals.stop_on_signals():
         open_shared(accelerator, run_dir, dumps(exp), resume=resume, overwrite=overwrite and not resume)
@@ -218,7 +232,7 @@ def _discard_unstarted(run_dir: Any, created: Path | None) -> None:
 def report(exc: BaseException) -> int:
     """Print a user-facing error and return the exit status (see docs/launching.md)."""
     from .signals import StopRequested
-    from .trainer import NonFiniteLossError
+    from .errors import NonFiniteLossError
 
     if isinstance(exc, ConfigError):
         print(f"error: {exc}", file=sys.stderr)
@@ -237,7 +251,7 @@ def report(exc: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .signals import StopRequested
-    from .trainer import NonFiniteLossError
+    from .errors import NonFiniteLossError
 
     parser = argparse.ArgumentParser(prog="python -m core.run", description=__doc__.splitlines()[0])
     add_run_arguments(parser)

@@ -26,9 +26,9 @@ from registry import ConfigError
 from . import checkpoint as ckpt
 from .config import Experiment
 from .config import load as load_config
-from .generate import Components
+from .build import Components
 from .rundir import RunDir
-from .validate import device_available
+from .device import pick_device  # noqa: F401 - public here since round 1
 
 
 @attrs.define
@@ -60,17 +60,6 @@ class LoadedRun:
         return self.exp.experiment.name
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"``: the first GPU when one is visible, else the CPU; ConfigError for a device that is not there."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_available(device, "--device")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r}: {exc}") from None
-
-
 def load_experiment(root: str | Path, overrides: Sequence[str] = ()) -> Experiment:
     """The run's resolved experiment (``config.toml``) with `overrides` applied; ConfigError when there is none."""
     run_dir = RunDir(root)
@@ -93,7 +82,7 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
         checkpoint: a specific checkpoint file (default: the newest in ``checkpoints/``).
     """
     from .pretrained import from_pretrained, is_pretrained
-    from .trainer import build_components
+    from .build import build_components
 
     if checkpoint is None and is_pretrained(root):
         return from_pretrained(root, overrides, device=device)
@@ -113,6 +102,18 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
     model.to(dev).eval().requires_grad_(False)
     return LoadedRun(run_dir=run_dir, exp=exp, components=components, model=model, weights=weights,
                      step=int(state["step"]), checkpoint=path, device=dev)
+
+
+def train(file: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None, *,
+          resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train the experiment `file` with the runner (`core.run.run`) and return its summary.
+
+    The entry point for plugin tools that run experiments (a family's comparison table, a
+    command): plugins reach the runner through this public loader, never through `core.run`.
+    """
+    from .run import run
+
+    return run(file, overrides, out, resume=resume, overwrite=overwrite)
 
 
 def newest_checkpoint(run_dir: RunDir | str | Path) -> Path:

@@ -17,6 +17,7 @@ is reproducible with the printed command. Numbers from a smoke run are not resul
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,12 +46,32 @@ def smoke_overrides(exp: Any) -> list[str]:
     return out
 
 
+def _capped(table: Mapping[str, Any]) -> dict[str, Any]:
+    """`table` with every `METRIC_CAPS` option above its cap set to the cap."""
+    return {k: min(v, METRIC_CAPS[k]) if k in METRIC_CAPS and isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in table.items()}
+
+
+def _inline(value: Any) -> str:
+    """`value` (a resolved option: table, list, string, number, bool) as TOML inline text."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def _metric_overrides(index: int, metric: Mapping[str, Any]) -> list[str]:
     out = []
     for key, cap in METRIC_CAPS.items():
         value = metric.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             out.append(f"metrics.{index}.{key}={cap}")
+    for key, table in metric.items():  # a nested component's table (a metric's features): capped whole
+        if isinstance(table, Mapping) and _capped(table) != dict(table):
+            out.append(f"metrics.{index}.{key}={_inline(_capped(table))}")
     for key, value in METRIC_FULL_LENGTH.items():
         if metric.get(key) == "":
             out.append(f'metrics.{index}.{key}="{value}"')

@@ -37,31 +37,29 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
 from registry import ConfigError
 
 from . import checkpoint as ckpt
-from . import rng, signals, validate
+from . import posthoc_ema, rng, signals, validate
 from .build import build, build_components
-from .config import Experiment, TrainerConfig, resolve
+from .config import Experiment, TrainerConfig
 from .data import derive_seed, device_prefetch, to_device
 from .data import generator as make_generator
-from .ema import EMA
+from .ema import EMA, warmup_of
+from .errors import NonFiniteLossError
 from .events import Events
 from .optim import param_groups, scheduled_lr
 from .generate import evaluate, floor, generate
 from .progress import Progress
 from .progress import phase as progress_phase
 from .rundir import RunDir
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before writing anything that absorbed it."""
 
 
 def checks_every_step(device: torch.device) -> bool:
@@ -118,6 +116,51 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     return count
 
 
+@attrs.define
+class Periodic:
+    """An action of the training loop, run after optimizer step ``s`` (counted from 1) when due.
+
+    Due when ``every > 0`` and ``s % every == 0`` on steps before the last; on the last step only
+    when `at_end` (the final evaluation, samples and checkpoint are the finish's, not the loop's).
+    `run` returns True to end the loop (early stopping). An action that `saves` (writes, logs or
+    resets something the loss went into) is preceded by the loss check of the window on an
+    accelerator. `idle` runs instead on the steps the action is not due (the progress bar).
+    """
+
+    name: str
+    every: int
+    run: Callable[[], Any]
+    at_end: bool = False
+    saves: bool = True
+    idle: Callable[[], Any] | None = None
+
+    def due(self, step: int, last: bool) -> bool:
+        if last:
+            return self.at_end
+        return self.every > 0 and step % self.every == 0
+
+
+@attrs.define
+class Loop:
+    """The training loop's running state between two logs (the window) and over the whole loop."""
+
+    batches: Iterator[Any]
+    progress: Progress
+    every_step: bool  # each step's loss is checked before its update (the CPU)
+    checked_to: int  # steps before it are known finite
+    loss_sum: torch.Tensor  # over the window's applied steps, on the device
+    t_log: float
+    loss_count: int = 0
+    logs_sum: dict = attrs.Factory(dict)
+    logs: Mapping[str, Any] = attrs.Factory(dict)  # the last micro-batch's logs (for the step_end event)
+    last_loss: float = float("nan")
+    lr: float = float("nan")
+    skipped_in_window: int = 0
+    consecutive_skips: int = 0
+    data_wait: float = 0.0
+    stopped_early: bool = False
+
+
 class Trainer:
     """Trains the experiment's backbone with its objective; see the module docstring."""
 
@@ -128,6 +171,28 @@ class Trainer:
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
         self.seed = exp.experiment.seed
+        self.accum, self.per_process = self._micro_batches()
+        self.components = build_components(exp)
+        validate.monitor_result(cfg.monitor, self.components.metrics, exp.file)
+        self.events = Events(self, enabled=self.is_main)
+        if self.is_main:
+            config = exp.to_dict()
+            run_dir.loggers = [build("logger", f"loggers[{i}]", entry, exp.file, configs=exp.configs,
+                                     run_dir=run_dir.root, experiment=config)
+                               for i, entry in enumerate(exp.lists.get("loggers", []))]
+        self.steps_per_epoch, self.total_steps, self.warmup = self._run_length()
+        self.lr = scaled_lr(cfg)
+        self._prepare_model()
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.step = 0
+        self.state: dict[str, Any] = {"skipped_steps": 0}
+        torch.manual_seed(derive_seed(self.seed, "train", self.rank))
+
+    def _micro_batches(self) -> tuple[int, int]:
+        """(micro-batches per step, examples per process): ``batch_size = world * per_process``,
+        ``per_process = accum * micro-batch``; ConfigError when they do not divide."""
+        cfg = self.cfg
         per_process, rem = divmod(cfg.batch_size, self.world)
         accum = cfg.grad_accum
         if cfg.microbatch:
@@ -137,24 +202,25 @@ class Trainer:
             what = (f"processes x microbatch = {self.world} x {cfg.microbatch}" if cfg.microbatch
                     else f"processes x grad_accum = {self.world} x {cfg.grad_accum}")
             raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) must divide by {what}",
-                              ("trainer", "batch_size"), exp.file)
-        self.accum, self.per_process = accum, per_process
-        self.components = build_components(exp)
-        validate.monitor_result(cfg.monitor, self.components.metrics, exp.file)
-        self.events = Events(self, enabled=self.is_main)
-        if self.is_main:
-            config = exp.to_dict()
-            run_dir.loggers = [build("logger", f"loggers[{i}]", entry, exp.file, run_dir=run_dir.root, experiment=config)
-                               for i, entry in enumerate(exp.lists.get("loggers", []))]
+                              ("trainer", "batch_size"), self.exp.file)
+        return accum, per_process
+
+    def _run_length(self) -> tuple[int | None, int, int]:
+        """(steps per epoch or None, total steps, warmup steps), from steps or epochs."""
+        cfg, exp = self.cfg, self.exp
         n = getattr(self.components.data, "num_examples", None)
-        if cfg.epochs or cfg.warmup_epochs:
-            if not n:
-                raise ConfigError(f"trainer.epochs / warmup_epochs need a finite data set; data plugin "
-                                  f"{exp.components['data']['plugin']!r} is endless: set trainer.steps", ("trainer", "epochs"), exp.file)
-        self.steps_per_epoch = math.ceil(n / cfg.batch_size) if n else None
-        self.total_steps = cfg.epochs * self.steps_per_epoch if cfg.epochs else cfg.steps
-        self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch) if cfg.warmup_epochs else cfg.warmup_steps
-        self.lr = scaled_lr(cfg)
+        if (cfg.epochs or cfg.warmup_epochs) and not n:
+            raise ConfigError(f"trainer.epochs / warmup_epochs need a finite data set; data plugin "
+                              f"{exp.components['data']['plugin']!r} is endless: set trainer.steps", ("trainer", "epochs"), exp.file)
+        steps_per_epoch = math.ceil(n / cfg.batch_size) if n else None
+        total = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.steps
+        warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs else cfg.warmup_steps
+        return steps_per_epoch, total, warmup
+
+    def _prepare_model(self) -> None:
+        """The model on the device (gradient checkpointing, SyncBatchNorm, channels-last), its EMAs, the
+        optimizer, and the wrapped model (DDP, torch.compile) that trains; `raw_model` is the plain module."""
+        cfg, exp = self.cfg, self.exp
         model = self.components.model
         if cfg.gradient_checkpointing and not enable_gradient_checkpointing(model):
             raise ConfigError(f"backbone {exp.components['backbone']['plugin']!r} does not support gradient checkpointing "
@@ -165,23 +231,18 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif self.is_main:
                 print("flowforge: trainer.sync_batchnorm needs GPUs (NCCL); kept per-process BatchNorm on CPU")
-        self.model = model
-        self.emas = {rate: EMA(model, rate) for rate in cfg.ema_decays}
+        self.emas = {rate: EMA(model, rate, warmup_of(cfg)) for rate in cfg.ema_decays}
+        self.posthoc = posthoc_ema.PowerEMA(model, cfg.posthoc_ema) if cfg.posthoc_ema else None
         params = param_groups(model, cfg.weight_decay, cfg.no_decay_ndim, cfg.no_decay_patterns)
         fused = cfg.fused == "on" or (cfg.fused == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=cfg.betas, eps=cfg.eps,
                                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.raw_model = self.model  # the plain module (shares parameters with the DDP / compiled wrappers)
-        self.model = self.acc.prepare_model(self.model)
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model  # the plain module (shares parameters with the DDP / compiled wrappers)
+        self.model = self.acc.prepare_model(model)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
-        self.step = 0
-        self.state: dict[str, Any] = {"skipped_steps": 0}
-        torch.manual_seed(derive_seed(self.seed, "train", self.rank))
 
     @property
     def ema(self) -> EMA | None:
@@ -213,6 +274,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "ema_rates": {str(rate): e.state_dict() for rate, e in self.emas.items()},
+            "posthoc_ema": self.posthoc.state_dict() if self.posthoc is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "objective": self.components.objective.state_dict(),
             "rng": rng,
@@ -247,6 +309,8 @@ class Trainer:
                     saved = state.get("ema")
                 e.load_state_dict(saved if saved is not None else state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.posthoc is not None:
+                self.posthoc.load_state_dict(state["posthoc_ema"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"checkpoint {path} does not match this experiment's model or optimizer "
                               f"(was it trained with other options?): {ckpt.mismatch_detail(exc)}") from None
@@ -330,132 +394,180 @@ class Trainer:
                 self.run_dir.close_loggers()
 
     def _fit(self) -> dict[str, Any]:
-        cfg, e = self.cfg, self.exp.eval
-        total = self.total_steps
+        """Baselines, then `train_step` and the `periodic_actions` after each step, then `_finish`."""
         resumed = self.resume and self.load_checkpoint()
         self.events("run_start")
-        has_metrics = bool(self.components.metrics)
-        if not resumed and has_metrics:
-            if e.floor:
-                with self.phase("computing the data floor"):
-                    self.state["floor"] = floor(self.components, e.num_samples, self.seed, rank=self.rank,
-                                                world_size=self.world, batch_size=e.batch_size)
-            if e.untrained:
-                with self.phase("evaluating the untrained model"):
-                    self.state["untrained"] = self.evaluate(self.eval_model())
+        if not resumed and self.components.metrics:
+            self._baselines()
         start_step, t_start = self.step, time.perf_counter()
-        progress = Progress(total, start_step, cfg.progress if self.is_main else "off", cfg.log_every)
+        loop = self._start_loop()
+        actions = self.periodic_actions(loop)
+        self.model.train()
+        t_loop = time.perf_counter()
+        while self.step < self.total_steps:
+            self.train_step(loop)
+            if self._after_step(loop, actions):
+                break
+        loop_time = time.perf_counter() - t_loop
+        return self._finish(loop, start_step, t_start, loop_time)
+
+    def _baselines(self) -> None:
+        """Before the first step: the data floor and the untrained model's metrics (as ``[eval]`` asks)."""
+        e = self.exp.eval
+        if e.floor:
+            with self.phase("computing the data floor"):
+                self.state["floor"] = floor(self.components, e.num_samples, self.seed, rank=self.rank,
+                                            world_size=self.world, batch_size=e.batch_size)
+        if e.untrained:
+            with self.phase("evaluating the untrained model"):
+                self.state["untrained"] = self.evaluate(self.eval_model())
+
+    def _start_loop(self) -> "Loop":
+        """The loop's state at `self.step`: the batch stream, the progress display, empty sums."""
+        cfg = self.cfg
+        progress = Progress(self.total_steps, self.step, cfg.progress if self.is_main else "off", cfg.log_every)
         batches = self.components.data.train_batches(self.per_process, seed=self.seed, start_step=self.step,
                                                      rank=self.rank, world_size=self.world)
         if self.device.type == "cuda" and cfg.prefetch:
             batches = device_prefetch(batches, self.device, cfg.prefetch)
+        return Loop(batches=batches, progress=progress, every_step=checks_every_step(self.device),
+                    checked_to=self.step, loss_sum=torch.zeros((), device=self.device), t_log=time.perf_counter())
+
+    def periodic_actions(self, loop: "Loop") -> list[Periodic]:
+        """What runs after optimizer steps, in this order, each with its period (see `Periodic`)."""
+        cfg, e, step_end = self.cfg, self.exp.eval, self.events.step_end
+        return [
+            Periodic("events", int(step_end is not None), lambda: step_end(step=self.step, logs=loop.logs),
+                     at_end=step_end is not None, saves=False),
+            Periodic("log", cfg.log_every, lambda: self._log_window(loop), at_end=True,
+                     idle=lambda: loop.progress.update(self.step, loss=loop.last_loss)
+                     if loop.progress.mode == "bar" else None),
+            Periodic("eval", e.every if self.components.metrics else 0, self._periodic_eval),
+            Periodic("samples", e.samples_every, lambda: self.write_samples(f"step-{self.step:08d}") and None),
+            Periodic("checkpoint", cfg.checkpoint_every, self.save_checkpoint),
+        ]
+
+    def train_step(self, loop: "Loop") -> None:
+        """One optimizer step: a batch, its micro-batches' backward passes, the update, the EMA; ``step += 1``."""
+        t_data = time.perf_counter()
+        batch = next(loop.batches)
+        loop.data_wait += time.perf_counter() - t_data
+        step_loss = self._backward(self._split(batch), loop)
+        if self.scaler is None and loop.every_step:
+            check_finite(step_loss, self.step, self.step, self.run_dir)
+        loop.lr, skipped = self._update()
+        if skipped:
+            loop.skipped_in_window += 1
+            loop.consecutive_skips += 1
+            self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+            if loop.consecutive_skips >= 50:
+                raise NonFiniteLossError(f"fp16: 50 consecutive steps overflowed up to step {self.step}; "
+                                         f"the loss scale is {self.scaler.get_scale():.3g}. Try bf16 or a lower lr")
+        else:
+            loop.consecutive_skips = 0
+            for ema in self.emas.values():
+                ema.update(self.raw_model, self.step)
+            if self.posthoc is not None:
+                posthoc_ema.after_step(self.posthoc, self.raw_model, self.step, self.cfg.posthoc_ema_every,
+                                       self.run_dir.root / "ema_snapshots", self.is_main)
+            loop.loss_sum += step_loss
+            loop.loss_count += 1
+        self.step += 1
+
+    def _backward(self, micro: list[dict[str, torch.Tensor]], loop: "Loop") -> torch.Tensor:
+        """Backpropagate ``loss / len(micro)`` of each micro-batch (gradients synced on the last); the step's loss."""
         objective, models = self.components.objective, {"model": self.model}
-        loss_sum, loss_count, logs_sum = torch.zeros((), device=self.device), 0, {}
-        last_loss, skipped_in_window, consecutive_skips = float("nan"), 0, 0
-        t_log = time.perf_counter()
-        stopped_early = False
-        data_wait = 0.0
-        every_step, checked_to = checks_every_step(self.device), self.step  # steps < checked_to are known finite
-        step_end = self.events.step_end
-        self.model.train()
-        t_loop = time.perf_counter()
-        while self.step < total:
-            t_data = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - t_data
-            micro = self._split(batch)
-            step_loss = torch.zeros((), device=self.device) if len(micro) > 1 else None
-            for i, mb in enumerate(micro):
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
-                with sync:
-                    with self.autocast():
-                        loss, logs = objective.loss(models, mb, self.step)
-                    scaled = loss / len(micro) if len(micro) > 1 else loss  # no extra autograd node
-                    if self.scaler is not None:
-                        scaled = self.scaler.scale(scaled)
-                    scaled.backward()
-                if step_loss is None:
-                    step_loss = loss.detach().float()
-                else:
-                    step_loss += loss.detach().float() / len(micro)
-                accumulate_logs(logs_sum, logs, 1.0 / len(micro))
-            if self.scaler is None and every_step:
-                check_finite(step_loss, self.step, self.step, self.run_dir)
-            if self.scaler is not None and cfg.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            lr = self.lr * lr_factor(self.step, cfg, total, self.warmup)
-            for group in self.optimizer.param_groups:
-                group["lr"] = scheduled_lr(group, lr)
-            skipped = False
-            if self.scaler is not None:
-                scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                skipped = self.scaler.get_scale() < scale
+        step_loss = torch.zeros((), device=self.device) if len(micro) > 1 else None
+        for i, mb in enumerate(micro):
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
+            with sync:
+                with self.autocast():
+                    loss, logs = objective.loss(models, mb, self.step)
+                scaled = loss / len(micro) if len(micro) > 1 else loss  # no extra autograd node
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            if step_loss is None:
+                step_loss = loss.detach().float()
             else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if skipped:
-                skipped_in_window += 1
-                consecutive_skips += 1
-                self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
-                if consecutive_skips >= 50:
-                    raise NonFiniteLossError(f"fp16: 50 consecutive steps overflowed up to step {self.step}; "
-                                             f"the loss scale is {self.scaler.get_scale():.3g}. Try bf16 or a lower lr")
-            else:
-                consecutive_skips = 0
-                unwrapped = self.raw_model
-                for ema in self.emas.values():
-                    ema.update(unwrapped)
-                loss_sum += step_loss
-                loss_count += 1
-            self.step += 1
-            if step_end is not None:
-                step_end(step=self.step, logs=logs)
-            last = self.step == total  # the final evaluation, samples and checkpoint follow the loop
-            log_now = last or self.step % cfg.log_every == 0
-            evaluate_now = not last and has_metrics and bool(e.every) and self.step % e.every == 0
-            samples_now = not last and bool(e.samples_every) and self.step % e.samples_every == 0
-            checkpoint_now = not last and bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
-            if not every_step and self.scaler is None and (log_now or evaluate_now or samples_now or checkpoint_now):
-                check_finite(loss_sum, checked_to, self.step - 1, self.run_dir)  # before anything is saved or reset
-                checked_to = self.step
-            if log_now:
-                last_loss = self._log(loss_sum, loss_count, logs_sum, lr, t_log, skipped_in_window)
-                loss_sum.zero_()
-                loss_count, logs_sum, t_log, skipped_in_window = 0, {}, time.perf_counter(), 0
-                progress.update(self.step, loss=last_loss, lr=lr)
-            elif progress.mode == "bar":
-                progress.update(self.step, loss=last_loss)
-            if evaluate_now:
-                result = self.evaluate(self.eval_model())
-                if self.is_main:
-                    self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in result.items()}})
-                    self.events("evaluated", step=self.step, results=result)
-                if self._monitor_improved(result):
-                    self.save_checkpoint(best=True)
-                patience = cfg.early_stopping_patience
-                if patience and self.state.get("since_best", 0) >= patience:
-                    if self.is_main:
-                        best = self.state["best"]
-                        print(f"flowforge: early stopping at step {self.step}: {best['metric']} has not improved for "
-                              f"{patience} evaluations (best {best['value']:.5g} at step {best['step']})")
-                    stopped_early = True
-                    break
-            if samples_now:
-                self.write_samples(f"step-{self.step:08d}")
-            if checkpoint_now:
-                self.save_checkpoint()
-            stop = None if last else signals.should_stop(self.acc, every_step or log_now)
-            if stop:
-                self._stop(stop, saved=checkpoint_now, batches=batches, progress=progress)
-        loop_time = time.perf_counter() - t_loop
-        if hasattr(batches, "close"):
-            batches.close()  # stops a prefetching thread and releases the data plugin's workers
-        progress.close()
-        final = {}
+                step_loss += loss.detach().float() / len(micro)
+            accumulate_logs(loop.logs_sum, logs, 1.0 / len(micro))
+            loop.logs = logs
+        return step_loss
+
+    def _update(self) -> tuple[float, bool]:
+        """Clip, set the scheduled learning rate, step the optimizer; (lr, whether fp16 skipped the step)."""
+        cfg = self.cfg
+        if self.scaler is not None and cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        lr = self.lr * lr_factor(self.step, cfg, self.total_steps, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = scheduled_lr(group, lr)
+        skipped = False
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, skipped
+
+    def _after_step(self, loop: "Loop", actions: Sequence[Periodic]) -> bool:
+        """Run the due actions (after the loss check they need), then poll for a stop signal; True: stop early."""
+        last = self.step == self.total_steps  # the final evaluation, samples and checkpoint follow the loop
+        due = {a.name for a in actions if a.due(self.step, last)}
+        checked = loop.every_step or self.scaler is not None
+        for action in actions:
+            if action.name not in due:
+                if action.idle is not None:
+                    action.idle()
+                continue
+            if action.saves and not checked:  # before anything is saved or reset
+                check_finite(loop.loss_sum, loop.checked_to, self.step - 1, self.run_dir)
+                loop.checked_to, checked = self.step, True
+            if action.run() is True:
+                loop.stopped_early = True
+                return True
+        stop = None if last else signals.should_stop(self.acc, loop.every_step or "log" in due)
+        if stop:
+            self._stop(stop, saved="checkpoint" in due, batches=loop.batches, progress=loop.progress)
+        return False
+
+    def _log_window(self, loop: "Loop") -> None:
+        """Log the window's mean loss and logs, then start a new window."""
+        loop.last_loss = self._log(loop.loss_sum, loop.loss_count, loop.logs_sum, loop.lr, loop.t_log,
+                                   loop.skipped_in_window)
+        loop.loss_sum.zero_()
+        loop.loss_count, loop.logs_sum, loop.t_log, loop.skipped_in_window = 0, {}, time.perf_counter(), 0
+        loop.progress.update(self.step, loss=loop.last_loss, lr=loop.lr)
+
+    def _periodic_eval(self) -> bool:
+        """Evaluate, log, keep the best checkpoint; True when early stopping ends the run."""
+        result = self.evaluate(self.eval_model())
+        if self.is_main:
+            self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in result.items()}})
+            self.events("evaluated", step=self.step, results=result)
+        if self._monitor_improved(result):
+            self.save_checkpoint(best=True)
+        patience = self.cfg.early_stopping_patience
+        if not (patience and self.state.get("since_best", 0) >= patience):
+            return False
+        if self.is_main:
+            best = self.state["best"]
+            print(f"flowforge: early stopping at step {self.step}: {best['metric']} has not improved for "
+                  f"{patience} evaluations (best {best['value']:.5g} at step {best['step']})")
+        return True
+
+    def _finish(self, loop: "Loop", start_step: int, t_start: float, loop_time: float) -> dict[str, Any]:
+        """After the loop: the final evaluation, checkpoint and samples, the summary and the run_end event."""
+        if hasattr(loop.batches, "close"):
+            loop.batches.close()  # stops a prefetching thread and releases the data plugin's workers
+        loop.progress.close()
+        has_metrics, final = bool(self.components.metrics), {}
         if has_metrics:
             with self.phase("evaluating the trained model"):
                 final = self.evaluate(self.eval_model())
@@ -465,20 +577,32 @@ class Trainer:
         wall = time.perf_counter() - t_start
         pictures = self.write_samples("final")
         by_rate = {}
-        if len(self.emas) > 1:
-            for rate in list(self.emas)[1:]:
-                by_rate[str(rate)] = self.evaluate(self.eval_model(rate)) if has_metrics else {}
-                pictures += self.write_samples(f"final-ema{rate}", self.eval_model(rate))
+        for rate in list(self.emas)[1:]:
+            by_rate[str(rate)] = self.evaluate(self.eval_model(rate)) if has_metrics else {}
+            pictures += self.write_samples(f"final-ema{rate}", self.eval_model(rate))
+        summary = self._summary(loop, final, by_rate, pictures, wall, (self.step - start_step, loop_time))
+        if self.is_main:
+            self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
+            if has_metrics:
+                self.events("evaluated", step=self.step, results=final)
+            self.run_dir.write_summary(summary)
+            self.events("run_end", summary=summary)
+        return summary
+
+    def _summary(self, loop: "Loop", final: dict[str, float], by_rate: dict[str, Any], pictures: list[str],
+                 wall: float, timing: tuple[int, float]) -> dict[str, Any]:
+        """summary.json: `timing` is (steps taken in this process's loop, the loop's seconds)."""
+        steps, loop_time = timing
         summary = {
             "experiment": self.exp.experiment.name,
             "steps": self.step,
             "epochs": round(self.step / self.steps_per_epoch, 3) if self.steps_per_epoch else None,
             "processes": self.world,
             "train_wall_time_s": round(wall, 3),
-            "steps_per_s": round((self.step - start_step) / loop_time, 3) if loop_time > 0 else None,
+            "steps_per_s": round(steps / loop_time, 3) if loop_time > 0 else None,
             "loop_time_s": round(loop_time, 4),
-            "data_wait_fraction": round(data_wait / loop_time, 4) if loop_time > 0 else None,
-            "final_loss": last_loss,
+            "data_wait_fraction": round(loop.data_wait / loop_time, 4) if loop_time > 0 else None,
+            "final_loss": loop.last_loss,
             "metrics": final,
             "untrained": self.state.get("untrained", {}),
             "floor": self.state.get("floor", {}),
@@ -490,14 +614,8 @@ class Trainer:
             summary["metrics_by_ema"] = {str(list(self.emas)[0]): final, **by_rate}
         if "best" in self.state:
             summary["best"] = self.state["best"]
-        if stopped_early:
+        if loop.stopped_early:
             summary["stopped_early"] = True
-        if self.is_main:
-            self.run_dir.log({"step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
-            if has_metrics:
-                self.events("evaluated", step=self.step, results=final)
-            self.run_dir.write_summary(summary)
-            self.events("run_end", summary=summary)
         return summary
 
     def _stop(self, signum: int, saved: bool, batches: Any, progress: Progress) -> None:
@@ -565,7 +683,6 @@ def read_logs(sums: dict) -> dict[str, float]:
     return out
 
 
-def train_entry(accelerator: Any, config: dict[str, Any], file: str | None, out: str, resume: bool) -> dict[str, Any]:
-    """The function every launcher runs on every process (picklable, top-level)."""
-    exp = resolve(config, file=file)
+def train_entry(accelerator: Any, exp: Experiment, out: str, resume: bool) -> dict[str, Any]:
+    """Train the structured experiment `exp` on this process (picklable, top-level; not re-validated)."""
     return Trainer(accelerator, exp, RunDir(out), resume=resume).fit()

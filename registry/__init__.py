@@ -3,7 +3,10 @@
 Public API::
 
     registry.build(kind, mapping, **context)   # mapping["plugin"] names the component
+    registry.configure(kind, mapping)          # (component, structured config): validate once
+    registry.build_configured(kind, name, config, **context)  # build from that config
     registry.available(kind)                   # names of installed components of a kind
+    registry.default_of(kind)                  # the component registered with default=True, or None
     registry.plugins()                         # loaded plugin modules and what they provide
     registry.get(kind, name)                   # the Component record (factory, config class)
     registry.temporary_plugin(obj)             # context manager, for tests
@@ -34,6 +37,11 @@ def build(kind: str, mapping: Any, /, **context: Any) -> Any:
     return default.build(kind, mapping, **context)
 
 
+def build_configured(kind: str, name: str, config: Any, /, **context: Any) -> Any:
+    """Build a component from its structured config (no second structuring); see `Registry.build_configured`."""
+    return default.build_configured(kind, name, config, **context)
+
+
 def configure(kind: str, mapping: Any) -> tuple[Component, Any]:
     """Validate a component mapping; see `Registry.configure`."""
     return default.configure(kind, mapping)
@@ -42,6 +50,11 @@ def configure(kind: str, mapping: Any) -> tuple[Component, Any]:
 def resolved(kind: str, mapping: Any) -> dict[str, Any]:
     """A component mapping with its defaults filled in; see `Registry.resolved`."""
     return default.resolved(kind, mapping)
+
+
+def default_of(kind: str) -> str | None:
+    """The component of `kind` registered with ``default=True`` (used when a file leaves out the section)."""
+    return default.default_of(kind)
 
 
 def available(kind: str) -> list[str]:
@@ -81,7 +94,7 @@ def temporary_plugin(plugin: Any, name: str | None = None, distribution: str = "
 
 __all__ = [
     "API_VERSION", "ENTRY_POINT_GROUP", "ENV_VAR", "MODULES_ENV_VAR", "Command", "Component", "ConfigError", "Kind",
-    "PluginError", "PluginInfo", "Registry", "available", "build", "closest", "commands", "configure",
-    "declared_kinds", "default", "did_you_mean", "format_path", "get",
+    "PluginError", "PluginInfo", "Registry", "available", "build", "build_configured", "closest", "commands", "configure",
+    "declared_kinds", "default", "default_of", "did_you_mean", "format_path", "get",
     "hookimpl", "hookspec", "kinds", "plugins", "resolved", "structure", "temporary_plugin", "unstructure",
 ]

@@ -45,7 +45,7 @@ class ComponentHooks:
         """Register this plugin's components.
 
         Args:
-            register: ``register(kind, name, factory, config=None, doc=None)``.
+            register: ``register(kind, name, factory, config=None, doc=None, *, default=False)``.
 
                 - ``kind``: the interface, e.g. ``"scheduler"``, ``"path"``, ``"solver"``,
                   ``"backbone"``, ``"objective"``, ``"launcher"``, ``"data"``, ``"metric"``.
@@ -57,6 +57,9 @@ class ComponentHooks:
                   component's options; ``None`` for a component without options,
                   in which case the factory is called without ``config``.
                 - ``doc``: one line shown by ``flowforge plugins``.
+                - ``default``: this component is what an experiment gets when it leaves out the
+                  kind's section (flowforge's ``local`` launcher declares itself so); at most one
+                  component of a kind may.
         """
 
     @hookspec
@@ -77,6 +80,9 @@ class ComponentHooks:
                 - ``provides``: the context name the built component is offered under
                   (default: ``name``); a list of the built components when ``many``.
                 - ``doc``: one line shown by ``flowforge plugins``.
+                - ``default``: this component is what an experiment gets when it leaves out the
+                  kind's section (flowforge's ``local`` launcher declares itself so); at most one
+                  component of a kind may.
         """
 
 

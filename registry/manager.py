@@ -61,6 +61,8 @@ class Component:
     plugin: str
     distribution: str
     doc: str | None = None
+    #: the component an experiment gets when it leaves out its kind's section (see `Registry.default_of`)
+    default: bool = False
 
     def factory(self) -> Callable[..., Any]:
         return self._resolve(self.factory_ref, "factory")
@@ -230,8 +232,9 @@ class Registry:
         """Call `plugin`'s contributing hooks; raise PluginError when a name is already taken."""
         new = Contributions()
 
-        def register(kind: str, comp_name: str, factory: Any, config: Any = None, doc: str | None = None) -> None:
-            new.components.append(Component(kind, comp_name, factory, config, name, distribution, doc))
+        def register(kind: str, comp_name: str, factory: Any, config: Any = None, doc: str | None = None, *,
+                     default: bool = False) -> None:
+            new.components.append(Component(kind, comp_name, factory, config, name, distribution, doc, bool(default)))
 
         callbacks = {"flowforge_register": {"register": register},
                      "flowforge_register_kinds": {"register_kind": kind_recorder(new.kinds, name, distribution)},
@@ -249,6 +252,13 @@ class Registry:
         clash = clashes(new, self._kinds, self._commands)
         if clash:
             raise PluginError(f"{clash}; uninstall one, or set {ENV_VAR} to load only the plugins you want")
+        for comp in (c for c in new.components if c.default):
+            other = self._default(comp.kind) or next((c for c in new.components if c.default and c.kind == comp.kind
+                                                      and c is not comp), None)
+            if other is not None:
+                raise PluginError(f"{comp.kind} {comp.name!r} (distribution {distribution!r}) and {other.name!r} "
+                                  f"(distribution {other.distribution!r}) both declare themselves the default "
+                                  f"{comp.kind}; uninstall one, or set {ENV_VAR} to load only the plugins you want")
         for comp in new.components:
             taken = self._components.get(comp.kind, {}).get(comp.name)
             if taken is not None or sum(c.kind == comp.kind and c.name == comp.name for c in new.components) > 1:
@@ -295,6 +305,15 @@ class Registry:
         """pluggy's hook relay (``registry.default.hook.flowforge_step_end``), plugins loaded."""
         self.load()
         return self._pm.hook
+
+    def _default(self, kind: str) -> Component | None:
+        return next((c for c in self._components.get(kind, {}).values() if c.default), None)
+
+    def default_of(self, kind: str) -> str | None:
+        """The name of the component registered with ``default=True`` for `kind`, or None."""
+        self.load()
+        comp = self._default(kind)
+        return comp.name if comp is not None else None
 
     def available(self, kind: str) -> list[str]:
         """Names of the components of `kind`, sorted."""
@@ -358,6 +377,16 @@ class Registry:
         factory when its signature names them.
         """
         comp, config = self.configure(kind, mapping)
+        return self.make(comp, config, **context)
+
+    def build_configured(self, kind: str, name: str, config: Any, /, **context: Any) -> Any:
+        """Build the component `name` of `kind` from its already structured `config` (what `configure`
+        returned: the config object, or None for a component without options); nothing is structured again."""
+        return self.make(self.get(kind, name), config, **context)
+
+    def make(self, comp: Component, config: Any, /, **context: Any) -> Any:
+        """Call `comp`'s factory with `config` and the `context` names its signature asks for."""
+        kind = comp.kind
         factory = comp.factory()
         kwargs = _accepted_kwargs(factory, context)
         try:

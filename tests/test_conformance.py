@@ -169,6 +169,47 @@ PATH_RECIPES: dict[str, dict[str, Check]] = {
 }
 
 
+class FrozenLatent(PathInterface):
+    """A stochastic interpolant with its latent ``z`` a fixed function of the data's shape (seeded), so that the
+    kit's invariants (``target = d x_t / dt`` at fixed ``x_0, x_1, z``) apply to its ``sample(x_0, x_1, t)``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def sample(self, x_0, x_1, t):
+        z = torch.randn(x_1.shape, generator=torch.Generator().manual_seed(11), dtype=x_1.dtype)
+        return self.path.sample(x_0, x_1, t, z=z)
+
+    def sample_source(self, shape, generator=None, device=None):
+        return self.path.sample_source(shape, generator, device)
+
+    def __repr__(self) -> str:
+        return f"FrozenLatent({self.path!r})"
+
+
+def _interpolant_check(name: str, options: dict) -> None:
+    path = build("path", name, options, spec=SPEC_2D, scheduler=cond_ot())
+    # t in (0, 1): the brownian gamma's derivative is infinite at the ends
+    path_kit.check_sample_at(path, *path_kit_draw(), torch.tensor([0.3, 0.7], dtype=torch.float64))
+    frozen = FrozenLatent(path)
+    for t in (0.1, 0.5, 0.9):
+        path_kit.check_target_is_velocity_at(frozen, *path_kit_draw(), torch.full((2,), t, dtype=torch.float64),
+                                             rtol=1e-7, atol=1e-8)
+    path_kit.check_source(path, (2, 3), 4, seed=5)
+
+
+def path_kit_draw():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 2, 3, generator=g, dtype=torch.float64), torch.randn(2, 2, 3, generator=g, dtype=torch.float64)
+
+
+PATH_RECIPES["interpolant"] = {
+    "brownian": lambda: _interpolant_check("interpolant", {"gamma": "brownian", "a": 0.5}),
+    "quadratic": lambda: _interpolant_check("interpolant", {"gamma": "quadratic", "a": 2.0}),
+}
+PATH_RECIPES["schrodinger_bridge"] = {"sigma": lambda: _interpolant_check("schrodinger_bridge", {"sigma": 0.7})}
+
+
 def _mixture_check(source: str, mask_token: bool) -> None:
     spec = build("data", "toy2d_discrete", {"bins": 8, "mask_token": mask_token}).spec
     path = build("path", "mixture_discrete", {"source": source}, spec=spec, scheduler=cond_ot())

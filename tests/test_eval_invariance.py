@@ -2,8 +2,9 @@
 own generator) against one global held-out selection, gathered in global order before the metrics.
 
 Checked on the real digits experiment with its
-Fréchet distance (the digits feature network), energy distance and sliced Wasserstein, and on the
-2D main job with off_support; blocks of 300 over 1000 samples so the ranks hold unequal shares.
+Fréchet distance and KID (the digits feature network, named the older and the newer way), energy
+distance and sliced Wasserstein, and on the 2D main job with off_support; blocks of 300 over 1000
+samples so the ranks hold unequal shares. FID and KID agree to 1e-6 (absolute).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def runs(tmp_path_factory) -> dict[str, str]:
     out = {"digits": root / "digits", "rf2d": root / "rf2d"}
     run(ROOT / "experiments" / "rf_digits.toml",
         [*FAST, "trainer.steps=5", "metrics=[{plugin='energy_distance'}, {plugin='sliced_wasserstein'}, "
-         "{plugin='frechet_distance', train_steps=20, feature_dim=16}]", "eval.num_samples=64"], out=out["digits"])
+         "{plugin='frechet_distance', train_steps=20, feature_dim=16, cache_reference=false}, "
+         "{plugin='kid', subset_size=500, subsets=4, cache_reference=false, "
+         "features={plugin='digits_cnn', train_steps=20, feature_dim=16}}]",
+         "eval.num_samples=64"], out=out["digits"])
     run(RF2D, [*FAST, "trainer.steps=30", "backbone.hidden=64", "eval.num_samples=64",
                "metrics=[{plugin='energy_distance'}, {plugin='off_support'}]"], out=out["rf2d"])
     return {k: str(v) for k, v in out.items()}
@@ -54,8 +58,11 @@ def test_two_processes_give_the_metrics_of_one(runs, name):
     for part in ("eval", "floor"):
         assert one[part].keys() == two[part].keys() and one[part]
         for key, value in one[part].items():
-            print(f"{name} {part} {key}: 1 process {value:.8g}, 2 processes {two[part][key]:.8g}")
+            print(f"{name} {part} {key}: 1 process {value:.8g}, 2 processes {two[part][key]:.8g}, "
+                  f"difference {abs(value - two[part][key]):.3g}")
             assert math.isclose(value, two[part][key], rel_tol=1e-5, abs_tol=1e-9), (part, key, value, two[part][key])
+            if key in ("frechet_distance", "kid"):
+                assert abs(value - two[part][key]) <= 1e-6, (part, key, value, two[part][key])
 
 
 def test_another_seed_changes_the_metrics(runs):

@@ -13,7 +13,7 @@ import torch
 import registry
 from core.interfaces import DataSpec, SampleMetric
 from plugins.data.digits import Digits, DigitsConfig
-from plugins.metrics import features
+from plugins.metrics import features, trained
 from plugins.metrics.feature_metrics import (FrechetDistance, KernelDistance, KIDConfig, PrecisionRecall,
                                              frechet_distance, mmd2_unbiased)
 from plugins.metrics.features import FeatureConfig, FeatureExtractor
@@ -136,7 +136,7 @@ TINY = {"train_steps": 5, "train_batch_size": 32, "feature_dim": 16}
 def test_trained_feature_network_is_cached_and_reused(tmp_path, monkeypatch):
     data = Digits(DigitsConfig())
     config = FeatureConfig(cache_dir=str(tmp_path), **TINY)
-    features.clear_memory_cache()
+    trained.clear_memory_cache()
     first = features.build_extractor(config, data.spec, data)
     files = list((tmp_path / "features").glob("*.pt"))
     assert len(files) == 1
@@ -149,8 +149,8 @@ def test_trained_feature_network_is_cached_and_reused(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached feature network was retrained")
 
-    monkeypatch.setattr(features, "train_feature_net", no_training)
-    features.clear_memory_cache()  # force a load from disk
+    monkeypatch.setattr(trained, "train_feature_net", no_training)
+    trained.clear_memory_cache()  # force a load from disk
     again = features.build_extractor(config, data.spec, data)
     torch.testing.assert_close(again(x), out)
     # the discrete form of the same digits sees the same data, so it shares the network
@@ -171,18 +171,18 @@ def test_trained_feature_network_is_cached_and_reused(tmp_path, monkeypatch):
 def test_corrupt_feature_cache_is_rebuilt_with_a_warning(tmp_path):
     data = Digits(DigitsConfig(conditional=False))  # unlabelled: an autoencoder
     config = FeatureConfig(cache_dir=str(tmp_path), **TINY)
-    features.clear_memory_cache()
-    net, file = features.cached_feature_net(data, config)
+    trained.clear_memory_cache()
+    net, file = trained.cached_feature_net(data, config)
     assert net.num_classes == 0
     x = data.reference(8, torch.Generator().manual_seed(0))["x"]
     expected = net.encoder(x)
     file.write_bytes(b"this is not a checkpoint")
-    features.clear_memory_cache()
+    trained.clear_memory_cache()
     with pytest.warns(RuntimeWarning, match="unusable.*retraining"):
-        rebuilt, same_file = features.cached_feature_net(data, config)
+        rebuilt, same_file = trained.cached_feature_net(data, config)
     assert same_file == file
     torch.testing.assert_close(rebuilt.encoder(x), expected)  # deterministic training: the same network
-    features.clear_memory_cache()
+    trained.clear_memory_cache()
     state = torch.load(file, map_location="cpu", weights_only=True)
     assert state["meta"]["key"] == file.stem
 

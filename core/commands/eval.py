@@ -19,6 +19,8 @@ Writes ``OUT/eval.md`` and ``OUT/eval.csv`` (one row per point: the settings,
 model evaluations per sample, every metric, seconds) and ``OUT/eval.png``
 (each metric against model evaluations, the data-vs-data floor dashed), and
 ``OUT/eval.json`` with everything. ``OUT`` defaults to ``RUN_DIR/eval``.
+``--input1 A --input2 B`` scores image folders or npz archives instead
+(`core.commands.eval_inputs`).
 Model metrics (likelihoods, zero-shot accuracy) do not depend on the sampler
 and are computed once.
 """
@@ -50,7 +52,10 @@ def _list(kind: type):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_solver_arguments(parser)
+    from .eval_inputs import add_input_arguments
+
+    add_solver_arguments(parser, run_optional=True)
+    add_input_arguments(parser)
     parser.add_argument("--solver", type=_list(str), default=None, help="solver plugins to compare, comma-separated")
     parser.add_argument("--steps", type=_list(int), default=None, help="solver steps, comma-separated, e.g. 4,8,16,32")
     parser.add_argument("--method", type=_list(str), default=None, help="solver methods, e.g. euler,midpoint,rk4")
@@ -65,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluations per point (seeds seed, seed+1, ...) for the mean and its standard error")
     parser.add_argument("--metric", action="append", default=[], metavar="PLUGIN|{TOML}",
                         help="evaluate this metric instead of the run's (repeatable): a plugin name, or an inline "
-                             "TOML table such as '{plugin = \"kid\", subset_size = 500}'")
+                             "TOML table such as '{plugin = \"NAME\", KEY = VALUE}' (flowforge plugins lists the metrics)")
     parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the data-vs-data floor")
     parser.add_argument("--out", help="output folder (default RUN_DIR/eval)")
 
@@ -196,29 +201,62 @@ def plot(rows: list[dict[str, Any]], metric_keys: list[str], setting_keys: list[
     return path
 
 
+def _cli_metrics(specs: list[str], c: Any) -> dict[str, Any]:
+    """The ``--metric`` entries, built with the run's context (spec, data, scheduler, path, objective, kinds)."""
+    import registry
+    from core.generate import metric_names
+    from registry import ConfigError
+
+    entries = [_parse_metric(m) for m in specs]
+    metrics = {}
+    for index, (name, entry) in enumerate(zip(metric_names(entries), entries)):
+        try:
+            metrics[name] = registry.build("metric", entry, spec=c.spec, data=c.data, scheduler=c.scheduler,
+                                           path=c.path, objective=c.objective, **c.extras)
+        except ConfigError as exc:
+            raise exc.within(f"--metric[{index}]") from None
+    return metrics
+
+
+def _preamble(run: Any, n: int, seed: int, repeats: int, floor_values: dict[str, float],
+              model_values: dict[str, float]) -> str:
+    """The text above eval.md's table: the run, the sample counts and seeds, the floor, the model metrics."""
+    repeated = (f"mean and standard error (`_se`) over {repeats} seeds ({seed} to {seed + repeats - 1})"
+                if repeats > 1 else f"seed {seed}, no error bars (--repeats 1)")
+    preamble = (f"# Evaluation of {run.name}\n\nrun `{run.run_dir.root}`, step {run.step}, {run.weights} weights, "
+                f"{n} generated vs {n} held-out examples per row, {repeated}; nfe = model evaluations per sample "
+                f"(a guided evaluation runs the conditional and unconditional halves as one batch).")
+    if floor_values:
+        preamble += "\n\nData-vs-data floor (two independent held-out samples of the same size): " + \
+            ", ".join(f"{k} = {v:.5g}" + (f" ± {floor_values[k + '_se']:.2g}" if k + "_se" in floor_values else "")
+                      for k, v in floor_values.items() if not k.endswith("_se"))
+    if model_values:
+        preamble += "\n\nModel metrics (independent of the sampler): " + \
+            ", ".join(f"{k} = {v:.5g}" for k, v in model_values.items())
+    return preamble
+
+
 def main(args: argparse.Namespace) -> int:
     import attrs
 
     import registry
-    from core.generate import evaluate, floor, metric_names
+    from core.generate import evaluate, floor
     from core.interfaces import SampleMetric
     from core.runs import load_run, write_table
     from registry import ConfigError
 
+    if args.input1 or args.input2:
+        from .eval_inputs import score_inputs
+
+        return score_inputs(args)
+    if not args.run_dir:
+        raise ConfigError("flowforge eval needs RUN_DIR, or --input1 A --input2 B to score images against others")
     run = load_run(args.run_dir, args.overrides, ema=args.ema, device=args.device, checkpoint=args.checkpoint)
     c = run.components
     if not c.can_generate:
         raise ConfigError(f"{run.run_dir.config}: this experiment has no [solver] and [path]; it cannot generate")
     if args.metric:
-        entries = [_parse_metric(m) for m in args.metric]
-        metrics = {}
-        for index, (name, entry) in enumerate(zip(metric_names(entries), entries)):
-            try:
-                metrics[name] = registry.build("metric", entry, spec=c.spec, data=c.data, scheduler=c.scheduler,
-                                               path=c.path, objective=c.objective, **c.extras)
-            except ConfigError as exc:
-                raise exc.within(f"--metric[{index}]") from None
-        run.components = c = attrs.evolve(c, metrics=metrics)
+        run.components = c = attrs.evolve(c, metrics=_cli_metrics(args.metric, c))
     sample_metrics = {k: m for k, m in c.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
     model_metrics = {k: m for k, m in c.metrics.items() if k not in sample_metrics}
     if not sample_metrics:
@@ -248,18 +286,7 @@ def main(args: argparse.Namespace) -> int:
     setting_keys = ["solver", *axes, "guidance"]
     metric_keys = [k for k in rows[0] if k not in setting_keys and k not in ("nfe", "seconds") and not k.endswith("_se")]
     columns = [*setting_keys, "nfe", *(c for k in metric_keys for c in (k, f"{k}_se") if c in rows[0]), "seconds"]
-    repeated = (f"mean and standard error (`_se`) over {args.repeats} seeds ({seed} to {seed + args.repeats - 1})"
-                if args.repeats > 1 else f"seed {seed}, no error bars (--repeats 1)")
-    preamble = (f"# Evaluation of {run.name}\n\nrun `{run.run_dir.root}`, step {run.step}, {run.weights} weights, "
-                f"{n} generated vs {n} held-out examples per row, {repeated}; nfe = model evaluations per sample "
-                f"(a guided evaluation runs the conditional and unconditional halves as one batch).")
-    if floor_values:
-        preamble += "\n\nData-vs-data floor (two independent held-out samples of the same size): " + \
-            ", ".join(f"{k} = {v:.5g}" + (f" ± {floor_values[k + '_se']:.2g}" if k + "_se" in floor_values else "")
-                      for k, v in floor_values.items() if not k.endswith("_se"))
-    if model_values:
-        preamble += "\n\nModel metrics (independent of the sampler): " + \
-            ", ".join(f"{k} = {v:.5g}" for k, v in model_values.items())
+    preamble = _preamble(run, n, seed, args.repeats, floor_values, model_values)
     files = write_table(rows, columns, out / "eval", preamble)
     files.append(plot(rows, metric_keys, setting_keys, floor_values, out / "eval.png",
                       f"{run.name} (step {run.step}, {run.weights})"))

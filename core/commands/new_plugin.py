@@ -73,21 +73,38 @@ KINDS: dict[str, KindTemplate] = {
 RESERVED = {"core", "registry", "plugins", "tests", "examples", "experiments", "docs", "benchmarks",
             "torch", "accelerate", "flowforge"}
 
-#: The experiment every generated package starts from (a small 2D rectified flow);
-#: the section of the chosen kind is replaced by the new component.
+#: The core sections of the experiment every generated package starts from (a small 2D run).
 BASE_EXPERIMENT: dict[str, Any] = {
     "experiment": {"name": "", "seed": 0},
-    "data": {"plugin": "toy2d", "dataset": "moons"},
-    "backbone": {"plugin": "mlp", "hidden": 128, "depth": 3},
-    "scheduler": {"plugin": "cond_ot"},
-    "path": {"plugin": "affine"},
-    "objective": {"plugin": "velocity_mse"},
-    "solver": {"plugin": "ode", "method": "midpoint", "steps": 20},
-    "launcher": {"plugin": "local"},
     "trainer": {"steps": 2000, "batch_size": 512, "lr": 1e-3, "log_every": 100},
     "eval": {"num_samples": 2000, "num_pictures": 2000},
-    "metrics": [{"plugin": "energy_distance"}],
 }
+#: Its component sections and their kinds. Each holds the installed component that declares itself
+#: its kind's default (``register(..., default=True)``, `registry.default_of`); the section of the
+#: chosen kind holds the new component instead.
+NEIGHBOURS: tuple[tuple[str, str], ...] = (("data", "data"), ("backbone", "backbone"), ("scheduler", "scheduler"),
+                                           ("path", "path"), ("objective", "objective"), ("solver", "solver"),
+                                           ("launcher", "launcher"), ("metrics", "metric"))
+
+
+def neighbours(kind: str) -> dict[str, Any]:
+    """The component sections next to a new component of `kind`: each kind's default, from the registry.
+
+    A section whose kind has no default is left out, unless an experiment needs it (ConfigError).
+    """
+    import registry
+    from core.config import REQUIRED_SECTIONS
+
+    sections: dict[str, Any] = {}
+    for section, of in NEIGHBOURS:
+        name = registry.default_of(of)
+        if name is None:
+            if section in REQUIRED_SECTIONS and of != kind:
+                raise ConfigError(f"no installed {of} declares itself the default (register(..., default=True)), "
+                                  f"and the experiment of a new {kind} needs a [{section}] section")
+            continue
+        sections[section] = [{"plugin": name}] if section == "metrics" else {"plugin": name}
+    return sections
 
 
 @attrs.frozen
@@ -137,19 +154,24 @@ def experiment_toml(n: Names, kind: str) -> str:
     spec = KINDS[kind]
     exp = copy.deepcopy(BASE_EXPERIMENT)
     exp["experiment"]["name"] = f"{n.component.replace('_', '-')}-2d"
+    around = neighbours(kind)
+    others = ", ".join(f"{section} = {value[0]['plugin'] if isinstance(value, list) else value['plugin']}"
+                       for section, value in around.items() if section != spec.section)
     if spec.section == "metrics":
-        exp["metrics"].append({"plugin": n.component})
+        around["metrics"] = [*around.get("metrics", []), {"plugin": n.component}]
     else:
-        exp[spec.section] = {"plugin": n.component}
+        around[spec.section] = {"plugin": n.component}
+    exp = {"experiment": exp["experiment"], **{section: around[section] for section, _ in NEIGHBOURS if section in around},
+           "trainer": exp["trainer"], "eval": exp["eval"]}
     header = (
         f"# A small experiment that uses the {kind} \"{n.component}\" from {n.dist}.\n"
         f"#\n"
         f"#   python -m core.run experiments/{n.component}.toml\n"
         f"#\n"
-        f"# Rectified flow on 2D moons (an MLP learns the velocity of x_t = t x_1 + (1 - t) x_0)\n"
-        f"# with the [{spec.section}] section replaced by {n.component}. summary.json in the run\n"
-        f"# directory (runs/{exp['experiment']['name']}) reports the metrics of generated samples\n"
-        f"# against held-out data. Every other section can name any installed plugin:\n"
+        f"# The [{spec.section}] section holds {n.component}; every other section holds the installed\n"
+        f"# default of its kind ({others}).\n"
+        f"# summary.json in the run directory (runs/{exp['experiment']['name']}) reports the metrics of\n"
+        f"# generated samples against held-out data. Every other section can name any installed plugin:\n"
         f"# `flowforge plugins` lists them, `flowforge plugins --options NAME` shows their options.\n\n"
     )
     metrics = exp.pop("metrics")

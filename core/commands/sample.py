@@ -35,9 +35,11 @@ NAME = "sample"
 HELP = "draw samples from a run's checkpoint (PNG grid or scatter plot, optional .npz)"
 
 
-def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``sample`` and ``eval``: the run, weights, overrides and device."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by flowforge run")
+def add_solver_arguments(parser: argparse.ArgumentParser, run_optional: bool = False) -> None:
+    """Options shared by ``sample`` and ``eval``: the run (optional for eval's --input1/--input2), weights,
+    overrides and device."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?" if run_optional else None,
+                        help="a run directory written by flowforge run")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA ones")
     parser.add_argument("--checkpoint", help="a checkpoint file (default: the newest in RUN_DIR/checkpoints)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -112,6 +112,22 @@ def check_data_source(data: Any, *, name: str | None = None, batch_size: int = 4
                       world_size: int = 2, exact_partition: bool = False, reference_size: int = 16) -> None:
     """Run every data-source check (see the module docstring)."""
     who = f"data {name or type(data).__name__!r}"
+    spec = _check_spec(data, who)
+    first = _check_streams(data, spec, who, batch_size, seed, steps)
+    inv = "resume from start_step"
+    for start in range(1, steps):
+        with _checking(who, inv):
+            resumed = _take(data, 1, batch_size, seed=seed, start_step=start)[0]
+        _require(_equal(resumed, first[start]), who, inv,
+                 f"a stream started at start_step={start} does not begin with the batch of step {start}")
+    if world_size > 1:
+        for step in range(min(steps, 2)):
+            _check_partition(data, spec, who, batch_size, seed, step, world_size, exact_partition)
+    _check_reference(data, spec, who, reference_size)
+
+
+def _check_spec(data: Any, who: str) -> DataSpec:
+    """'spec': a DataSpec of positive ints, a known kind; num_examples a positive int or None."""
     spec = getattr(data, "spec", None)
     _require(isinstance(spec, DataSpec), who, "spec", f"data.spec is {type(spec).__name__}, expected a DataSpec")
     _require(isinstance(spec.shape, tuple) and all(isinstance(s, int) and s > 0 for s in spec.shape), who, "spec",
@@ -123,7 +139,12 @@ def check_data_source(data: Any, *, name: str | None = None, batch_size: int = 4
     _require(count is None or (isinstance(count, int) and count > 0), who, "spec",
              f"num_examples is {count!r}: the size of the training split (a positive int) "
              f"or None for an endless source")
+    return spec
 
+
+def _check_streams(data: Any, spec: DataSpec, who: str, batch_size: int, seed: int, steps: int) -> list[Any]:
+    """'deterministic in (seed, step, rank)': endless, valid batches that depend on the seed and step
+    only (not on torch's global RNG); the first `steps` batches."""
     inv = "deterministic in (seed, step, rank)"
     with _checking(who, inv), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -141,37 +162,37 @@ def check_data_source(data: Any, *, name: str | None = None, batch_size: int = 4
     with _checking(who, inv):
         other_seed = _take(data, 1, batch_size, seed=seed + 1)[0]
     _require(not _equal(first[0], other_seed), who, inv, f"seeds {seed} and {seed + 1} yield the same first batch")
+    return first
 
-    inv = "resume from start_step"
-    for start in range(1, steps):
-        with _checking(who, inv):
-            resumed = _take(data, 1, batch_size, seed=seed, start_step=start)[0]
-        _require(_equal(resumed, first[start]), who, inv,
-                 f"a stream started at start_step={start} does not begin with the batch of step {start}")
 
+def _check_partition(data: Any, spec: DataSpec, who: str, batch_size: int, seed: int, step: int, world_size: int,
+                     exact_partition: bool) -> None:
+    """'ranks partition the global batch' at `step`: the ranks' batches overlap in fewer than half their
+    examples (with `exact_partition`: together they are one process's batch of ``world_size * batch_size``)."""
     inv = "ranks partition the global batch"
-    if world_size > 1:
-        for step in range(min(steps, 2)):
-            with _checking(who, inv):
-                parts = [_take(data, 1, batch_size, seed=seed, start_step=step, rank=r, world_size=world_size)[0]
-                         for r in range(world_size)]
-            for r, part in enumerate(parts):
-                check_batch(part, spec, batch_size, who, f"rank {r}'s batch of step {step}")
-            rows = [_rows(p) for p in parts]
-            for a in range(world_size):
-                for b in range(a + 1, world_size):
-                    common = len(set(rows[a]) & set(rows[b]))
-                    _require(common * 2 < batch_size, who, inv,
-                             f"ranks {a} and {b} of {world_size} share {common} of {batch_size} examples "
-                             f"at step {step}")
-            if exact_partition:
-                with _checking(who, inv):
-                    whole = _take(data, 1, batch_size * world_size, seed=seed, start_step=step)[0]
-                union = sorted(itertools.chain.from_iterable(rows))
-                _require(union == sorted(_rows(whole)), who, inv,
-                         f"at step {step} the {world_size} ranks' batches together are not the batch of one process "
-                         f"with batch_size {batch_size * world_size}")
+    with _checking(who, inv):
+        parts = [_take(data, 1, batch_size, seed=seed, start_step=step, rank=r, world_size=world_size)[0]
+                 for r in range(world_size)]
+    for r, part in enumerate(parts):
+        check_batch(part, spec, batch_size, who, f"rank {r}'s batch of step {step}")
+    rows = [_rows(p) for p in parts]
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            common = len(set(rows[a]) & set(rows[b]))
+            _require(common * 2 < batch_size, who, inv,
+                     f"ranks {a} and {b} of {world_size} share {common} of {batch_size} examples "
+                     f"at step {step}")
+    if exact_partition:
+        with _checking(who, inv):
+            whole = _take(data, 1, batch_size * world_size, seed=seed, start_step=step)[0]
+        union = sorted(itertools.chain.from_iterable(rows))
+        _require(union == sorted(_rows(whole)), who, inv,
+                 f"at step {step} the {world_size} ranks' batches together are not the batch of one process "
+                 f"with batch_size {batch_size * world_size}")
 
+
+def _check_reference(data: Any, spec: DataSpec, who: str, reference_size: int) -> None:
+    """'reference draws': valid, reproducible with equally seeded generators, different with independent ones."""
     inv = "reference draws"
     with _checking(who, inv), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)

@@ -127,56 +127,13 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
     before = _clone_batch(batch)
 
     def compute(obj: Any, invariant: str) -> tuple[Tensor, Mapping[str, Any]]:
-        with torch.random.fork_rng(devices=[]), _checking(who, invariant):
-            torch.manual_seed(seed)
-            out = obj.loss(models, batch, step)
-        _require(isinstance(out, tuple) and len(out) == 2, who, "returns (loss, logs)",
-                 f"loss() returned {type(out).__name__}, expected a (Tensor, dict) pair")
-        loss, logs = out
-        _require(isinstance(loss, Tensor), who, "returns (loss, logs)",
-                 f"the loss is a {type(loss).__name__}, not a Tensor")
-        _require(isinstance(logs, Mapping), who, "returns (loss, logs)",
-                 f"the logs are a {type(logs).__name__}, not a dict")
-        return loss, logs
+        return _compute(obj, models, batch, step, seed, who, invariant)
 
-    # state before the first call, so the reproducibility checks can rewind
-    with _checking(who, "state_dict round trip"):
-        state = objective.state_dict()
-    _require(isinstance(state, Mapping), who, "state_dict round trip",
-             f"state_dict() returned {type(state).__name__}, expected a dict")
-    try:
-        saved = _roundtrip(copy.deepcopy(dict(state)))
-    except Exception as exc:  # noqa: BLE001
-        raise AssertionError(f"{who} violates 'state_dict round trip': state_dict() does not survive torch.save / "
-                             f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                             f"keep it to tensors, numbers, strings, lists and dicts") from None
-    _require(_equal_states(dict(state), saved), who, "state_dict round trip",
-             "state_dict() changes when saved and loaded with torch.save / torch.load(weights_only=True)")
-
+    saved = _check_state(objective, who)  # state before the first call, so the reproducibility checks can rewind
     model.zero_grad(set_to_none=True)
     loss, logs = compute(objective, "scalar loss")
-    _require(loss.ndim == 0, who, "scalar loss", f"the loss has shape {tuple(loss.shape)}, expected a 0-d tensor")
-    _require(loss.dtype.is_floating_point, who, "scalar loss", f"the loss has dtype {loss.dtype}")
-    _require(bool(torch.isfinite(loss)), who, "finite loss", f"the loss is {loss.item()}")
-    for key, value in logs.items():
-        _require(isinstance(key, str), who, "logged values are floats", f"log key {key!r} is not a string")
-        if isinstance(value, Tensor):
-            _require(value.ndim == 0 and not value.requires_grad, who, "logged values are floats",
-                     f"logs[{key!r}] is a tensor of shape {tuple(value.shape)} (requires_grad={value.requires_grad}); "
-                     f"log detached 0-d tensors or Python floats")
-        else:
-            _require(isinstance(value, numbers.Real) and not isinstance(value, bool), who, "logged values are floats",
-                     f"logs[{key!r}] is a {type(value).__name__}; log Python floats or detached 0-d tensors")
-        _require(math.isfinite(float(value)), who, "logged values are floats", f"logs[{key!r}] = {value}")
-    _require(loss.requires_grad, who, "gradients reach the model", "the loss does not require grad")
-    with _checking(who, "gradients reach the model"):
-        loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    _require(bool(grads), who, "gradients reach the model", "no parameter of models['model'] received a gradient")
-    _require(all(bool(torch.isfinite(g).all()) for g in grads), who, "gradients reach the model",
-             "some gradients are not finite")
-    _require(any(bool((g != 0).any()) for g in grads), who, "gradients reach the model", "every gradient is zero")
-    model.zero_grad(set_to_none=True)
+    _check_loss_and_logs(loss, logs, who)
+    _check_gradients(loss, model, who)
     changed = _same_batch(before, batch)
     if changed:
         raise AssertionError(f"{who} violates 'batch is not modified': batch[{changed[0]!r}] was modified in place")
@@ -197,23 +154,91 @@ def check_objective(objective: Any, models: Mapping[str, nn.Module] | nn.Module,
         other, _ = compute(fresh, "state_dict round trip")
         _require(_same(other, loss), who, "state_dict round trip",
                  f"a fresh objective loaded with the saved state computes {other.item()!r}, not {loss.item()!r}")
-
     x = batch.get("x")
     if sampling is None:
         sampling = isinstance(x, Tensor) and x.dtype.is_floating_point
     if sampling:
-        with _checking(who, "sampling_model"):
-            field = objective.sampling_model(model)
-        _require(callable(field), who, "sampling_model",
-                 f"sampling_model returned {type(field).__name__}, not a callable")
-        t = torch.full((x.shape[0],), 0.5, device=x.device)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), _checking(who, "sampling_model"):
-            out = field(x, t, batch.get("y"))
-        model.train(was_training)
-        _require(isinstance(out, Tensor) and out.shape == x.shape, who, "sampling_model",
-                 f"field(x, t, y) returned shape {tuple(getattr(out, 'shape', ()))} for x of shape {tuple(x.shape)}")
+        _check_sampling(objective, model, batch, who)
+
+
+def _compute(obj: Any, models: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int, seed: int, who: str,
+             invariant: str) -> tuple[Tensor, Mapping[str, Any]]:
+    """``obj.loss(models, batch, step)`` under torch seed `seed`, checked to be a (Tensor, dict) pair."""
+    with torch.random.fork_rng(devices=[]), _checking(who, invariant):
+        torch.manual_seed(seed)
+        out = obj.loss(models, batch, step)
+    _require(isinstance(out, tuple) and len(out) == 2, who, "returns (loss, logs)",
+             f"loss() returned {type(out).__name__}, expected a (Tensor, dict) pair")
+    loss, logs = out
+    _require(isinstance(loss, Tensor), who, "returns (loss, logs)",
+             f"the loss is a {type(loss).__name__}, not a Tensor")
+    _require(isinstance(logs, Mapping), who, "returns (loss, logs)",
+             f"the logs are a {type(logs).__name__}, not a dict")
+    return loss, logs
+
+
+def _check_state(objective: Any, who: str) -> Any:
+    """'state_dict round trip': the state survives torch.save / torch.load(weights_only=True); the loaded copy."""
+    with _checking(who, "state_dict round trip"):
+        state = objective.state_dict()
+    _require(isinstance(state, Mapping), who, "state_dict round trip",
+             f"state_dict() returned {type(state).__name__}, expected a dict")
+    try:
+        saved = _roundtrip(copy.deepcopy(dict(state)))
+    except Exception as exc:  # noqa: BLE001
+        raise AssertionError(f"{who} violates 'state_dict round trip': state_dict() does not survive torch.save / "
+                             f"torch.load(weights_only=True) ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                             f"keep it to tensors, numbers, strings, lists and dicts") from None
+    _require(_equal_states(dict(state), saved), who, "state_dict round trip",
+             "state_dict() changes when saved and loaded with torch.save / torch.load(weights_only=True)")
+    return saved
+
+
+def _check_loss_and_logs(loss: Tensor, logs: Mapping[str, Any], who: str) -> None:
+    """'scalar loss', 'finite loss', 'logged values are floats'."""
+    _require(loss.ndim == 0, who, "scalar loss", f"the loss has shape {tuple(loss.shape)}, expected a 0-d tensor")
+    _require(loss.dtype.is_floating_point, who, "scalar loss", f"the loss has dtype {loss.dtype}")
+    _require(bool(torch.isfinite(loss)), who, "finite loss", f"the loss is {loss.item()}")
+    for key, value in logs.items():
+        _require(isinstance(key, str), who, "logged values are floats", f"log key {key!r} is not a string")
+        if isinstance(value, Tensor):
+            _require(value.ndim == 0 and not value.requires_grad, who, "logged values are floats",
+                     f"logs[{key!r}] is a tensor of shape {tuple(value.shape)} (requires_grad={value.requires_grad}); "
+                     f"log detached 0-d tensors or Python floats")
+        else:
+            _require(isinstance(value, numbers.Real) and not isinstance(value, bool), who, "logged values are floats",
+                     f"logs[{key!r}] is a {type(value).__name__}; log Python floats or detached 0-d tensors")
+        _require(math.isfinite(float(value)), who, "logged values are floats", f"logs[{key!r}] = {value}")
+
+
+def _check_gradients(loss: Tensor, model: nn.Module, who: str) -> None:
+    """'gradients reach the model': finite, not all zero (the gradients are cleared afterwards)."""
+    _require(loss.requires_grad, who, "gradients reach the model", "the loss does not require grad")
+    with _checking(who, "gradients reach the model"):
+        loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    _require(bool(grads), who, "gradients reach the model", "no parameter of models['model'] received a gradient")
+    _require(all(bool(torch.isfinite(g).all()) for g in grads), who, "gradients reach the model",
+             "some gradients are not finite")
+    _require(any(bool((g != 0).any()) for g in grads), who, "gradients reach the model", "every gradient is zero")
+    model.zero_grad(set_to_none=True)
+
+
+def _check_sampling(objective: Any, model: nn.Module, batch: Mapping[str, Any], who: str) -> None:
+    """'sampling_model': a callable field with ``field(x, t, y).shape == x.shape`` (model in eval mode)."""
+    x = batch["x"]
+    with _checking(who, "sampling_model"):
+        field = objective.sampling_model(model)
+    _require(callable(field), who, "sampling_model",
+             f"sampling_model returned {type(field).__name__}, not a callable")
+    t = torch.full((x.shape[0],), 0.5, device=x.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _checking(who, "sampling_model"):
+        out = field(x, t, batch.get("y"))
+    model.train(was_training)
+    _require(isinstance(out, Tensor) and out.shape == x.shape, who, "sampling_model",
+             f"field(x, t, y) returned shape {tuple(getattr(out, 'shape', ()))} for x of shape {tuple(x.shape)}")
 
 
 def _check_per_example_draws(objective: Any, models: Mapping[str, nn.Module], batch: Mapping[str, Any],

@@ -8,7 +8,7 @@ FLOWFORGE_API = 1
 @hookimpl
 def flowforge_register(register):
     register("data", "toy2d", "plugins.data.toy2d:make_toy2d", "plugins.data.toy2d:Toy2DConfig",
-             doc="2D toy distributions (checkerboard, moons, eight gaussians, two spirals)")
+             doc="2D toy distributions (checkerboard, moons, eight gaussians, two spirals)", default=True)
     register("data", "digits", "plugins.data.digits:make_digits", "plugins.data.digits:DigitsConfig",
              doc="scikit-learn's 8x8 handwritten digits (1797 images, 10 classes)")
     register("data", "toy2d_discrete", "plugins.data.toy2d_discrete:make_toy2d_discrete",

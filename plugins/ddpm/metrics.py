@@ -46,6 +46,7 @@ class BpdConfig:
         prediction: unset: the run's [path]; outside a run "epsilon", "x_start" or "v" (default epsilon).
         variance: unset: the run's [path]; outside a run "fixed_large", "fixed_small", "learned_range" or
             "learned" (default fixed_large).
+        zero_terminal_snr: unset: the run's [path]; outside a run the path's option (default false).
         respacing: evaluate the bound of a respaced process ("" = every step; as the solvers' option).
         num_examples: held-out examples to evaluate.
         batch_size: examples per model call.
@@ -57,6 +58,7 @@ class BpdConfig:
     steps: int | None = None
     prediction: Literal["epsilon", "x_start", "v"] | None = None
     variance: Literal["fixed_small", "fixed_large", "learned", "learned_range"] | None = None
+    zero_terminal_snr: bool | None = None
     respacing: str = ""
     num_examples: int = 256
     batch_size: int = 256

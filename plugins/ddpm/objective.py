@@ -32,12 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from core import rng
-from core.guidance import ClassifierFreeGuidance, drop_labels
+from core.guidance import ClassifierFreeGuidance, check_options, configured, drop_labels, guide
 from core.interfaces import Batch, DataSpec, Field, Objective
 from registry import ConfigError
 
 from .path import diffusion_of
 from .resample import create_schedule_sampler
+from .weighting import loss_weights, perturbed_noise, snr
 
 
 @attrs.define
@@ -52,6 +53,14 @@ class DDPMConfig:
         history_per_term: losses kept per step by loss-second-moment.
         uniform_prob: weight of the uniform distribution mixed into loss-second-moment sampling.
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+        weighting: weight of the mean-squared error per step: "none", "snr" or "min_snr" (Hang et al.;
+            see `plugins.ddpm.weighting`); needs loss_type mse or rescaled_mse.
+        snr_gamma: the clamp gamma of min_snr (5 in the paper).
+        noise_offset: offset noise: a per-channel N(0, offset^2) shift of the noise, broadcast over space.
+        input_perturbation: Ning et al.'s gamma: x_k is built from noise + gamma * N(0, I), the target
+            keeps the noise.
+        guidance_interval: [lo, hi]: classifier-free guidance only for t in it (Kynkaanniemi et al.).
+        guidance_rescale: CFG rescale phi (Lin et al.), see `core.guidance`.
     """
 
     loss_type: Literal["mse", "rescaled_mse", "kl", "rescaled_kl"] = "mse"
@@ -59,9 +68,21 @@ class DDPMConfig:
     history_per_term: int = 10
     uniform_prob: float = 1e-3
     label_dropout: float = 0.0
+    weighting: Literal["none", "snr", "min_snr"] = "none"
+    snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_rescale: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        check_options(self.guidance_interval, self.guidance_rescale)
         checks = [
+            (self.snr_gamma > 0, "snr_gamma", "a positive clamp"),
+            (self.noise_offset >= 0, "noise_offset", "a non-negative offset"),
+            (self.input_perturbation >= 0, "input_perturbation", "a non-negative gamma"),
+            (self.weighting == "none" or self.loss_type in ("mse", "rescaled_mse"), "weighting",
+             "weighting = \"none\" with loss_type kl / rescaled_kl (SNR weights apply to the mse term)"),
             (self.history_per_term >= 1, "history_per_term", "a positive integer"),
             (0.0 <= self.uniform_prob <= 1.0, "uniform_prob", "a probability in [0, 1]"),
             (0.0 <= self.label_dropout <= 1.0, "label_dropout", "a probability in [0, 1]"),
@@ -78,7 +99,7 @@ class MeanGuidance(ClassifierFreeGuidance):
     def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
         """Guide the mean channels ``[:C]`` of ``(B, 2C, ...)``; keep the conditional variance channels ``[C:]``."""
         (cond_mean, cond_var), uncond_mean = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)[0]
-        return torch.cat([super().combine(cond_mean, uncond_mean), cond_var], dim=1)
+        return torch.cat([guide(cond_mean, uncond_mean, self.scale, self.rescale), cond_var], dim=1)
 
 
 class DDPMObjective(Objective):
@@ -95,16 +116,22 @@ class DDPMObjective(Objective):
         x_start = batch["x"]
         draw = rng.for_batch(batch)
         k, weights = self.sampler.sample(x_start.shape[0], x_start.device, draw=draw)
+        c = self.config
         noise = self.path.sample_source(x_start.shape, device=x_start.device, dtype=x_start.dtype, draw=draw)
+        noise, target_noise = perturbed_noise(noise, draw, c.noise_offset, c.input_perturbation)
         x_t = d.q_sample(x_start, k, noise)
         y = batch.get("y")
         if y is not None:
             y = drop_labels(y, self.config.label_dropout, self.spec.num_classes, draw)
         output = models["model"](x_t, d.model_time(k, x_t), y).float()
-        terms = d.training_losses(output, x_start.float(), x_t.float(), k, noise.float(), self.config.loss_type)
+        terms = d.training_losses(output, x_start.float(), x_t.float(), k, target_noise.float(), c.loss_type)
         self.sampler.update_with_local_losses(k, terms["loss"].detach())
         logs = {name: terms[name].detach().mean() for name in ("mse", "vb") if name in terms}
-        return (terms["loss"] * weights).mean(), logs
+        loss = terms["loss"]
+        if c.weighting != "none":
+            snr_w = loss_weights(snr(d, k), d.prediction, c.weighting, c.snr_gamma).to(loss)
+            loss = snr_w * terms["mse"] + terms.get("vb", 0.0)
+        return (loss * weights).mean(), logs
 
     @property
     def prediction(self) -> str:
@@ -112,9 +139,8 @@ class DDPMObjective(Objective):
         return self.path.config.prediction
 
     def sampling_model(self, model: nn.Module) -> Field:
-        if isinstance(model, ClassifierFreeGuidance) and self.diffusion.learned_variance:
-            return MeanGuidance(model.model, model.scale, model.null_label)
-        return model
+        cls = MeanGuidance if self.diffusion.learned_variance else None
+        return configured(model, self.config.guidance_interval, self.config.guidance_rescale, cls)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

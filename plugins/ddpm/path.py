@@ -20,7 +20,8 @@ from core import rng
 from core.interfaces import DataSpec, Path, PathSample
 from registry import ConfigError
 
-from .diffusion import GaussianDiffusion, time_to_step
+from .diffusion import GaussianDiffusion, named_betas, time_to_step
+from .spacing import rescale_zero_terminal_snr
 
 
 @attrs.define
@@ -33,14 +34,20 @@ class DiffusionConfig:
         prediction: what the model predicts: "epsilon", "x_start" (predict_xstart) or "v" (v-prediction).
         variance: "fixed_large" (guided-diffusion's default), "fixed_small" (sigma_small), "learned_range"
             (learn_sigma; the backbone outputs twice the channels) or "learned" (raw log-variance).
+        zero_terminal_snr: rescale the betas so that the last step has zero SNR (Lin et al. 2024,
+            Algorithm 1: sqrt(abar) shifted and scaled, abar_0 kept); needs prediction "v" or "x_start".
     """
 
     schedule: Literal["linear", "cosine"] = "linear"
     steps: int = 1000
     prediction: Literal["epsilon", "x_start", "v"] = "epsilon"
     variance: Literal["fixed_small", "fixed_large", "learned", "learned_range"] = "fixed_large"
+    zero_terminal_snr: bool = False
 
     def __attrs_post_init__(self) -> None:
+        if self.zero_terminal_snr and self.prediction == "epsilon":
+            raise ConfigError("zero_terminal_snr: an epsilon model cannot give the data at zero SNR (x_T is pure "
+                              "noise); use prediction = \"v\" (Lin et al.) or \"x_start\"", ("zero_terminal_snr",))
         if self.steps < 1:
             raise ConfigError(f"expected a positive number of diffusion steps, got {self.steps}", ("steps",))
         if self.schedule == "linear" and self.steps <= 20:
@@ -49,10 +56,13 @@ class DiffusionConfig:
 
     def diffusion(self) -> GaussianDiffusion:
         """The process these options describe."""
-        return GaussianDiffusion.named(self.schedule, self.steps, self.prediction, self.variance)
+        betas = named_betas(self.schedule, self.steps)
+        if self.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return GaussianDiffusion(betas, self.prediction, self.variance)
 
     def diffusion_options(self) -> dict[str, Any]:
-        """These four options as a plain mapping (subclasses add their own fields)."""
+        """These options as a plain mapping (subclasses add their own fields)."""
         return {f.name: getattr(self, f.name) for f in attrs.fields(DiffusionConfig)}
 
 
@@ -77,6 +87,12 @@ class GaussianDiffusionPath(Path):
                       draw: rng.ExampleRandom | None = None) -> Tensor:
         """``x_0 ~ N(0, I)`` ``(B, ...)`` (`core.rng.standard_normal`, stream ``"noise"``)."""
         return rng.standard_normal(shape, generator, device, dtype=dtype, draw=draw)
+
+    def velocity_field(self, field: Any) -> Any:
+        """The probability-flow velocity of a model of this process (`plugins.ddpm.flow`), for ODE solvers."""
+        from .flow import ProbabilityFlow
+
+        return ProbabilityFlow(field, self.diffusion)
 
 
 def make_gaussian_diffusion(config: DiffusionConfig, spec: DataSpec | None = None,

@@ -31,6 +31,11 @@ Time samplers (``time_sampler``), all in the t=0-noise convention:
 * ``mode``: SD3's mode sampling ``t = 1 - f(u)``, ``f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)``,
   ``u ~ U[0, 1]``, ``s = mode_scale`` in ``[-1, 2 / (pi - 2)]`` (s = 0 is uniform; s > 0 favours mid times).
 
+Couplings (``coupling``, couplings.py): drawn noise is re-paired with the data by exact minibatch OT,
+Sinkhorn's entropic plan or OT within each label, on blocks of ``coupling_block`` examples. On a
+stochastic interpolant path (interpolants.py) the latent ``z`` is drawn per example (stream
+``"latent"``) and ``prediction = "velocity_score"`` regresses ``[u_t, z]`` with two heads.
+
 With ``label_dropout = p`` each label is replaced by the null label
 ``num_classes`` with probability ``p`` (trains the unconditional model of
 classifier-free guidance).
@@ -57,10 +62,12 @@ import torch
 from torch import Tensor, nn
 
 from core import rng
-from core.guidance import drop_labels
+from core.guidance import check_options, configured, drop_labels
 from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
+from .couplings import coupled_source, coupling_eps
+from .interpolants import VelocityScore, velocity_score_loss
 from .path import AffinePath
 
 
@@ -69,7 +76,8 @@ class FlowMatchingConfig:
     """Options of the flow_matching (alias velocity_mse) objective.
 
     Attributes:
-        prediction: what the model predicts: "velocity", "epsilon" (the source x_0) or "x1" (the data).
+        prediction: what the model predicts: "velocity", "epsilon" (the source x_0), "x1" (the data) or
+            "velocity_score" (interpolant paths: the velocity and E[z | x_t], twice the channels; interpolants.py).
         loss_weighting: "none", "velocity" (the MSE of the prediction converted to a velocity) or "min_snr".
         min_snr_gamma: gamma of min_snr weighting.
         max_weight: cap on the velocity weighting (it is unbounded at one end of time).
@@ -82,9 +90,18 @@ class FlowMatchingConfig:
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
         loss_bins: number of equal bins of t whose mean loss is logged as loss_bin/k (0: none).
         sampling_eps: how far from the singular end an epsilon or x1 model is evaluated when sampling.
+        guidance_interval: [lo, hi]: classifier-free guidance only for t in it (Kynkaanniemi et al.).
+        guidance_rescale: CFG rescale phi (Lin et al.) of the model's output, see `core.guidance`.
+        coupling: how drawn source noise is paired with the data: "independent", "ot" (exact minibatch
+            OT), "sinkhorn" (entropic OT, pairs drawn from the plan) or "class_ot" (OT within each label);
+            see couplings.py.
+        coupling_block: couple consecutive blocks of this many examples (0: the whole micro-batch). A block
+            that divides the micro-batch makes the coupling process-count invariant.
+        sinkhorn_eps: entropic regularisation of "sinkhorn" in units of the squared distance (None: 2 sigma^2
+            of a schrodinger_bridge / interpolant path, SB-CFM's choice).
     """
 
-    prediction: Literal["velocity", "epsilon", "x1"] = "velocity"
+    prediction: Literal["velocity", "epsilon", "x1", "velocity_score"] = "velocity"
     loss_weighting: Literal["none", "velocity", "min_snr"] = "none"
     min_snr_gamma: float = 5.0
     max_weight: float = 1e4
@@ -97,9 +114,17 @@ class FlowMatchingConfig:
     label_dropout: float = 0.0
     loss_bins: int = 4
     sampling_eps: float = 1e-3
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_rescale: float = 0.0
+    coupling: Literal["independent", "ot", "sinkhorn", "class_ot"] = "independent"
+    coupling_block: int = 0
+    sinkhorn_eps: float | None = None
 
     def __attrs_post_init__(self) -> None:
+        check_options(self.guidance_interval, self.guidance_rescale)
         checks = [
+            (self.coupling_block >= 0, "coupling_block", "a non-negative integer"),
+            (self.sinkhorn_eps is None or self.sinkhorn_eps > 0, "sinkhorn_eps", "a positive number"),
             (self.std > 0, "std", "a positive number"),
             (self.p_std > 0, "p_std", "a positive number"),
             (-1.0 <= self.mode_scale <= 2.0 / (math.pi - 2.0), "mode_scale",
@@ -186,12 +211,17 @@ class FlowMatching(Objective):
         if path is None:
             raise ConfigError("this objective needs a [path] section (e.g. plugin = \"affine\")")
         affine = isinstance(path, AffinePath)
-        if not affine and config.prediction != "velocity":
+        latent = getattr(path, "latent_noise", False)
+        if config.prediction == "velocity_score" and not latent:
+            raise ConfigError("prediction \"velocity_score\" needs a stochastic interpolant path (plugin = "
+                              "\"interpolant\" or \"schrodinger_bridge\")", ("prediction",))
+        if not affine and config.prediction not in ("velocity", "velocity_score"):
             raise ConfigError(f"prediction {config.prediction!r} needs an affine path (it converts through "
                               f"alpha_t and sigma_t); this experiment's path is {type(path).__name__}", ("prediction",))
         if not affine and config.loss_weighting != "none":
             raise ConfigError("loss weighting needs an affine path", ("loss_weighting",))
         self.config, self.spec, self.path = config, spec, path
+        self.coupling_eps = coupling_eps(config, spec, path)
         self._last_bins: Tensor | None = None  # (loss_bins,) the last mean seen in each bin, on the device
 
     @property
@@ -202,19 +232,23 @@ class FlowMatching(Objective):
         c = self.config
         x_1 = batch["x"]
         draw = rng.for_batch(batch)
-        x_0 = batch.get("x0")
-        if x_0 is None:
-            x_0 = self.path.sample_source(x_1.shape, device=x_1.device, dtype=x_1.dtype, draw=draw)
+        x_0 = coupled_source(c, self.coupling_eps, batch, draw, self.path)
         t_dtype = torch.float64 if x_1.dtype == torch.float64 else torch.float32
         t = sample_times(c, x_1.shape[0], x_1.device, scheduler=self.scheduler, dtype=t_dtype, draw=draw)
-        ps = self.path.sample(x_0, x_1, t)
+        if getattr(self.path, "latent_noise", False):
+            ps = self.path.sample(x_0, x_1, t, z=draw.randn_like(x_1, "latent"))
+        else:
+            ps = self.path.sample(x_0, x_1, t)
         y = batch.get("y")
         if y is not None:
             y = drop_labels(y, c.label_dropout, self.spec.num_classes, draw)
         pred = models["model"](ps.x_t, t, y)
-        target = ps.target if c.prediction == "velocity" else self.path.target(ps, c.prediction)
-        dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)  # >= float32
-        per_sample = (pred.to(dtype) - target.to(dtype)).pow(2).reshape(x_1.shape[0], -1).mean(1)
+        if c.prediction == "velocity_score":
+            per_sample = velocity_score_loss(pred, ps)
+        else:
+            target = ps.target if c.prediction == "velocity" else self.path.target(ps, c.prediction)
+            dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)  # >= float32
+            per_sample = (pred.to(dtype) - target.to(dtype)).pow(2).reshape(x_1.shape[0], -1).mean(1)
         if c.loss_weighting != "none":
             per_sample = per_sample * loss_weights(c.loss_weighting, c.prediction, self.path, t.to(dtype),
                                                    gamma=c.min_snr_gamma, max_weight=c.max_weight).detach()
@@ -245,8 +279,11 @@ class FlowMatching(Objective):
         return self.config.prediction
 
     def sampling_model(self, model: nn.Module) -> Field:
+        model = configured(model, self.config.guidance_interval, self.config.guidance_rescale)
         if self.config.prediction == "velocity":
             return model
+        if self.config.prediction == "velocity_score":
+            return VelocityScore(model, self.path)
         from .transforms import PredictionToVelocity
 
         return PredictionToVelocity(model, self.path, self.config.prediction, self.config.sampling_eps)

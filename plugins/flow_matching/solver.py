@@ -379,9 +379,10 @@ class ODESolver(Solver):
         scheduler: the experiment's scheduler (for the edm grid and ``sampling_scheduler``).
     """
 
-    def __init__(self, config: ODEConfig | None = None, scheduler: Scheduler | None = None):
+    def __init__(self, config: ODEConfig | None = None, scheduler: Scheduler | None = None, path: Any = None):
         self.config = config or ODEConfig()
         self.scheduler = scheduler
+        self.velocity_field = getattr(path, "velocity_field", None)  # a path whose models are not velocities
         self.sampling_scheduler: Scheduler | None = None
         self._compiled: dict[tuple[int, str], Any] = {}  # (id(model), method) -> compiled step
         self._graphed: tuple[tuple, Field, GraphedIntegration] | None = None  # (key, model, graph): the last one
@@ -415,7 +416,10 @@ class ODESolver(Solver):
         return uniform_grid(c.t0, c.t1, c.steps, device=device, dtype=dtype)
 
     def field(self, model: Field) -> Field:
-        """What is integrated: `model`, or its schedule-transformed version with ``sampling_scheduler``."""
+        """What is integrated: `model`, the path's velocity of it (a path with ``velocity_field``, e.g. the
+        probability flow of gaussian_diffusion), or its schedule-transformed version with ``sampling_scheduler``."""
+        if self.velocity_field is not None:
+            return self.velocity_field(model)
         if self.sampling_scheduler is None:
             return model
         from .transforms import ScheduleTransformedModel
@@ -466,9 +470,17 @@ class ODESolver(Solver):
         return self._graphed[2](x, y)
 
 
-def make_ode(config: ODEConfig, scheduler: Scheduler | None = None) -> ODESolver:
-    """Solver factory for ``plugin = "ode"``."""
-    return ODESolver(config, scheduler)
+def make_ode(config: ODEConfig, scheduler: Scheduler | None = None, path: Any = None, spec: Any = None) -> ODESolver:
+    """Solver factory for ``plugin = "ode"``: continuous data; a path with ``velocity_field`` converts its
+    model's output (then without ``grid = "edm"``, which needs a [scheduler])."""
+    name = f"the [path] {type(path).__name__}"
+    if spec is not None and spec.kind != "continuous":
+        raise ConfigError(f"the ode solver integrates continuous states; {name} has {spec.kind} data "
+                          f"(use its own solver, e.g. discrete_euler)", ("plugin",))
+    if hasattr(path, "velocity_field") and config.grid == "edm" and config.times is None:
+        raise ConfigError(f"the ode solver's edm grid needs a [scheduler]; {name} has its own schedule: use "
+                          f"grid = \"uniform\", times, or the diffusion solvers' karras_sigmas", ("grid",))
+    return ODESolver(config, scheduler, path)
 
 
 def solve(model: Field, x_init: Tensor, *, method: str = "midpoint", steps: int = 20, y: Tensor | None = None,

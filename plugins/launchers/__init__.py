@@ -9,7 +9,7 @@ FLOWFORGE_API = 1
 @hookimpl
 def flowforge_register(register):
     register("launcher", "local", "plugins.launchers.local:make_local", "plugins.launchers.local:LocalConfig",
-             doc="one process on this machine (CPU or one GPU)")
+             doc="one process on this machine (CPU or one GPU)", default=True)
     register("launcher", "accelerate", "plugins.launchers.accelerate_launcher:make_accelerate",
              "plugins.launchers.accelerate_launcher:AccelerateConfig",
              doc="N processes per machine on M machines (gloo on CPU, NCCL on GPUs); works under torchrun too")

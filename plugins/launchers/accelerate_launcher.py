@@ -86,6 +86,30 @@ def already_distributed() -> bool:
     return "WORLD_SIZE" in os.environ and ("LOCAL_RANK" in os.environ or "RANK" in os.environ)
 
 
+#: what MPI launchers export instead of ``WORLD_SIZE`` (accelerate reads them for CPU jobs under mpirun)
+_MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def warn_if_accelerate_started_one_process() -> bool:
+    """Warn (stderr) when ``accelerate launch`` was asked for several processes but started only this one.
+
+    ``accelerate launch --cpu --num_processes N`` (and ``--num_processes N`` with fewer than two GPUs
+    and no ``--multi_gpu``) runs its "simple" launcher: one process with ``MASTER_ADDR``/``MASTER_PORT``
+    exported and no ``WORLD_SIZE``, leaving the other processes to mpirun. That process trains alone.
+    Returns whether it warned.
+    """
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" not in env or "MASTER_PORT" not in env or "WORLD_SIZE" in env \
+            or any(k in env for k in _MPI_SIZE):
+        return False
+    print("flowforge: warning: `accelerate launch` started only this process (it exported MASTER_PORT but no "
+          "WORLD_SIZE: with --cpu, or without --multi_gpu, it leaves the other processes to mpirun), so this run "
+          "trains on 1 process. For N processes: `accelerate launch --multi_gpu --num_processes N -m core.run ...` "
+          "(torchrun underneath; gloo on CPU when no GPU is visible) or `torchrun --nproc_per_node N -m core.run ...`",
+          file=sys.stderr, flush=True)
+    return True
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -213,7 +237,7 @@ def diagnose(outcome: Mapping[int, tuple[str, Any]], exit_codes: Mapping[int, in
         if err["interrupt"]:
             return KeyboardInterrupt()
         if err["type"] == "NonFiniteLossError":
-            from core.trainer import NonFiniteLossError
+            from core.errors import NonFiniteLossError
 
             return NonFiniteLossError(err["message"])
         return RuntimeError(f"rank {rank} failed with {err['type']}: {err['message']}\n{err['traceback']}")
@@ -273,6 +297,7 @@ class AccelerateLauncher(Launcher):
 
     def launch(self, entry: Callable[..., Any], *args: Any, accelerator_kwargs: Mapping[str, Any]) -> Any:
         kwargs = dict(accelerator_kwargs)
+        warn_if_accelerate_started_one_process()
         if already_distributed() or (self.config.num_processes == 1 and self.config.num_machines == 1):
             if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun / accelerate launch: die with the agent
                 from core.signals import watch_parent

@@ -33,6 +33,9 @@ class LocalLauncher(Launcher):
         import torch
         from accelerate import Accelerator
 
+        from .accelerate_launcher import warn_if_accelerate_started_one_process
+
+        warn_if_accelerate_started_one_process()
         kwargs = dict(accelerator_kwargs)
         if self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available()):
             kwargs["cpu"] = True

@@ -6,8 +6,9 @@ environment from Slurm's (submitit's ``TorchDistributedEnvironment``) and runs
 the training entry point with an ``accelerate.Accelerator``. On preemption or
 time-out the job checkpoints itself (submitit's ``Checkpointable``) and is
 requeued with ``resume = True``, so it continues from the checkpoint the
-trainer writes at the step boundary after the signal (see `TrainJob`). ``executor = "local"`` runs the same job through submitit's
-local executor (how the tests exercise it).
+trainer writes at the step boundary after the signal (see `TrainJob`). ``executor = "local"`` runs the
+same job through submitit's local executor, whose controller restarts a requeued task: how
+tests/test_slurm_requeue.py exercises preemption, requeue and resume end to end.
 """
 
 from __future__ import annotations

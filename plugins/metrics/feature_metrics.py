@@ -2,9 +2,20 @@
 
 Each is a ``torchmetrics.Metric`` following ``core.interfaces.SampleMetric``:
 ``update(samples, real)`` maps a batch ``(B, ...)`` to features ``(B, F)``
-with the configured extractor (`plugins.metrics.features`) and appends them to
-a list state (``dist_reduce_fx="cat"``), so under several processes every rank
-contributes exactly its own examples; ``compute()`` sees all of them.
+with the metric's feature extractor (`plugins.metrics.features`). Generated
+features are appended to a list state; each reference batch is reduced to the
+metric's reference statistics (the Frechet distance's count, mean and
+covariance; the features themselves for KID and precision/recall), read from
+and written to the on-disk cache of `plugins.metrics.refcache` when the
+extractor has an identity. Every state is a list (``dist_reduce_fx="cat"``),
+so under several processes every rank contributes exactly its own examples;
+``compute()`` sees all of them. The Frechet distance pools the per-batch
+statistics exactly (Chan et al.'s parallel update)::
+
+    N = sum_i n_i,   mu = sum_i n_i mu_i / N,
+    S = (sum_i (n_i - 1) S_i + sum_i n_i (mu_i - mu)(mu_i - mu)^T) / (N - 1)
+
+which for a single batch is that batch's mean and covariance.
 
 With ``phi`` the features of reference (``r``) and generated (``g``) examples:
 
@@ -37,10 +48,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from pathlib import Path
+from typing import Any
+
 from core.interfaces import DataSource, DataSpec
 from registry import ConfigError
 
-from .features import FEATURE_OPTIONS_DOC, FeatureConfig, FeatureExtractor, build_extractor
+from .features import FEATURE_OPTIONS_DOC, FeatureConfig, build_extractor, default_cache_dir
+from .refcache import ReferenceCache, cache_key, fingerprint
 
 
 # --------------------------------------------------------------------------- math (float64)
@@ -65,6 +80,18 @@ def mean_cov(x: Tensor) -> tuple[Tensor, Tensor]:
     mu = x.mean(0)
     d = x - mu
     return mu, d.T @ d / (x.shape[0] - 1)
+
+
+def pooled_mean_cov(counts: Tensor, means: Tensor, covs: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of the union of batches with ``counts (k,)``,
+    ``means (k, F)`` and unbiased covariances ``covs (k, F, F)`` (see the module docstring)."""
+    if len(counts) == 1:
+        return means[0], covs[0]
+    n = counts.sum()
+    mu = (counts[:, None] * means).sum(0) / n
+    d = means - mu
+    scatter = ((counts - 1)[:, None, None] * covs).sum(0) + (counts[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+    return mu, scatter / (n - 1)
 
 
 def polynomial_kernel(a: Tensor, b: Tensor, degree: int = 3, coef: float = 1.0) -> Tensor:
@@ -101,44 +128,117 @@ def coverage(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 4096) 
 
 
 # --------------------------------------------------------------------------- metrics
+def _cat(value: Any) -> Tensor | None:
+    """A list state before synchronisation, one concatenated tensor after it; None when empty."""
+    if isinstance(value, list):
+        return torch.cat(value).double() if value else None
+    return value.double()
+
+
 class _FeatureMetric(Metric):
-    """Accumulates extractor features of reference and generated examples (list states, concatenated across ranks)."""
+    """Features of generated examples and statistics of reference examples (list states, concatenated
+    across ranks); `reference_names` and `reference_statistics` are what a subclass keeps of the reference."""
 
     higher_is_better = False
     result_names: tuple[str, ...] = ()  # one number
     full_state_update = False
+    #: the reference statistics kept (states ``real_<name>``) and the name they are cached under
+    reference_names: tuple[str, ...] = ("features",)
+    statistic = "features"
 
-    def __init__(self, extractor: FeatureExtractor, **kwargs):
+    def __init__(self, extractor: Any, cache: ReferenceCache | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.extractor = extractor
-        self.add_state("real_features", default=[], dist_reduce_fx="cat")
+        self.extractor, self.cache = extractor, cache
+        #: how many reference batches went through the extractor (the others came from the cache)
+        self.reference_extractions = 0
+        for name in self.reference_names:
+            self.add_state(f"real_{name}", default=[], dist_reduce_fx="cat")
         self.add_state("fake_features", default=[], dist_reduce_fx="cat")
+
+    def reference_statistics(self, features: Tensor) -> dict[str, Tensor]:
+        """What is kept of a reference batch's features ``(B, F)``: by default the features."""
+        return {"features": features}
 
     def update(self, samples: Tensor, real: bool) -> None:
         if samples.shape[0] == 0:
             return
-        (self.real_features if real else self.fake_features).append(self.extractor(samples))
+        if not real:
+            self.fake_features.append(self.extractor(samples).double())
+            return
+        key = self.reference_key(samples)
+        if key is None or not self.add_cached_reference(key):
+            self.reference_extractions += 1
+            self.add_reference_features(self.extractor(samples).double(), key)
 
-    def _features(self, min_count: int = 2) -> tuple[Tensor, Tensor]:
-        def cat(v):  # a list before synchronisation, one concatenated tensor after it
-            if isinstance(v, list):
-                return torch.cat(v).double() if v else torch.empty(0, 0, dtype=torch.float64)
-            return v.double()
+    def reference_key(self, samples: Any) -> str | None:
+        """The cache key of reference examples `samples` (a tensor or an array); None without a cache or an
+        extractor identity."""
+        identity = getattr(self.extractor, "identity", None)
+        if self.cache is None or identity is None:
+            return None
+        return cache_key(fingerprint(samples), identity, self.statistic)
 
-        real, fake = cat(self.real_features), cat(self.fake_features)
-        if min(len(real), len(fake)) < min_count:
+    def add_cached_reference(self, key: str) -> bool:
+        """Add the reference statistics cached under `key`; False when there are none."""
+        stats = self.cache.load(key) if self.cache is not None else None
+        if stats is None or set(stats) != set(self.reference_names):
+            return False
+        for name in self.reference_names:
+            getattr(self, f"real_{name}").append(stats[name])
+        return True
+
+    def add_reference_features(self, features: Tensor, key: str | None = None) -> None:
+        """Add the statistics of reference features ``(B, F)``, caching them under `key` when given."""
+        self._update_count += 1  # torchmetrics' count of updates: features fed directly count as one
+        stats = self.reference_statistics(features.double())
+        if key is not None and self.cache is not None:
+            self.cache.save(key, stats, {"statistic": self.statistic,
+                                         "extractor": getattr(self.extractor, "identity", None)})
+        for name in self.reference_names:
+            getattr(self, f"real_{name}").append(stats[name])
+
+    def add_generated_features(self, features: Tensor) -> None:
+        """Add features ``(B, F)`` of generated examples (already extracted)."""
+        self._update_count += 1
+        self.fake_features.append(features.double())
+
+    def _fake(self, min_count: int) -> Tensor:
+        fake = _cat(self.fake_features)
+        count = 0 if fake is None else len(fake)
+        if count < min_count:
             raise ValueError(f"{type(self).__name__} needs at least {min_count} reference and generated samples, "
-                             f"got {len(real)} and {len(fake)}")
-        return real, fake
+                             f"got {count} generated")
+        return fake
+
+    def _real_features(self, min_count: int) -> Tensor:
+        real = _cat(self.real_features)
+        count = 0 if real is None else len(real)
+        if count < min_count:
+            raise ValueError(f"{type(self).__name__} needs at least {min_count} reference and generated samples, "
+                             f"got {count} reference")
+        return real
 
 
 class FrechetDistance(_FeatureMetric):
     """Frechet distance between Gaussians fitted to reference and generated features (see the module docstring)."""
 
-    def compute(self) -> Tensor:
-        real, fake = self._features()
-        return frechet_distance(*mean_cov(real), *mean_cov(fake))
+    reference_names = ("count", "mean", "cov")
+    statistic = "frechet_mean_cov"
 
+    def reference_statistics(self, features: Tensor) -> dict[str, Tensor]:
+        n = features.shape[0]
+        mu, cov = mean_cov(features) if n > 1 else (features[0], torch.zeros(features.shape[1], features.shape[1],
+                                                                            dtype=torch.float64))
+        return {"count": torch.tensor([float(n)], dtype=torch.float64), "mean": mu[None], "cov": cov[None]}
+
+    def compute(self) -> Tensor:
+        counts = _cat(self.real_count)
+        if counts is None or counts.sum() < 2:
+            raise ValueError(f"FrechetDistance needs at least 2 reference and generated samples, got "
+                             f"{0 if counts is None else int(counts.sum())} reference")
+        fake = self._fake(2)
+        mu, cov = pooled_mean_cov(counts, _cat(self.real_mean), _cat(self.real_cov))
+        return frechet_distance(mu, cov, *mean_cov(fake))
 
 @attrs.define
 class KIDConfig(FeatureConfig):
@@ -166,12 +266,12 @@ KIDConfig.__doc__ = ("Options of kid (kernel distance).\n\n    Attributes:" + FE
 class KernelDistance(_FeatureMetric):
     """KID: unbiased squared MMD with a cubic polynomial kernel (see the module docstring)."""
 
-    def __init__(self, extractor: FeatureExtractor, config: KIDConfig | None = None, **kwargs):
-        super().__init__(extractor, **kwargs)
+    def __init__(self, extractor: Any, config: KIDConfig | None = None, cache: ReferenceCache | None = None, **kwargs):
+        super().__init__(extractor, cache, **kwargs)
         self.config = config or KIDConfig(feature_extractor="raw")
 
     def compute(self) -> Tensor:
-        real, fake = self._features()
+        real, fake = self._real_features(2), self._fake(2)
         c = self.config
         if max(len(real), len(fake)) <= c.subset_size:
             return mmd2_unbiased(real, fake, c.degree, c.coef)
@@ -203,29 +303,38 @@ class PrecisionRecall(_FeatureMetric):
     higher_is_better = True
     result_names = ("precision", "recall")
 
-    def __init__(self, extractor: FeatureExtractor, k: int = 3, **kwargs):
-        super().__init__(extractor, **kwargs)
+    def __init__(self, extractor: Any, k: int = 3, cache: ReferenceCache | None = None, **kwargs):
+        super().__init__(extractor, cache, **kwargs)
         self.k = k
 
     def compute(self) -> dict[str, Tensor]:
-        real, fake = self._features(min_count=self.k + 1)
+        real, fake = self._real_features(self.k + 1), self._fake(self.k + 1)
         precision = coverage(fake, real, knn_radii(real, self.k))
         recall = coverage(real, fake, knn_radii(fake, self.k))
         return {"precision": precision, "recall": recall}
 
 
 # --------------------------------------------------------------------------- factories
-def make_frechet_distance(config: FeatureConfig, spec: DataSpec, data: DataSource | None = None) -> FrechetDistance:
-    """Metric factory for ``plugin = "frechet_distance"``."""
-    return FrechetDistance(build_extractor(config, spec, data))
+def reference_cache(config: FeatureConfig) -> ReferenceCache | None:
+    """The reference-statistics cache `config` asks for: under ``cache_dir`` (default `default_cache_dir`)."""
+    if not config.cache_reference:
+        return None
+    return ReferenceCache(Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir())
 
 
-def make_kid(config: KIDConfig, spec: DataSpec, data: DataSource | None = None) -> KernelDistance:
+def make_frechet_distance(config: FeatureConfig, spec: DataSpec, data: DataSource | None = None,
+                          feature_extractor: Any = None) -> FrechetDistance:
+    """Metric factory for ``plugin = "frechet_distance"`` (`feature_extractor`: the experiment's section)."""
+    return FrechetDistance(build_extractor(config, spec, data, feature_extractor), reference_cache(config))
+
+
+def make_kid(config: KIDConfig, spec: DataSpec, data: DataSource | None = None,
+             feature_extractor: Any = None) -> KernelDistance:
     """Metric factory for ``plugin = "kid"``."""
-    return KernelDistance(build_extractor(config, spec, data), config)
+    return KernelDistance(build_extractor(config, spec, data, feature_extractor), config, reference_cache(config))
 
 
-def make_precision_recall(config: PrecisionRecallConfig, spec: DataSpec,
-                          data: DataSource | None = None) -> PrecisionRecall:
+def make_precision_recall(config: PrecisionRecallConfig, spec: DataSpec, data: DataSource | None = None,
+                          feature_extractor: Any = None) -> PrecisionRecall:
     """Metric factory for ``plugin = "precision_recall"``."""
-    return PrecisionRecall(build_extractor(config, spec, data), config.k)
+    return PrecisionRecall(build_extractor(config, spec, data, feature_extractor), config.k, reference_cache(config))

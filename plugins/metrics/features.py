@@ -1,45 +1,39 @@
-"""Feature extractors for feature-space sample metrics (Frechet distance, KID, precision/recall).
+"""Feature extractors, a component kind (``feature_extractor``), and the feature options of the metrics.
 
-A feature extractor maps examples ``x (B, *spec.shape)`` (floats in [-1, 1],
-or token ids for discrete data) to features ``(B, F)``. Three are offered:
+A feature extractor maps examples ``x (B, *spec.shape)`` (floats in [-1, 1], or
+token ids for discrete data) to features ``(B, F)``. It is built through the
+registry like any component, from a table whose ``plugin`` names it; three come
+with flowforge:
 
-* ``"trained"`` (default): a small network flowforge trains on the data
-  source's own training split, the way MNIST-scale papers use a LeNet in place
-  of Inception. With class labels it is a classifier (cross-entropy), without
-  them an autoencoder (mean squared reconstruction error); the features are its
-  penultimate layer (the code, for the autoencoder). Images ``(C, H, W)`` get a
-  three-block CNN, anything else an MLP. The trained network is cached on disk
-  under ``cache_dir`` (default ``$FLOWFORGE_CACHE``, else
-  ``$XDG_CACHE_HOME/flowforge``, else ``~/.cache/flowforge``) in
-  ``features/<key>.pt``, where the key hashes the training data it sees (a
-  fingerprint of its first batches, after the input normalisation below), the
-  architecture, the training options and the seed. The same data therefore
-  gives the same network whatever the data source's surface options are: the
-  continuous and the discrete form of the digits share one, so their Frechet
-  distances are comparable. A corrupt cache file is rebuilt with a warning;
-  concurrent processes take a file lock, so one trains and the others load.
-* ``"inception"``: torchmetrics' InceptionV3 (the torch-fidelity port of the
-  TF FID network, 2048-d pool features) from a *local* weights file: the
-  ``weights`` option, or torch-fidelity's file in the torch hub cache. Needs
-  ``torch-fidelity`` installed; never downloads. Images are mapped from [-1, 1]
-  to uint8, grey images repeated to three channels.
-* ``"raw"``: the flattened examples themselves (2D toy data, tests).
+* ``digits_cnn``: a small network trained on the run's own training split and
+  cached (`plugins.metrics.trained`); the default.
+* ``inception``: InceptionV3's pool3 features from a local weights file
+  (`plugins.metrics.inception`).
+* ``raw``: the flattened examples themselves (2D toy data, latents, tests).
+
+A third-party extractor is any object called as ``extractor(x) -> (B, F)``; an
+attribute ``identity`` (JSON-able) names what determines its features, and only
+an extractor with one gets its reference statistics cached on disk
+(`plugins.metrics.refcache`).
 
 Discrete examples (token ids ``0..V-1``) are mapped to floats as
-``2 v / (V - 1) - 1`` before any network sees them (``V`` without a mask token
-added for the mask source), which for the digits is exactly the continuous
-form ``v / 8 - 1``.
+``2 v / (V - 1) - 1`` before a built-in network sees them (``V`` without a mask
+token added for the mask source), which for the digits is exactly the
+continuous form ``v / 8 - 1``.
+
+Which extractor a metric uses (`build_extractor`): its ``features`` option (a
+name or a table, resolved with the extractor's defaults when the experiment is
+validated), else the older options (``feature_extractor = "trained" |
+"inception" | "raw"`` with ``weights`` and the training options, which map to
+``digits_cnn``, ``inception`` and ``raw``) when any differs from its default,
+else the experiment's ``[feature_extractor]`` section, else ``digits_cnn`` with
+its defaults. With ``features`` set, ``feature_extractor`` and ``weights`` are
+refused and the older training options are not used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import math
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,35 +44,37 @@ from torch import Tensor, nn
 from core.interfaces import DataSource, DataSpec
 from registry import ConfigError
 
-#: Bumped whenever the architecture or training changes in a way the key does not capture.
-FORMAT_VERSION = 1
-#: torch-fidelity's InceptionV3 weights file name (in ``torch.hub.get_dir()/checkpoints``).
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-#: Batches of training data hashed into the cache key.
-FINGERPRINT_BATCHES = 4
-#: Channels of the image encoder's conv blocks; width of the vector encoder's hidden layers.
-CONV_CHANNELS = (16, 32, 64)
-MLP_HIDDEN = 256
+#: The older ``feature_extractor`` names and the plugins they stand for.
+LEGACY_NAMES = {"trained": "digits_cnn", "inception": "inception", "raw": "raw"}
+#: The older options that configure the trained network (with ``cache_dir``).
+TRAINING_KEYS = ("feature_dim", "train_steps", "train_batch_size", "train_lr", "feature_seed")
 
 FEATURE_OPTIONS_DOC = """
-        feature_extractor: "trained" (a network trained on this data set and cached), "inception"
-            (InceptionV3 from a local weights file) or "raw" (the flattened examples).
-        weights: InceptionV3 weights file for feature_extractor = "inception" (default: torch-fidelity's
-            file in the torch hub cache). Never downloaded.
-        cache_dir: where trained feature networks are cached (default $FLOWFORGE_CACHE, else
+        features: the feature extractor: a feature_extractor plugin name ("digits_cnn", "inception",
+            "raw", or a third-party one) or a table with its options, e.g. {plugin = "inception",
+            weights = "/path/to/pt_inception-2015-12-05-6726825d.pth"}. Default: the experiment's
+            [feature_extractor] section, else "digits_cnn".
+        cache_reference: cache the reference set's statistics on disk, keyed by a fingerprint of
+            the reference examples and the extractor's identity (only extractors with an identity).
+        cache_dir: where reference statistics (reference/) and, for the older options, trained
+            networks (features/) are cached (default $FLOWFORGE_CACHE, else
             $XDG_CACHE_HOME/flowforge, else ~/.cache/flowforge).
-        feature_dim: size of the trained network's feature (penultimate) layer.
-        train_steps: optimizer steps of the trained feature network.
-        train_batch_size: batch size of the trained feature network.
-        train_lr: learning rate (AdamW) of the trained feature network.
-        feature_seed: seed of the trained feature network (initialisation and batches)."""
+        feature_extractor: older form of features: "trained" (digits_cnn), "inception" or "raw".
+        weights: older form: the InceptionV3 weights file for feature_extractor = "inception".
+        feature_dim: older form (not used with features): digits_cnn's feature_dim.
+        train_steps: older form (not used with features): digits_cnn's train_steps.
+        train_batch_size: older form (not used with features): digits_cnn's train_batch_size.
+        train_lr: older form (not used with features): digits_cnn's train_lr.
+        feature_seed: older form (not used with features): digits_cnn's feature_seed."""
 
 
 @attrs.define
 class FeatureConfig:
+    features: str | dict[str, Any] = ""
+    cache_reference: bool = True
+    cache_dir: str = ""
     feature_extractor: Literal["trained", "inception", "raw"] = "trained"
     weights: str = ""
-    cache_dir: str = ""
     feature_dim: int = 128
     train_steps: int = 1000
     train_batch_size: int = 128
@@ -91,6 +87,26 @@ class FeatureConfig:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)!r}", (key,))
         if self.train_lr <= 0:
             raise ConfigError(f"expected a positive number, got {self.train_lr!r}", ("train_lr",))
+        if self.features:
+            self.features = _resolved_features(self.features)
+        if self.features and (self.feature_extractor != "trained" or self.weights):
+            key = "feature_extractor" if self.feature_extractor != "trained" else "weights"
+            raise ConfigError(f"{key} is the older form of features; give one of them (with features set, the "
+                              f"extractor's options go in its table, e.g. features = {{plugin = \"inception\", "
+                              f"weights = \"w.pth\"}})", (key,))
+
+
+def _resolved_features(value: str | dict[str, Any]) -> dict[str, Any]:
+    """The ``features`` table with every default of its extractor filled in; ConfigError at ``features``."""
+    import registry
+
+    mapping = {"plugin": value} if isinstance(value, str) else dict(value)
+    if "plugin" not in mapping:
+        raise ConfigError("the features table needs a plugin key (a feature_extractor plugin)", ("features",))
+    try:
+        return registry.resolved("feature_extractor", mapping)
+    except ConfigError as exc:
+        raise exc.within("features") from None
 
 
 FeatureConfig.__doc__ = ("Options of frechet_distance (shared by every feature-space metric).\n\n    Attributes:"
@@ -114,17 +130,26 @@ def default_cache_dir() -> Path:
     return Path(base) / "flowforge"
 
 
-# --------------------------------------------------------------------------- extractors
+def spec_identity(spec: DataSpec) -> dict[str, Any]:
+    """What of the data's spec changes an extractor's input (shape, kind, vocabulary), as plain data."""
+    return {"shape": list(spec.shape), "kind": spec.kind, "vocab_size": spec.vocab_size,
+            "mask_token": "mask_token" in spec.extra}
+
+
 class FeatureExtractor(nn.Module):
     """Maps examples ``(B, *spec.shape)`` to features ``(B, F)`` (float64, on the examples' device).
 
     Never leaves evaluation mode and keeps no gradients. A network runs on this process's GPU when
-    there is one, in chunks of `batch_size` examples.
+    there is one, in chunks of `batch_size` examples. ``identity`` (None unless given) is what determines
+    the features besides the examples: the plugin name, the data's spec and the given mapping (weights
+    hash, network key); the reference cache keys on it.
     """
 
-    def __init__(self, body: nn.Module | None, spec: DataSpec, name: str, batch_size: int = 1024):
+    def __init__(self, body: nn.Module | None, spec: DataSpec, name: str, batch_size: int = 1024,
+                 identity: dict[str, Any] | None = None):
         super().__init__()
         self.body, self.spec, self.name, self.batch_size = body, spec, name, batch_size
+        self.identity = None if identity is None else {"plugin": name, "spec": spec_identity(spec), **identity}
 
     def train(self, mode: bool = True) -> FeatureExtractor:  # never leaves evaluation mode
         return super().train(False)
@@ -143,260 +168,41 @@ class FeatureExtractor(nn.Module):
         return torch.cat(out)
 
 
-class _ConvEncoder(nn.Module):
-    """Three conv blocks (16, 32, 64 channels; 2x2 max-pooling while the image is larger than 4x4),
-    global average pooling, then ``Linear -> ReLU`` to ``feature_dim``."""
-
-    def __init__(self, shape: tuple[int, ...], feature_dim: int):
-        super().__init__()
-        c, h, w = shape
-        layers: list[nn.Module] = []
-        for out in CONV_CHANNELS:
-            layers += [nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
-            if min(h, w) > 4:
-                layers.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
-            c = out
-        self.conv = nn.Sequential(*layers)
-        self.fc = nn.Sequential(nn.Linear(c, feature_dim), nn.ReLU())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.conv(x).mean(dim=(-2, -1)))
+def make_raw(spec: DataSpec) -> FeatureExtractor:
+    """Feature-extractor factory for ``plugin = "raw"``: the flattened examples, ``(B, prod(shape))``."""
+    return FeatureExtractor(None, spec, "raw", identity={})
 
 
-class _MLPEncoder(nn.Module):
-    """``Linear(256) -> SiLU -> Linear(256) -> SiLU -> Linear(feature_dim) -> ReLU`` on flattened examples."""
-
-    def __init__(self, shape: tuple[int, ...], feature_dim: int):
-        super().__init__()
-        d = math.prod(shape)
-        self.net = nn.Sequential(nn.Linear(d, MLP_HIDDEN), nn.SiLU(), nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.SiLU(),
-                                 nn.Linear(MLP_HIDDEN, feature_dim), nn.ReLU())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.reshape(x.shape[0], -1))
+def _legacy_options(config: FeatureConfig) -> list[str]:
+    """The older extractor options of `config` that differ from their defaults."""
+    defaults = FeatureConfig()
+    return [k for k in ("feature_extractor", "weights", *TRAINING_KEYS) if getattr(config, k) != getattr(defaults, k)]
 
 
-class FeatureNet(nn.Module):
-    """Encoder (the features) plus a head: class logits (classifier) or a reconstruction (autoencoder)."""
-
-    def __init__(self, shape: tuple[int, ...], feature_dim: int, num_classes: int):
-        super().__init__()
-        self.shape, self.num_classes = tuple(shape), num_classes
-        self.encoder = (_ConvEncoder if len(shape) == 3 else _MLPEncoder)(self.shape, feature_dim)
-        self.head = nn.Linear(feature_dim, num_classes if num_classes > 0 else math.prod(shape))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x))
-
-    def loss(self, x: Tensor, y: Tensor | None) -> Tensor:
-        out = self(x)
-        if self.num_classes > 0:
-            return nn.functional.cross_entropy(out, y)
-        return (out - x.reshape(x.shape[0], -1)).pow(2).mean()
+def extractor_mapping(config: FeatureConfig) -> tuple[dict[str, Any], bool]:
+    """(the feature_extractor table `config` asks for, whether it asks explicitly); see the module docstring."""
+    if config.features:
+        return dict(config.features), True
+    name = LEGACY_NAMES[config.feature_extractor]
+    if name == "digits_cnn":
+        mapping = {"plugin": name, **{k: getattr(config, k) for k in TRAINING_KEYS}, "cache_dir": config.cache_dir}
+    elif name == "inception":
+        mapping = {"plugin": name, **({"weights": config.weights} if config.weights else {})}
+    else:
+        mapping = {"plugin": name}
+    return mapping, bool(_legacy_options(config))
 
 
-def architecture(spec: DataSpec, config: FeatureConfig, labelled: bool) -> dict[str, Any]:
-    """What determines the feature network (everything but the data), as plain data for the cache key."""
-    return {
-        "format": FORMAT_VERSION,
-        "encoder": "conv" if len(spec.shape) == 3 else "mlp",
-        "widths": list(CONV_CHANNELS) if len(spec.shape) == 3 else [MLP_HIDDEN, MLP_HIDDEN],
-        "shape": list(spec.shape),
-        "objective": "classifier" if labelled else "autoencoder",
-        "num_classes": spec.num_classes if labelled else 0,
-        "feature_dim": config.feature_dim,
-        "train_steps": config.train_steps,
-        "train_batch_size": config.train_batch_size,
-        "train_lr": config.train_lr,
-        "seed": config.feature_seed,
-    }
+def build_extractor(config: FeatureConfig, spec: DataSpec, data: DataSource | None = None,
+                    default: Any = None) -> Any:
+    """The feature extractor a metric's options ask for, built through the registry (`default`: the
+    experiment's ``[feature_extractor]``, used when the options name none). ConfigError at key ``features``."""
+    import registry
 
-
-def _batches(data: DataSource, config: FeatureConfig) -> Iterator[dict[str, Tensor]]:
-    from core.data import derive_seed
-
-    seed = derive_seed(config.feature_seed, "feature-net-batches")
-    for batch in data.train_batches(config.train_batch_size, seed=seed):
-        out = {"x": to_float(batch["x"], data.spec)}
-        if "y" in batch:
-            out["y"] = batch["y"].long()
-        yield out
-
-
-def fingerprint(data: DataSource, config: FeatureConfig) -> tuple[str, bool]:
-    """(hash of the first training batches the feature network sees, whether they carry labels)."""
-    h = hashlib.blake2b(digest_size=16)
-    labelled = True
-    stream = _batches(data, config)
-    for _ in range(FINGERPRINT_BATCHES):
-        batch = next(stream)
-        labelled = labelled and "y" in batch and data.spec.num_classes > 0
-        for key in sorted(batch):
-            t = batch[key].contiguous().cpu()
-            h.update(key.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-    return h.hexdigest(), labelled
-
-
-def train_feature_net(data: DataSource, config: FeatureConfig, labelled: bool) -> tuple[FeatureNet, dict[str, float]]:
-    """Train the feature network on `data`'s training split (CPU, deterministic in the seed).
-
-    Returns the network and ``{"final_loss", "held_out_accuracy" (classifier only)}``.
-    """
-    from core.data import derive_seed
-    from core.data import generator as make_generator
-
-    spec = data.spec
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.feature_seed, "feature-net-init"))
-        net = FeatureNet(spec.shape, config.feature_dim, spec.num_classes if labelled else 0)
-        opt = torch.optim.AdamW(net.parameters(), lr=config.train_lr, weight_decay=1e-4)
-        stream = _batches(data, config)
-        net.train()
-        loss = torch.zeros(())
-        for step in range(config.train_steps):
-            batch = next(stream)
-            lr = config.train_lr * 0.5 * (1 + math.cos(math.pi * step / config.train_steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = net.loss(batch["x"], batch.get("y"))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    net.eval()
-    info = {"final_loss": float(loss.detach())}
-    if labelled:
-        ref = data.reference(2000, make_generator(config.feature_seed, "feature-net-accuracy"))
-        if "y" in ref:
-            with torch.no_grad():
-                pred = net(to_float(ref["x"], spec)).argmax(-1)
-            info["held_out_accuracy"] = float((pred == ref["y"]).float().mean())
-    return net, info
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (a no-op where fcntl is missing)."""
+    mapping, explicit = extractor_mapping(config)
+    if default is not None and not explicit:
+        return default
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-#: In-process memo: cache file -> loaded network (several metrics of one run share one network).
-_LOADED: dict[str, FeatureNet] = {}
-
-
-def _try_load(file: Path, meta: dict[str, Any]) -> FeatureNet | None:
-    """The cached network in `file`, or None (with a warning) when it is corrupt or does not match."""
-    if not file.exists():
-        return None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("meta", {}).get("key") != meta["key"]:
-            raise ValueError("its key does not match this configuration")
-        arch = meta["architecture"]
-        net = FeatureNet(tuple(arch["shape"]), arch["feature_dim"], arch["num_classes"])
-        net.load_state_dict(state["model"])
-    except Exception as exc:  # noqa: BLE001 - any failure means an unusable cache file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        warnings.warn(f"flowforge: the cached feature network {file} is unusable ({first}); retraining it",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    return net.eval().requires_grad_(False)
-
-
-def cached_feature_net(data: DataSource, config: FeatureConfig) -> tuple[FeatureNet, Path]:
-    """The feature network for `data` and `config`: from memory, from the disk cache, or trained and cached."""
-    from core.checkpoint import save_atomic
-
-    digest, labelled = fingerprint(data, config)
-    arch = architecture(data.spec, config, labelled)
-    key = hashlib.blake2b(json.dumps({"data": digest, "arch": arch}, sort_keys=True).encode(), digest_size=12).hexdigest()
-    root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-    file = root / "features" / f"{key}.pt"
-    if str(file) in _LOADED and file.exists():
-        return _LOADED[str(file)], file
-    meta: dict[str, Any] = {"key": key, "data_fingerprint": digest, "architecture": arch}
-    with _file_lock(file.with_suffix(".lock")):
-        net = _try_load(file, meta)
-        if net is None:
-            net, info = train_feature_net(data, config, labelled)
-            meta["training"] = info
-            save_atomic({"meta": meta, "model": net.state_dict()}, file)
-            file.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-            net.requires_grad_(False)
-    _LOADED[str(file)] = net
-    return net, file
-
-
-def clear_memory_cache() -> None:
-    """Forget the networks loaded in this process (the disk cache stays)."""
-    _LOADED.clear()
-
-
-# --------------------------------------------------------------------------- inception
-class _InceptionBody(nn.Module):
-    """[-1, 1] images ``(B, C, H, W)`` -> uint8 RGB -> torchmetrics' InceptionV3 pool features ``(B, 2048)``."""
-
-    def __init__(self, weights: Path):
-        super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=str(weights))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return self.net(u8)
-
-
-def inception_weights(config: FeatureConfig) -> Path:
-    """The local InceptionV3 weights file, or ConfigError saying how to provide one."""
-    if config.weights:
-        path = Path(config.weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"InceptionV3 weights file not found: {path} (feature_extractor = \"inception\" never "
-                              f"downloads; copy the file here, or use feature_extractor = \"trained\")", ("weights",))
-        return path
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not hub.is_file():
-        raise ConfigError(
-            f"feature_extractor = \"inception\" needs InceptionV3 weights on this machine, and none were found: "
-            f"set weights = \"/path/to/{INCEPTION_FILE}\" (torch-fidelity's FID weights; flowforge never downloads), "
-            f"place the file at {hub}, or use feature_extractor = \"trained\" (a feature network trained on this "
-            f"data set)", ("feature_extractor",))
-    return hub
-
-
-def build_extractor(config: FeatureConfig, spec: DataSpec, data: DataSource | None) -> FeatureExtractor:
-    """The feature extractor `config` asks for; ConfigError when it cannot be had here."""
-    if config.feature_extractor == "raw":
-        return FeatureExtractor(None, spec, "raw")
-    if config.feature_extractor == "inception":
-        if len(spec.shape) != 3 or spec.shape[0] not in (1, 3):
-            raise ConfigError(f"feature_extractor = \"inception\" needs grey or RGB images (C, H, W); this data set's "
-                              f"examples have shape {tuple(spec.shape)}", ("feature_extractor",))
-        weights = inception_weights(config)
-        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-        if not _TORCH_FIDELITY_AVAILABLE:
-            raise ConfigError("feature_extractor = \"inception\" needs the torch-fidelity package "
-                              "(pip install torch-fidelity)", ("feature_extractor",))
-        return FeatureExtractor(_InceptionBody(weights), spec, "inception", batch_size=128)
-    if data is None:
-        raise ConfigError("feature_extractor = \"trained\" needs the data source to train on", ("feature_extractor",))
-    net, _ = cached_feature_net(data, config)
-    return FeatureExtractor(net.encoder, spec, "trained")
+        return registry.build("feature_extractor", mapping, spec=spec, data=data)
+    except ConfigError as exc:
+        raise exc.within("features") from None

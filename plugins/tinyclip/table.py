@@ -3,7 +3,7 @@
 ``compare(out)`` runs ``experiments/tinyclip_teacher.toml`` into ``out/teacher``,
 then ``tinyclip_distill.toml`` (teacher and weight inheritance pointed at
 ``out/teacher``) into ``out/distilled`` and ``tinyclip_scratch.toml`` into
-``out/scratch``, each through the runner (``core.run.run``), and returns one
+``out/scratch``, each through the runner (``core.runs.train``), and returns one
 row per run read from its ``summary.json`` and checkpoint. ``markdown(rows)``
 formats them. ``benchmarks/tinyclip_table.py`` is the command-line front end.
 """
@@ -44,7 +44,7 @@ def compare(out: str | Path, overrides: Sequence[str] = (), short: bool = False,
         teacher_overrides: overrides applied to the teacher run only.
         student_overrides: overrides applied to the two student runs only.
     """
-    from core.run import run
+    from core.runs import train
 
     out = Path(out)
     common = [*(SHORT if short else ()), *overrides]
@@ -55,7 +55,7 @@ def compare(out: str | Path, overrides: Sequence[str] = (), short: bool = False,
     rows = []
     for name, file in RUNS:
         start = time.perf_counter()
-        summary = run(EXPERIMENTS / file, [*common, *extra[name]], out=out / name, overwrite=True)
+        summary = train(EXPERIMENTS / file, [*common, *extra[name]], out=out / name, overwrite=True)
         wall = time.perf_counter() - start
         metrics = summary.get("metrics", {})
         rows.append({
