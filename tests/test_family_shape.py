@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import typing
 
 import pytest
 import torch
@@ -60,10 +61,11 @@ def _continuous(shape=(2,)):
 
 def _objective_cases():
     """(name, objective factory, model factory, batch factory) for every first-party objective's source draw."""
-    def fm(plugin, **opts):
+    def fm(plugin, path_plugin="affine", scheduler="cosine", **opts):
         def make():
             spec = _continuous()
-            path = registry.build("path", {"plugin": "affine"}, scheduler=registry.build("scheduler", {"plugin": "cosine"}))
+            path = registry.build("path", {"plugin": path_plugin},
+                                  scheduler=registry.build("scheduler", {"plugin": scheduler}))
             obj = registry.build("objective", {"plugin": plugin, **opts}, spec=spec, path=path)
             model = registry.build("backbone", {"plugin": "mlp", "hidden": 16, "depth": 2}, spec=spec)
             return obj, path, model, {"x": torch.randn(6, 2, generator=torch.Generator().manual_seed(1))}
@@ -85,20 +87,22 @@ def _objective_cases():
         return obj, path, model, {"x": torch.randint(4, (6, 5), generator=torch.Generator().manual_seed(1))}
 
     return {"flow_matching": fm("flow_matching", prediction="epsilon"), "velocity_mse": fm("velocity_mse"),
+            "flow_matching/interpolant": fm("flow_matching", "interpolant"),
+            "flow_matching/schrodinger_bridge": fm("flow_matching", "schrodinger_bridge", "cond_ot"),
             "ddpm": ddpm, "discrete_fm": discrete}
 
 
 CASES = _objective_cases()
 
 
-def test_every_first_party_objective_and_path_is_covered():
+def test_every_first_party_objective_is_covered_and_every_path_takes_the_draw():
     first_party = {c.name for c in components(FAMILIES) if c.kind == "objective"}
-    assert first_party == set(CASES)
-    paths = {type(CASES[name]()[1]).__name__ for name in CASES}
-    assert len(paths) == len([c for c in components(FAMILIES) if c.kind == "path"]) == 3
-    for name in CASES:
-        params = inspect.signature(type(CASES[name]()[1]).sample_source).parameters
-        assert {"generator", "device", "dtype", "draw"} <= set(params), (name, list(params))
+    assert first_party == {name.partition("/")[0] for name in CASES}
+    for c in components(FAMILIES):
+        if c.kind == "path":
+            path_class = typing.get_type_hints(c.factory())["return"]
+            params = inspect.signature(path_class.sample_source).parameters
+            assert {"generator", "device", "dtype", "draw"} <= set(params), (c.name, list(params))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
