@@ -166,3 +166,16 @@ def test_few_step_samples_the_runs_own_objective_and_path():
             registry.build("metric", {"plugin": "few_step", key: value}, spec=spec, objective=objective)
     alone = registry.build("metric", {"plugin": "few_step"}, spec=spec)  # outside a run: cond_ot, velocity
     assert type(alone.path.scheduler).__name__ == "CondOTScheduler" and alone.field(net) is net
+
+
+def test_evaluating_restores_the_training_flag_and_yields_the_device():
+    from core.nn import evaluating, model_device
+
+    net = torch.nn.Linear(2, 2).train()
+    with evaluating(net) as device:
+        assert not net.training and device == torch.device("cpu")
+    assert net.training
+    with pytest.raises(RuntimeError), evaluating(net):
+        raise RuntimeError("boom")
+    assert net.training, "restored on an error too"
+    assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters
