@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
@@ -33,3 +35,22 @@ def expand_t(t: Tensor | float, batch: int, device: torch.device | None = None, 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """``(B,)`` -> ``(B, 1, ..., 1)`` with `ndim` dimensions, for broadcasting against data."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """`model` in eval mode inside the block, its training flag restored after (also on an error);
+    yields `model_device(model)`."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model_device(model)
+    finally:
+        model.train(was_training)
+

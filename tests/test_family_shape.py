@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import typing
 
 import pytest
 import torch
@@ -86,22 +87,22 @@ def _objective_cases():
         return obj, path, model, {"x": torch.randint(4, (6, 5), generator=torch.Generator().manual_seed(1))}
 
     return {"flow_matching": fm("flow_matching", prediction="epsilon"), "velocity_mse": fm("velocity_mse"),
-            "flow_matching@interpolant": fm("flow_matching", "interpolant"),
-            "flow_matching@schrodinger_bridge": fm("flow_matching", "schrodinger_bridge", "cond_ot", coupling="sinkhorn"),
+            "flow_matching/interpolant": fm("flow_matching", "interpolant"),
+            "flow_matching/schrodinger_bridge": fm("flow_matching", "schrodinger_bridge", "cond_ot"),
             "ddpm": ddpm, "discrete_fm": discrete}
 
 
 CASES = _objective_cases()
 
 
-def test_every_first_party_objective_and_path_is_covered():
+def test_every_first_party_objective_is_covered_and_every_path_takes_the_draw():
     first_party = {c.name for c in components(FAMILIES) if c.kind == "objective"}
-    assert first_party == {name.split("@")[0] for name in CASES}
-    covered = {"affine", "interpolant", "schrodinger_bridge", "gaussian_diffusion", "mixture_discrete"}
-    assert covered == {c.name for c in components(FAMILIES) if c.kind == "path"}
-    for name in CASES:
-        params = inspect.signature(type(CASES[name]()[1]).sample_source).parameters
-        assert {"generator", "device", "dtype", "draw"} <= set(params), (name, list(params))
+    assert first_party == {name.partition("/")[0] for name in CASES}
+    for c in components(FAMILIES):
+        if c.kind == "path":
+            path_class = typing.get_type_hints(c.factory())["return"]
+            params = inspect.signature(path_class.sample_source).parameters
+            assert {"generator", "device", "dtype", "draw"} <= set(params), (c.name, list(params))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -165,3 +166,16 @@ def test_few_step_samples_the_runs_own_objective_and_path():
             registry.build("metric", {"plugin": "few_step", key: value}, spec=spec, objective=objective)
     alone = registry.build("metric", {"plugin": "few_step"}, spec=spec)  # outside a run: cond_ot, velocity
     assert type(alone.path.scheduler).__name__ == "CondOTScheduler" and alone.field(net) is net
+
+
+def test_evaluating_restores_the_training_flag_and_yields_the_device():
+    from core.nn import evaluating, model_device
+
+    net = torch.nn.Linear(2, 2).train()
+    with evaluating(net) as device:
+        assert not net.training and device == torch.device("cpu")
+    assert net.training
+    with pytest.raises(RuntimeError), evaluating(net):
+        raise RuntimeError("boom")
+    assert net.training, "restored on an error too"
+    assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters

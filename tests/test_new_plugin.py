@@ -67,7 +67,7 @@ def test_render_writes_a_complete_package_for_every_kind():
         assert entry_point in files["pyproject.toml"]
         hooks = files["src/flowforge_my_thing/__init__.py"]
         assert f"FLOWFORGE_API = {registry.API_VERSION}" in hooks
-        assert f'register(\n        "{kind}",\n        "my_thing",\n        "flowforge_my_thing.{kind}:build",' in hooks
+        assert f'register(\n        "{kind}",\n        "my_thing",\n        "flowforge_my_thing.{kind}:make_my_thing",' in hooks
         for path, text in files.items():
             assert "{{" not in text, (kind, path)
             if path.endswith(".py"):

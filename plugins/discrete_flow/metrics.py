@@ -77,6 +77,7 @@ from torch import Tensor, nn
 
 import registry
 from core.interfaces import DataSource, DataSpec
+from core.nn import evaluating
 from registry import ConfigError
 
 from .objective import generalized_kl
@@ -129,11 +130,6 @@ class PathOptions:
         return path
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 # --------------------------------------------------------------------------- the likelihood bound
 @attrs.define
 class ELBOConfig(PathOptions):
@@ -180,16 +176,13 @@ class DiscreteELBO:
 
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
         c = self.config
-        was_training = model.training
-        model.eval()
-        device = _model_device(model)
-        ref = data.reference(c.num_examples, generator)
-        bounds = []
-        for start in range(0, c.num_examples, c.batch_size):
-            x = ref["x"][start:start + c.batch_size].to(device)
-            y = ref["y"][start:start + c.batch_size].to(device) if "y" in ref else None
-            bounds.append(nll_bound(model, self.path, x, y, c.times, generator).cpu())
-        model.train(was_training)
+        with evaluating(model) as device:
+            ref = data.reference(c.num_examples, generator)
+            bounds = []
+            for start in range(0, c.num_examples, c.batch_size):
+                x = ref["x"][start:start + c.batch_size].to(device)
+                y = ref["y"][start:start + c.batch_size].to(device) if "y" in ref else None
+                bounds.append(nll_bound(model, self.path, x, y, c.times, generator).cpu())
         per_token = torch.cat(bounds) / math.prod(ref["x"].shape[1:])
         nats = per_token.mean().item()
         stderr = per_token.std().item() / math.sqrt(len(per_token)) if len(per_token) > 1 else float("nan")
@@ -249,17 +242,14 @@ class Infill:
 
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
         c = self.config
-        was_training = model.training
-        model.eval()
-        device = _model_device(model)
-        ref = data.reference(c.num_examples, generator)
-        x_1 = ref["x"]
-        hidden = hidden_positions(tuple(x_1.shape), c.span, generator)
-        x_init = torch.where(hidden, self.path.sample_source(x_1.shape, generator=generator), x_1)
-        y = ref["y"].to(device) if "y" in ref else None
-        filled = self.solver.sample(model, x_init.to(device), y=y, generator=generator,
-                                    known=(~hidden).to(device)).x.cpu()
-        model.train(was_training)
+        with evaluating(model) as device:
+            ref = data.reference(c.num_examples, generator)
+            x_1 = ref["x"]
+            hidden = hidden_positions(tuple(x_1.shape), c.span, generator)
+            x_init = torch.where(hidden, self.path.sample_source(x_1.shape, generator=generator), x_1)
+            y = ref["y"].to(device) if "y" in ref else None
+            filled = self.solver.sample(model, x_init.to(device), y=y, generator=generator,
+                                        known=(~hidden).to(device)).x.cpu()
         if c.examples and hasattr(data, "decode") and hasattr(data, "attach"):
             data.attach("infill", self.format_examples(data, x_1, filled, hidden))
         return {"accuracy": (filled == x_1)[hidden].float().mean().item()}

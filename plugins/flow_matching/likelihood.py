@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from core.interfaces import DataSource, DataSpec, Field
+from core.nn import model_device
 from core.validate import non_negative, positive
 from registry import ConfigError
 
@@ -280,10 +281,7 @@ class LikelihoodMetric:
         net = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
         was_training = net.training
         net.eval()
-        try:
-            device = next(net.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        device = model_device(net)
         field = self.field(net)
         logps, nfes = [], []
         for start in range(0, len(x_all), c.batch_size):

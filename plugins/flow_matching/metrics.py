@@ -20,6 +20,7 @@ from torch import nn
 
 from core.guidance import guided
 from core.interfaces import DataSource, DataSpec, Field
+from core.nn import evaluating
 from registry import ConfigError
 
 from .likelihood import build_scheduler, check_matches_run, velocity_field
@@ -97,30 +98,32 @@ class FewStepMetric:
         return velocity_field(net, self.path, self.config.prediction or "velocity", self.config.sampling_eps)
 
     @torch.no_grad()
+    def generate(self, model: nn.Module, spec: DataSpec, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """``(num_samples, ...)`` samples of `model` (CPU, float32) under this metric's solver and its nfe."""
+        c = self.config
+        with evaluating(model) as device:
+            labels = (torch.randint(spec.num_classes, (c.num_samples,), generator=generator)
+                      if spec.num_classes > 0 else None)
+            field = self.field(guided(model, c.guidance_scale, spec.num_classes))
+            xs, nfe = [], 0
+            for start in range(0, c.num_samples, c.batch_size):
+                stop = min(c.num_samples, start + c.batch_size)
+                x0 = self.path.sample_source((stop - start, *spec.shape), generator=generator).to(device)
+                y = labels[start:stop].to(device) if labels is not None else None
+                out = self.solver.sample(field, x0, y=y)
+                xs.append(out.x.float().cpu())
+                nfe = out.nfe
+        return torch.cat(xs), nfe
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
-        c, spec = self.config, data.spec
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
-        was_training = model.training
-        model.eval()
-        labels = torch.randint(spec.num_classes, (c.num_samples,), generator=generator) if spec.num_classes > 0 else None
-        field = self.field(guided(model, c.guidance_scale, spec.num_classes))
-        xs, nfe = [], 0
-        for start in range(0, c.num_samples, c.batch_size):
-            stop = min(c.num_samples, start + c.batch_size)
-            x0 = self.path.sample_source((stop - start, *spec.shape), generator=generator).to(device)
-            y = labels[start:stop].to(device) if labels is not None else None
-            out = self.solver.sample(field, x0, y=y)
-            xs.append(out.x.float().cpu())
-            nfe = out.nfe
-        model.train(was_training)
+        c = self.config
+        fake, nfe = self.generate(model, data.spec, generator)
         real = data.reference(c.num_samples, generator)["x"]
         m = self.distance
         m.reset()
         m.update(real, real=True)
-        m.update(torch.cat(xs), real=False)
+        m.update(fake, real=False)
         value = m.compute()
         m.reset()
         out: dict[str, float] = {"nfe": float(nfe)}

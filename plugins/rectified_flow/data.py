@@ -8,9 +8,9 @@ improve. Repeating gives k-RF.
 
 ``reflow_pairs`` is a data source: ``run = "runs/my-1rf"`` names a finished
 run directory, loaded with `core.runs.load_run` (its components rebuilt, the
-latest checkpoint's EMA weights or raw weights loaded), and ``num_pairs`` couplings are generated with the run's
-own ``[solver]`` (keys of ``solver`` override it, e.g. ``{method = "rk4",
-steps = 50}``) and sampling field (``objective.sampling_model``, optionally
+latest checkpoint's EMA weights or raw weights loaded), and ``num_pairs``
+couplings are generated with the run's own ``[solver]`` (keys of ``solver``
+override it, e.g. ``{method = "rk4", steps = 50}``) and sampling field (``objective.sampling_model``, optionally
 guided). Class-conditional runs draw labels uniformly and generate
 ``x_1 | y``. The pairs are cached in
 ``<run>/reflow/pairs-<key>.pt`` (``key`` hashes everything that determines
@@ -33,10 +33,10 @@ import attrs
 import torch
 
 from core import checkpoint as ckpt
-from core.runs import LoadedRun, load_run, solver_overrides
 from core.data import TensorDataSource
 from core.data import generator as make_generator
 from core.interfaces import Batch, DataSource
+from core.runs import LoadedRun, load_run, solver_overrides
 from registry import ConfigError
 
 

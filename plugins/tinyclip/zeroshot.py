@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.interfaces import DataSource
+from core.nn import model_device
 from registry import ConfigError
 
 
@@ -100,10 +101,7 @@ class ZeroShot:
         held_out = getattr(data, "held_out", None)  # TensorDataSource: use a small held-out set whole, never repeated
         n = min(cfg.num_examples, len(held_out["image"])) if isinstance(held_out, dict) else cfg.num_examples
         batch = data.reference(n, generator)
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        device = model_device(model)
         was_training = model.training
         model.eval()
         try:
