@@ -110,7 +110,8 @@ def main() -> None:
     rows = run_all(args.experiments.split(","), args.steps, args.repeats, args.device)
     text = render(rows, args.steps, args.repeats, (before, os.getloadavg()[0]))
     if args.out:
-        Path(args.out).write_text("# 1 vs 2 processes at the same global batch (`benchmarks/distributed.py`)\n\n" + text)
+        title = "# 1 vs 2 processes at the same global batch (`benchmarks/distributed.py`)"
+        Path(args.out).write_text(f"{title}\n\n{text}")
     print(json.dumps(rows) if args.json else text)
 
 
