@@ -203,20 +203,20 @@ class _FeatureMetric(Metric):
         self.fake_features.append(features.double())
 
     def _fake(self, min_count: int) -> Tensor:
-        fake = _cat(self.fake_features)
-        count = 0 if fake is None else len(fake)
-        if count < min_count:
-            raise ValueError(f"{type(self).__name__} needs at least {min_count} reference and generated samples, "
-                             f"got {count} generated")
-        return fake
+        """The generated features ``(N, F)``; ValueError when fewer than `min_count`."""
+        return self._at_least(self.fake_features, min_count, "generated")
 
     def _real_features(self, min_count: int) -> Tensor:
-        real = _cat(self.real_features)
-        count = 0 if real is None else len(real)
+        """The reference features ``(N, F)``; ValueError when fewer than `min_count`."""
+        return self._at_least(self.real_features, min_count, "reference")
+
+    def _at_least(self, parts: list[Tensor], min_count: int, which: str) -> Tensor:
+        features = _cat(parts)
+        count = 0 if features is None else len(features)
         if count < min_count:
             raise ValueError(f"{type(self).__name__} needs at least {min_count} reference and generated samples, "
-                             f"got {count} reference")
-        return real
+                             f"got {count} {which}")
+        return features
 
 
 class FrechetDistance(_FeatureMetric):

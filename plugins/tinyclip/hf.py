@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.checkpoint import mismatch_detail
 from registry import ConfigError
 
 from .model import CLIP, CLIPDims, TowerDims
@@ -224,7 +225,7 @@ def load_hf_clip(directory: str | Path, key: str = "teacher") -> CLIP:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(f"the weights in {directory} do not match its config.json: "
-                          f"{str(exc).splitlines()[0][:300]}", (key,)) from None
+                          f"{mismatch_detail(exc)}", (key,)) from None
     return model
 
 

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.checkpoint import mismatch_detail
 from registry import ConfigError
 
 from .model import CLIP, CLIPDims, TowerDims
@@ -246,5 +247,5 @@ def load_openai_clip(path: str | Path, key: str = "teacher", vision_heads: int =
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(f"the weights in {path} do not fit the CLIP their shapes describe: "
-                          f"{str(exc).splitlines()[0][:300]}", (key,)) from None
+                          f"{mismatch_detail(exc)}", (key,)) from None
     return model
