@@ -126,3 +126,15 @@ def blocks(n: int, block_size: int, rank: int = 0, world_size: int = 1) -> list[
     lo = rank * (count // world_size) + min(rank, count % world_size)
     hi = lo + count // world_size + (1 if rank < count % world_size else 0)
     return [(k * block_size, min(n, (k + 1) * block_size)) for k in range(lo, hi)]
+
+
+def close_process_group() -> None:
+    """Free what still refers to the process group (autograd nodes of differentiable collectives), then
+    destroy it: left to interpreter shutdown, gloo's threads can be torn down in the wrong order and abort."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each of the `-n 2` workers gets one core: one thread for its own torch and for the processes it starts.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 RF2D = ROOT / "experiments" / "rectified_flow_2d.toml"
 

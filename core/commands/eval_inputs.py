@@ -185,13 +185,22 @@ def score_inputs(args: argparse.Namespace) -> int:
     """The ``--input1 A --input2 B`` mode of ``flowforge eval`` (see the module docstring)."""
     from accelerate import PartialState
 
-    from core.collectives import Group
-    from core.interfaces import DataSpec
+    from core.collectives import close_process_group
 
     if not args.input1 or not args.input2:
         raise ConfigError("--input1 and --input2 go together: give both (or neither, to evaluate RUN_DIR)")
     batch_size = args.batch_size or 256
     PartialState()  # joins the torchrun process group, if any
+    try:
+        return _score_inputs(args, batch_size)
+    finally:
+        close_process_group()
+
+
+def _score_inputs(args: argparse.Namespace, batch_size: int) -> int:
+    from core.collectives import Group
+    from core.interfaces import DataSpec
+
     first = read_images(args.input1, "--input1")
     root = Path(args.input2).expanduser()
     data = None

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import attrs
 
+from core.collectives import close_process_group
 from core.interfaces import Launcher
 from core.validate import device_available
 from registry import ConfigError
@@ -178,18 +179,6 @@ def _worker(local_rank: int, config: AccelerateConfig, port: int, entry: Callabl
         sys.exit(1)
     finally:
         close_process_group()
-
-
-def close_process_group() -> None:
-    """Free what still refers to the process group (autograd nodes of differentiable collectives), then
-    destroy it: left to interpreter shutdown, gloo's threads can be torn down in the wrong order and abort."""
-    import gc
-
-    import torch.distributed as dist
-
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 _COMMUNICATION = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
