@@ -120,3 +120,24 @@ def test_openai_pixel_normalisation(shards):
     torch.testing.assert_close(batch["image"], ((plain["image"] + 1) / 2 - mean) / std)
     with pytest.raises(ConfigError, match="channels = 3"):
         registry.build("data", {"plugin": "clip_pairs", "train": "x.csv", "channels": 1, "pixels": "openai"})
+
+
+def _child_reads(dataset, queue) -> None:
+    queue.put((len(dataset.handles), dataset.caption(3)))
+
+
+def test_a_forked_worker_opens_its_own_shard_files(shards):
+    """The OS shares a file's offset between forked processes: a DataLoader worker reusing the parent's open
+    shard would race the parent's seeks. The child starts with no open file and reads the right caption."""
+    import multiprocessing
+
+    folder, captions, _ = shards
+    dataset = _build(folder).train
+    assert dataset.caption(0) == captions[0] and len(dataset.handles) >= 1  # the parent holds its files open
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_reads, args=(dataset, queue))
+    child.start()
+    opened_before, caption = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert (opened_before, caption, child.exitcode) == (0, captions[3], 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import io
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,7 +104,16 @@ class ShardPairs(torch.utils.data.Dataset):
 
     def __init__(self, pairs: list[tuple[Member, Member]], size: int):
         self.pairs, self.size = pairs, size
-        self.handles: dict[str, object] = {}
+        self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    @property
+    def handles(self) -> dict[str, object]:
+        """This process's open shard files. A forked DataLoader worker inherits the parent's files, whose
+        offset the OS shares between processes (a seek in one moves the others' reads): it opens its own."""
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        return self._handles
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -116,7 +126,7 @@ class ShardPairs(torch.utils.data.Dataset):
         return decode_image(image.read(self.handles), self.size), self.caption(i)
 
     def __getstate__(self) -> dict:
-        return {"pairs": self.pairs, "size": self.size, "handles": {}}  # file handles do not travel to workers
+        return {"pairs": self.pairs, "size": self.size, "_handles": {}, "_pid": -1}  # files do not travel
 
 
 @attrs.define
