@@ -200,7 +200,8 @@ class Objective(abc.ABC):
              step: int) -> tuple[Tensor, dict[str, float | Tensor]]:
         """The scalar loss for one (micro-)batch and a dict of values to log.
 
-        Logged values are Python floats or detached 0-d tensors. Tensors are
+        Logged values are Python floats, detached 0-d tensors, or detached 1-D
+        tensors ``v`` (logged as ``key/0`` ... ``key/(n-1)``). Tensors are
         averaged on the device over the log interval and read back once per
         interval, so logging them costs no device synchronisation per step.
 

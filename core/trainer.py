@@ -636,27 +636,32 @@ class Trainer:
 def accumulate_logs(sums: dict, logs: Mapping[str, Any], scale: float) -> None:
     """Add ``scale * logs`` to `sums` without reading tensors back from their device.
 
-    Python numbers are summed under their key; the tensor values of one call are stacked into one
-    vector and summed under the tuple of their keys (one device op per step, however many keys).
+    Python numbers are summed as floats; a tensor value (0-d, or a 1-D vector logged as ``key/0`` ...
+    ``key/(n-1)``) is summed on its device under its key: one add per tensor key and step, no
+    conversion when it is already float32.
     """
-    tensors = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
     for k, v in logs.items():
         if not isinstance(v, torch.Tensor):
             sums[k] = sums.get(k, 0.0) + float(v) * scale
-    if tensors:
-        key = tuple(tensors)
-        vec = torch.stack([logs[k].detach().float() for k in tensors]) * scale
-        sums[key] = sums[key] + vec if key in sums else vec
+            continue
+        v = v.detach()
+        if v.dtype != torch.float32:
+            v = v.float()
+        if scale != 1.0:
+            v = v * scale
+        sums[k] = sums[k] + v if k in sums else v.clone()
 
 
 def read_logs(sums: dict) -> dict[str, float]:
-    """`accumulate_logs`' sums as ``{key: float}`` (one device read per vector)."""
+    """`accumulate_logs`' sums as ``{key: float}``: a vector ``v`` under ``key`` becomes ``key/i`` = ``v[i]``."""
     out = {}
     for k, v in sums.items():
-        if isinstance(k, tuple):
-            out.update(zip(k, v.tolist()))
-        else:
+        if not isinstance(v, torch.Tensor):
             out[k] = v
+        elif v.ndim == 0:
+            out[k] = v.item()
+        else:
+            out.update((f"{k}/{i}", x) for i, x in enumerate(v.tolist()))
     return out
 
 

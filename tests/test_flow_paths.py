@@ -102,3 +102,19 @@ def test_kit_names_the_violated_invariant():
         kit.check_conversions_at(LossyConversion(CondOTScheduler()), x_0, x_1, t)
     with pytest.raises(AssertionError, match="an affine path exposes"):
         kit.check_affine_path(object())
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=data_shapes(), batch=batch_sizes(), seed=seeds(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_cond_ot_path_draws_the_same_bits_as_the_general_affine_formula(shape, batch, seed, dtype):
+    """cond_ot's fewer-ops sample equals ``alpha x_1 + sigma x_0`` and ``d alpha x_1 + d sigma x_0`` exactly."""
+    from plugins.flow_matching.scheduler import CondOTScheduler
+
+    g = torch.Generator().manual_seed(seed)
+    x_0, x_1 = (torch.randn(batch, *shape, generator=g, dtype=dtype) for _ in range(2))
+    t = torch.rand(batch, generator=g, dtype=dtype)
+    ps = AffinePath(CondOTScheduler()).sample(x_0, x_1, t)
+    tb = t.reshape(batch, *([1] * len(shape)))
+    ones = torch.ones_like(tb)
+    assert torch.equal(ps.x_t, tb * x_1 + (1 - tb) * x_0)
+    assert torch.equal(ps.target, ones * x_1 + (-ones) * x_0)

@@ -192,6 +192,18 @@ def test_tensor_logs_are_averaged_like_float_logs_without_a_read_per_step():
     for step in range(4):  # two micro-batches per step: each adds half its value
         for micro in range(2):
             accumulate_logs(sums, {"a": torch.tensor(float(step + micro)), "b": 2.0 * step,
-                                   "c": torch.tensor(-1.0)}, 0.5)
-    assert set(sums) == {("a", "c"), "b"} and isinstance(sums[("a", "c")], torch.Tensor)
-    assert read_logs(sums) == {"a": 8.0, "c": -4.0, "b": 12.0}  # the sums; the trainer divides by the steps
+                                   "c": torch.tensor(-1.0, dtype=torch.float64),
+                                   "v": torch.tensor([1.0, float(step)])}, 0.5)
+    assert all(isinstance(sums[k], torch.Tensor) for k in "acv") and isinstance(sums["b"], float)
+    # the sums (the trainer divides by the steps); a vector v is logged as v/0, v/1
+    assert read_logs(sums) == {"a": 8.0, "c": -4.0, "b": 12.0, "v/0": 4.0, "v/1": 6.0}
+
+
+def test_a_logged_tensor_is_not_aliased_by_the_sums():
+    from core.trainer import accumulate_logs, read_logs
+
+    value, sums = torch.tensor([1.0, 2.0]), {}
+    accumulate_logs(sums, {"v": value}, 1.0)
+    value.mul_(10)  # the objective may reuse its tensor
+    accumulate_logs(sums, {"v": value}, 1.0)
+    assert read_logs(sums) == {"v/0": 11.0, "v/1": 22.0}

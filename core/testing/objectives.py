@@ -15,7 +15,8 @@ The invariants, each named in the ``AssertionError`` that reports it:
     The loss is a 0-d floating tensor, finite.
 ``logged values are floats``
     Every logged value is finite, keyed by a string, and either a Python ``float``
-    (or ``int``) or a detached 0-d tensor. Prefer tensors for values computed on
+    (or ``int``), a detached 0-d tensor, or a detached 1-D tensor (logged as
+    ``key/0`` ... ``key/(n-1)``). Prefer tensors for values computed on
     the device: the trainer averages them there and reads them once per log
     interval, where ``value.item()`` in the objective synchronises every step.
 ``gradients reach the model``
@@ -202,12 +203,14 @@ def _check_loss_and_logs(loss: Tensor, logs: Mapping[str, Any], who: str) -> Non
     for key, value in logs.items():
         _require(isinstance(key, str), who, "logged values are floats", f"log key {key!r} is not a string")
         if isinstance(value, Tensor):
-            _require(value.ndim == 0 and not value.requires_grad, who, "logged values are floats",
+            _require(value.ndim <= 1 and not value.requires_grad, who, "logged values are floats",
                      f"logs[{key!r}] is a tensor of shape {tuple(value.shape)} (requires_grad={value.requires_grad}); "
-                     f"log detached 0-d tensors or Python floats")
+                     f"log detached 0-d or 1-D tensors or Python floats")
+            _require(bool(torch.isfinite(value).all()), who, "logged values are floats", f"logs[{key!r}] = {value}")
+            continue
         else:
             _require(isinstance(value, numbers.Real) and not isinstance(value, bool), who, "logged values are floats",
-                     f"logs[{key!r}] is a {type(value).__name__}; log Python floats or detached 0-d tensors")
+                     f"logs[{key!r}] is a {type(value).__name__}; log Python floats or detached tensors")
         _require(math.isfinite(float(value)), who, "logged values are floats", f"logs[{key!r}] = {value}")
 
 

@@ -44,7 +44,8 @@ With ``label_dropout = p`` each label is replaced by the null label
 classifier-free guidance).
 
 Logged: ``loss_bin/k`` for ``k < loss_bins``, the mean per-sample loss of the
-examples with ``t`` in ``[k / K, (k + 1) / K)`` (as minRF does). A bin with
+examples with ``t`` in ``[k / K, (k + 1) / K)`` (as minRF does), returned as one
+``(K,)`` vector under ``loss_bin`` (the trainer logs element k as ``loss_bin/k``). A bin with
 no example in a batch repeats its last logged value (the batch loss before
 the first), so the trainer's averages stay comparable.
 
@@ -263,7 +264,9 @@ class FlowMatching(Objective):
         else:
             target = ps.target if c.prediction == "velocity" else self.path.target(ps, c.prediction)
             dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)  # >= float32
-            per_sample = (pred.to(dtype) - target.to(dtype)).pow(2).reshape(x_1.shape[0], -1).mean(1)
+            if pred.dtype != dtype or target.dtype != dtype:
+                pred, target = pred.to(dtype), target.to(dtype)
+            per_sample = (pred - target).pow(2).reshape(x_1.shape[0], -1).mean(1)
         if c.loss_weighting != "none":
             per_sample = per_sample * loss_weights(c.loss_weighting, c.prediction, self.path, t.to(dtype),
                                                    gamma=c.min_snr_gamma, max_weight=c.max_weight).detach()
@@ -271,13 +274,14 @@ class FlowMatching(Objective):
         return loss, self._bin_logs(per_sample.detach(), t.detach(), loss.detach())
 
     def _bin_logs(self, per_sample: Tensor, t: Tensor, loss: Tensor) -> dict[str, Tensor]:
-        """``loss_bin/i``: the mean loss of the batch's examples with ``t`` in ``[i/K, (i+1)/K)`` as 0-d tensors
-        (no device sync); a bin without examples repeats its last value (the batch loss before it has one)."""
+        """``{"loss_bin": (K,)}``: element i is the mean loss of the batch's examples with ``t`` in
+        ``[i/K, (i+1)/K)`` (no device sync); a bin without examples repeats its last value (the batch loss
+        before it has one)."""
         k = self.config.loss_bins
         if k == 0:
             return {}
-        idx = (t.float() * k).long().clamp_(0, k - 1)
-        weights = per_sample.float()
+        idx = (t * k).long().clamp_(0, k - 1)
+        weights = per_sample if per_sample.dtype == torch.float32 else per_sample.float()
         if idx.device.type == "cpu":  # fewest ops; on an accelerator bincount reads idx.max() back (a sync)
             sums, counts = torch.bincount(idx, weights=weights, minlength=k), torch.bincount(idx, minlength=k)
         else:
@@ -286,7 +290,7 @@ class FlowMatching(Objective):
         last = self._last_bins if self._last_bins is not None else loss.float().expand(k)
         values = torch.where(counts > 0, sums / counts.clamp_(min=1), last.to(sums.device))
         self._last_bins = values
-        return {f"loss_bin/{i}": v for i, v in enumerate(values.unbind())}
+        return {"loss_bin": values}
 
     @property
     def prediction(self) -> str:

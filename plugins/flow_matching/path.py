@@ -36,6 +36,8 @@ from torch import Tensor
 from core import rng
 from core.interfaces import Path, PathSample, Scheduler
 from core.nn import append_dims
+
+from .scheduler import CondOTScheduler
 from registry import ConfigError
 
 Prediction = Literal["velocity", "epsilon", "x1"]
@@ -61,6 +63,11 @@ class AffinePath(Path):
                 append_dims(s.d_alpha_t, ndim), append_dims(s.d_sigma_t, ndim))
 
     def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> PathSample:
+        if type(self.scheduler) is CondOTScheduler and t.dtype == x_1.dtype == x_0.dtype:
+            # alpha = t, sigma = 1 - t, d alpha = 1, d sigma = -1: the same numbers bit for bit (multiplying
+            # by +-1 is exact) without the scheduler's four tensors (seven fewer ops per training step)
+            a = append_dims(t, x_1.ndim)
+            return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=a * x_1 + (1 - a) * x_0, target=x_1 - x_0)
         a, b, da, db = self.coefficients(t, x_1.ndim)
         return PathSample(x_0=x_0, x_1=x_1, t=t, x_t=a * x_1 + b * x_0, target=da * x_1 + db * x_0)
 
