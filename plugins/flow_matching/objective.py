@@ -235,6 +235,9 @@ class FlowMatching(Objective):
                               f"alpha_t and sigma_t); this experiment's path is {type(path).__name__}", ("prediction",))
         if not affine and config.loss_weighting != "none":
             raise ConfigError("loss weighting needs an affine path", ("loss_weighting",))
+        if getattr(path, "manifold", None) is not None and config.coupling != "independent":
+            raise ConfigError(f"coupling {config.coupling!r} pairs by Euclidean distances; on the {path.manifold.name} "
+                              f"path use coupling = \"independent\"", ("coupling",))
         self.config, self.spec, self.path = config, spec, path
         self.coupling_eps = coupling_eps(config, spec, path)
         self._last_bins: Tensor | None = None  # (loss_bins,) the last mean seen in each bin, on the device
@@ -258,6 +261,8 @@ class FlowMatching(Objective):
         if y is not None:
             y = drop_labels(y, c.label_dropout, self.spec.num_classes, draw)
         pred = models["model"](ps.x_t, t, y)
+        if hasattr(self.path, "tangent"):  # a manifold path: only the output's tangent part is a velocity
+            pred = self.path.tangent(ps.x_t, pred)
         if c.prediction == "velocity_score":
             per_sample = velocity_score_loss(pred, ps)
         else:
