@@ -6,22 +6,24 @@ Euclidean space); tangent vectors ``u`` have the same shape. Every manifold give
 * ``expmap(x, u)``: the end ``gamma(1)`` of the geodesic with ``gamma(0) = x``, ``gamma'(0) = u``;
 * ``logmap(x, y)``: the tangent vector ``u`` at ``x`` with ``expmap(x, u) = y`` of least norm;
 * ``projx(x)``: the nearest point of the manifold; ``proju(x, u)``: the tangent part of ``u`` at ``x``;
+* ``transp(x, y, v)``: ``v`` in T_x carried to T_y (parallel transport along the geodesic where given);
 * ``dist(x, y) = |logmap(x, y)|`` ``(...,)``, the geodesic distance;
 * ``geodesic(x_0, x_1, s)``: ``x_s = expmap(x_0, s logmap(x_0, x_1))`` and its derivative ``d x_s / ds``
   (``s`` broadcastable against the points, e.g. ``(B, 1)``); constant speed ``|d x_s/ds| = dist(x_0, x_1)``.
-  The base class differentiates with `torch.func.jvp`; each manifold below overrides it in closed form;
+  The base class differentiates with a forward-mode JVP in ``s``; each manifold below overrides it in closed form;
 * ``sample_uniform``: the uniform distribution of a compact manifold (the source of a geodesic path).
 
 Formulas (``<., .>`` the Euclidean inner product over the last dimension):
 
-* `Euclidean` R^D: ``exp_x u = x + u``, ``log_x y = y - x``, ``x_s = x_0 + s (x_1 - x_0)``; its "uniform"
-  source is N(0, I) (R^D has no uniform distribution).
+* `Euclidean` R^D: ``exp_x u = x + u``, ``log_x y = y - x``, ``transp = id``, ``x_s = x_0 + s (x_1 - x_0)``;
+  its "uniform" source is N(0, I) (R^D has no uniform distribution).
 * `Sphere` S^{D-1} = {|x| = 1} in R^D: ``projx x = x / |x|``, ``proju(x, u) = u - <x, u> x``,
   ``exp_x u = cos|u| x + sin|u| u / |u|``, ``log_x y = theta w / |w|`` with ``w = y - <x, y> x`` and
   ``theta = dist(x, y) = atan2(|w|, <x, y>)``; the great circle ``x_s = cos(s theta) x_0 + sin(s theta) v / theta``
   (``v = log_{x_0} x_1``), ``d x_s / ds = -theta sin(s theta) x_0 + cos(s theta) v`` (the slerp). The log map
-  of antipodal points is undefined (0 here). Uniform: ``n / |n|``, ``n ~ N(0, I)``.
-* `FlatTorus` [0, 2 pi)^D: ``projx x = x mod 2 pi``, ``proju = id``, ``exp_x u = (x + u) mod 2 pi``,
+  of antipodal points is undefined (0 here). Parallel transport from x to y along the great circle:
+  ``v - <y, v> / (1 + <x, y>) (x + y)``. Uniform: ``n / |n|``, ``n ~ N(0, I)``.
+* `FlatTorus` [0, 2 pi)^D: ``projx x = x mod 2 pi``, ``proju = transp = id``, ``exp_x u = (x + u) mod 2 pi``,
   ``log_x y = atan2(sin(y - x), cos(y - x))`` (each coordinate in (-pi, pi]); ``x_s = (x_0 + s v) mod 2 pi``,
   ``d x_s / ds = v``. Uniform: ``2 pi U[0, 1)^D``.
 """
@@ -67,15 +69,20 @@ class Manifold(abc.ABC):
                        dtype: torch.dtype | None = None, draw: rng.ExampleRandom | None = None) -> Tensor:
         """``(B, ..., D)`` points from the manifold's uniform distribution (stream ``"noise"`` of `draw`)."""
 
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """Carry ``v`` in T_x to T_y ``(..., D)``; by default the projection ``proju(y, v)``."""
+        return self.proju(y, v)
+
     def dist(self, x: Tensor, y: Tensor) -> Tensor:
         """Geodesic distance ``|log_x(y)|`` ``(...,)``."""
         return self.logmap(x, y).norm(dim=-1)
 
     def geodesic(self, x_0: Tensor, x_1: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x_s, d x_s / ds)`` of ``x_s = exp_{x_0}(s log_{x_0} x_1)``, by forward-mode autodiff in ``s``."""
+        """``(x_s, d x_s / ds)`` of ``x_s = exp_{x_0}(s log_{x_0} x_1)`` by `torch.autograd.functional.jvp` in ``s``."""
         v = self.logmap(x_0, x_1)
         s = s.to(v.dtype)
-        return torch.func.jvp(lambda s_: self.expmap(x_0, s_ * v), (s,), (torch.ones_like(s),))
+        with torch.enable_grad():
+            return torch.autograd.functional.jvp(lambda s_: self.expmap(x_0, s_ * v), (s,), (torch.ones_like(s),))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -101,6 +108,9 @@ class Euclidean(Manifold):
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         return u
+
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return v
 
     def geodesic(self, x_0: Tensor, x_1: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         v = x_1 - x_0
@@ -149,6 +159,10 @@ class Sphere(Manifold):
     def dist(self, x: Tensor, y: Tensor) -> Tensor:
         return self._angle(x, y)[2].squeeze(-1)
 
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """Parallel transport along the great circle: ``v - <y, v> / (1 + <x, y>) (x + y)`` (not antipodal)."""
+        return v - (y * v).sum(-1, keepdim=True) / (1.0 + (x * y).sum(-1, keepdim=True)) * (x + y)
+
     def geodesic(self, x_0: Tensor, x_1: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         v = self.logmap(x_0, x_1)
         theta = v.norm(dim=-1, keepdim=True)
@@ -170,6 +184,9 @@ class FlatTorus(Manifold):
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
         return u
+
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return v
 
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         return torch.remainder(x + u, TWO_PI)

@@ -39,6 +39,10 @@ stochastic interpolant path (interpolants.py) the latent ``z`` is drawn per exam
 ``time_shift = s`` then maps every time through SD3's shift ``t' = t / (t + s (1 - t))``
 (`plugins.flow_matching.solver.shift_times`; s > 1 favours the noise, as at high resolution).
 
+On a manifold path (``geodesic``) the model's output is first projected onto the tangent space at
+``x_t`` (``path.tangent``), so the loss is the Riemannian squared norm of the velocity error of an
+embedded manifold (Chen & Lipman 2023, eq. 9); couplings other than ``independent`` are refused there.
+
 With ``label_dropout = p`` each label is replaced by the null label
 ``num_classes`` with probability ``p`` (trains the unconditional model of
 classifier-free guidance).

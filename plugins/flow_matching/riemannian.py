@@ -3,10 +3,11 @@ r"""A Riemannian ODE solver: fixed-step Runge-Kutta on a manifold (Chen & Lipman
 Integrates ``dx/dt = u(x, t)`` on the geodesic path's manifold from ``t0`` to ``t1`` with the Butcher
 tableaus of solver.py (euler, midpoint, heun, rk4). Every stage evaluates the model at a point of the
 manifold and keeps only the tangent part of its output, ``k_i = proju(p_i, u(p_i, t + c_i h))``, and every
-move from ``x`` by an ambient increment ``w = h sum_j a_ij k_j`` is a retraction ``R_x(w)``:
+move from ``x`` by an increment ``w = h sum_j a_ij k_j`` is a retraction ``R_x(w)``:
 
-* ``retraction = "exp"``: ``R_x(w) = projx(exp_x(proju(x, w)))`` (the geodesic step; exact for a field
-  that is the velocity of a geodesic, e.g. a rotation of the sphere on its equator);
+* ``retraction = "exp"``: ``R_x(w) = projx(exp_x(proju(x, w)))`` with every ``k_j`` first carried from
+  its point to ``T_x`` by ``transp`` (parallel transport on the sphere): geodesic steps, exact for a field
+  that is the velocity of a geodesic (e.g. a rotation of the sphere on its equator);
 * ``retraction = "projx"``: ``R_x(w) = projx(x + w)`` (the step of Meta's RiemannianODESolver).
 
     p_i = R_x(h sum_{j<i} a_ij k_j)  (p_0 = x),      x_next = R_x(h sum_i b_i k_i).
@@ -39,8 +40,9 @@ class RiemannianODEConfig:
         steps: number of uniform steps from t0 to t1 (model evaluations = steps x stages).
         t0: start time (0: the source).
         t1: end time (1: the data).
-        retraction: how a step moves on the manifold: "exp" (exp_x of the tangent part of the increment)
-            or "projx" (projx(x + increment), Meta's RiemannianODESolver).
+        retraction: how a step moves on the manifold: "exp" (geodesic steps exp_x(increment), the stage
+            velocities parallel-transported to x; rk4 is then third order) or "projx" (projx(x + increment) in
+            the embedding, Meta's RiemannianODESolver; rk4 keeps its fourth order).
         proju: project the model's output onto the tangent space at each stage point.
     """
 
@@ -69,12 +71,17 @@ def retract(manifold: Manifold, x: Tensor, w: Tensor, kind: str = "exp") -> Tens
 
 def riemannian_step(tab: Tableau, f: Field, manifold: Manifold, x: Tensor, times: list[Tensor], h: float,
                     y: Tensor | None = None, kind: str = "exp", proju: bool = True) -> Tensor:
-    """One step of `tab` from ``x (B, ..., D)`` with step `h` and stage times ``times[i] (B,)``."""
-    ks: list[Tensor] = []
+    """One step of `tab` from ``x (B, ..., D)`` with step `h` and stage times ``times[i] (B,)``.
+
+    With the exp retraction each stage's velocity is first carried from its point ``p_i`` to ``T_x``
+    (``transp``: parallel transport on the sphere), so that the increments add in one tangent space.
+    """
+    ks: list[Tensor] = []  # the stage velocities, in T_x for "exp", ambient for "projx"
     for row, t in zip(tab.a, times):
         p = x if not any(row) else retract(manifold, x, h * weighted_sum(ks[:len(row)], row), kind)
         k = f(p, t, y)
-        ks.append(manifold.proju(p, k) if proju else k)
+        k = manifold.proju(p, k) if proju else k
+        ks.append(manifold.transp(p, x, k) if kind == "exp" and p is not x else k)
     return retract(manifold, x, (h / tab.denominator) * weighted_sum(ks, tab.weights), kind)
 
 
