@@ -168,6 +168,17 @@ def test_path_velocity_is_the_finite_difference(manifold, points, scheduler):
     assert (torus_close if manifold == "torus" else lambda a, b: (a - b).abs().max())(ends.x_t[16:], x1[16:]) < 1e-10
 
 
+def test_euclidean_geodesic_path_is_the_affine_path():
+    sched = registry.build("scheduler", {"plugin": "polynomial", "n": 3.0})
+    affine = registry.build("path", {"plugin": "affine"}, scheduler=sched)
+    geo = registry.build("path", {"plugin": "geodesic", "manifold": "euclidean"}, scheduler=sched)
+    g = torch.Generator().manual_seed(0)
+    x0, x1, t = torch.randn(8, 3, generator=g, dtype=F64), torch.randn(8, 3, generator=g, dtype=F64), torch.rand(
+        8, generator=g, dtype=F64)
+    a, b = affine.sample(x0, x1, t), geo.sample(x0, x1, t)
+    assert torch.allclose(a.x_t, b.x_t, atol=1e-14) and torch.allclose(a.target, b.target, atol=1e-14)
+
+
 def test_path_sources_are_uniform_on_the_manifold():
     g = torch.Generator().manual_seed(0)
     x = geodesic_path("sphere").sample_source((20000, 3), generator=g, dtype=F64)
@@ -299,7 +310,11 @@ def test_mismatches_are_config_errors():
     with pytest.raises(registry.ConfigError, match="independent"):
         registry.build("objective", {"plugin": "flow_matching", "coupling": "ot"}, spec=vmf,
                        path=geodesic_path("sphere", spec=vmf))
-    with pytest.raises(registry.ConfigError):
+    objective = registry.build("objective", {"plugin": "flow_matching"}, spec=vmf,
+                               path=geodesic_path("sphere", spec=vmf))
+    with pytest.raises(registry.ConfigError, match="affine"):  # a Euclidean change of variables is not this model's
+        registry.build("metric", {"plugin": "likelihood"}, spec=vmf, objective=objective)
+    with pytest.raises(registry.ConfigError, match="latitudes"):
         registry.build("data", {"plugin": "vmf_mixture", "means": [[0.0, 95.0]]})
 
 

@@ -35,7 +35,7 @@ def scatter_png(points: Tensor, path: str, title: str = "", lim: float | None = 
 
 
 def lonlat_png(lonlat: Tensor, path: str, title: str = "") -> str:
-    """Save a longitude / latitude scatter plot (equirectangular) of ``lonlat (N, 2)`` in degrees to ``path + ".png"``."""
+    """Save a longitude / latitude (equirectangular) scatter plot of ``lonlat (N, 2)`` in degrees to ``path.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
