@@ -354,7 +354,7 @@ def test_vmf_data_is_on_the_sphere_and_renders(tmp_path):
 # --------------------------------------------------------------------------- the experiment
 def test_short_training_beats_the_untrained_model(tmp_path):
     """experiments/riemannian_sphere.toml, shortened: the trained model's energy distance is far below the
-    untrained one's, and its samples lie on the sphere."""
+    untrained one's, and ``flowforge sample`` of the run writes points on the sphere."""
     from core.run import run
 
     from .conftest import ROOT
@@ -363,11 +363,17 @@ def test_short_training_beats_the_untrained_model(tmp_path):
     torch.set_num_threads(1)
     try:
         summary = run(ROOT / "experiments" / "riemannian_sphere.toml",
-                      ["trainer.steps=150", "trainer.batch_size=256", "trainer.checkpoint_every=0",
-                       "trainer.progress='off'", "trainer.warmup_steps=10", "trainer.ema_decay=0.9",
+                      ["trainer.steps=150", "trainer.batch_size=256", "trainer.progress='off'", "trainer.warmup_steps=10", "trainer.ema_decay=0.9",
                        "backbone.hidden=64", "backbone.depth=3", "solver.steps=10", "eval.num_samples=600",
-                       "eval.num_pictures=0", "eval.floor=false"], out=tmp_path / "run")
+                       "eval.num_pictures=0", "eval.floor=false", "trainer.checkpoint_every=150"], out=tmp_path / "run")
+        from core.cli import main as cli
+
+        assert cli(["sample", str(tmp_path / "run"), "-n", "200", "--npz", "--out", str(tmp_path / "s.npz")]) == 0
     finally:
         torch.set_num_threads(threads)
     trained, untrained = summary["metrics"]["energy_distance"], summary["untrained"]["energy_distance"]
     assert trained < 0.5 * untrained, (trained, untrained)
+    import numpy as np
+
+    x = np.load(tmp_path / "s.npz")["x"]
+    assert x.shape == (200, 3) and np.abs(np.linalg.norm(x, axis=1) - 1).max() < 1e-6  # float32 samples on S^2
