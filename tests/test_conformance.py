@@ -210,6 +210,22 @@ PATH_RECIPES["interpolant"] = {
 PATH_RECIPES["schrodinger_bridge"] = {"sigma": lambda: _interpolant_check("schrodinger_bridge", {"sigma": 0.7})}
 
 
+def _geodesic_check(manifold: str) -> None:
+    """Points on the manifold (the kit's Gaussian draws are not), t in (0, 1) and at the ends."""
+    path = build("path", "geodesic", {"manifold": manifold}, scheduler=cond_ot())
+    g = torch.Generator().manual_seed(3)
+    x_0, x_1 = path.sample_source((6, 3), generator=g, dtype=torch.float64), path.sample_source(
+        (6, 3), generator=g, dtype=torch.float64)
+    for t in (0.0, 0.2, 0.5, 0.9, 1.0):
+        t = torch.full((6,), t, dtype=torch.float64)
+        path_kit.check_sample_at(path, x_0, x_1, t)
+        path_kit.check_target_is_velocity_at(path, x_0, x_1, t, rtol=1e-8, atol=1e-9)
+    path_kit.check_source(path, (3,), 4, seed=5)
+
+
+PATH_RECIPES["geodesic"] = {m: (lambda m=m: _geodesic_check(m)) for m in ("sphere", "torus", "euclidean")}
+
+
 def _mixture_check(source: str, mask_token: bool) -> None:
     spec = build("data", "toy2d_discrete", {"bins": 8, "mask_token": mask_token}).spec
     path = build("path", "mixture_discrete", {"source": source}, spec=spec, scheduler=cond_ot())
@@ -265,6 +281,17 @@ SOLVER_RECIPES: dict[str, dict[str, Check]] = {
         "dopri5": lambda: check_sampler_basics(build("solver", "ode", {"method": "dopri5"}, scheduler=cond_ot()),
                                                torch.randn(5, 2, dtype=torch.float64), lambda x, t: -x,
                                                "solver 'ode' dopri5"),
+    },
+    "riemannian_ode": {
+        # on R^D the Riemannian steps are the ode solver's, so the whole kit (exactness, orders, nfe) applies
+        "euclidean-kit": lambda: solver_kit.check_solver(
+            lambda method, steps: build("solver", "riemannian_ode", {"method": method, "steps": steps},
+                                        path=build("path", "geodesic", {"manifold": "euclidean"})),
+            ODE_METHODS, steps=(1, 4)),
+        "sphere": lambda: check_sampler_basics(
+            build("solver", "riemannian_ode", {"steps": 5}, path=build("path", "geodesic")),
+            torch.nn.functional.normalize(torch.randn(5, 3, dtype=torch.float64), dim=-1),
+            lambda x, t: torch.cross(torch.ones_like(x), x, dim=-1), "solver 'riemannian_ode'"),
     },
     "one_step": {
         "basics": lambda: check_sampler_basics(build("solver", "one_step", scheduler=cond_ot(), spec=SPEC_2D),
@@ -465,6 +492,7 @@ def data_files(tmp_path_factory) -> SimpleNamespace:
 
 DATA_RECIPES: dict[str, dict[str, Check]] = {
     "toy2d": {"checkerboard": data_check("toy2d")},
+    "vmf_mixture": {"sphere": data_check("vmf_mixture")},
     "toy2d_discrete": {"tokens": data_check("toy2d_discrete", {"bins": 16}),
                        "mask-token": data_check("toy2d_discrete", {"bins": 16, "mask_token": True})},
     "digits": {"continuous": data_check("digits", exact_partition=True)},

@@ -23,3 +23,5 @@ def flowforge_register(register):
              doc="images in a class-per-folder tree, decoded by DataLoader workers")
     register("data", "npz", "plugins.data.npz:make_npz", "plugins.data.npz:NpzConfig",
              doc="arrays from a .npz file (e.g. precomputed latents), memory-mapped when uncompressed")
+    register("data", "vmf_mixture", "plugins.data.vmf:make_vmf_mixture", "plugins.data.vmf:VMFMixtureConfig",
+             doc="a mixture of von Mises-Fisher distributions on the sphere S^2 (unit vectors in R^3)")

@@ -34,6 +34,34 @@ def scatter_png(points: Tensor, path: str, title: str = "", lim: float | None = 
     return out
 
 
+def lonlat_png(lonlat: Tensor, path: str, title: str = "") -> str:
+    """Save a longitude / latitude (equirectangular) scatter plot of ``lonlat (N, 2)`` in degrees to ``path.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = lonlat.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.3), dpi=100)
+    ax.scatter(pts[:, 0], pts[:, 1], s=1.0, alpha=0.5)
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_xticks(range(-180, 181, 60))
+    ax.set_yticks(range(-90, 91, 30))
+    ax.set_xlabel("longitude (deg)", fontsize=8)
+    ax.set_ylabel("latitude (deg)", fontsize=8)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out = str(path) + ".png"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def image_grid(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0), nrow: int | None = None,
                upscale: int = 4, pad: int = 1) -> np.ndarray:
     """Tile ``images (N, C, H, W)`` into a uint8 array ``(rows*(H+pad)+pad, cols*(W+pad)+pad, C)``."""

@@ -9,6 +9,8 @@ Components (``flowforge plugins --options NAME`` lists each one's options):
 * objectives ``flow_matching`` and its older name ``velocity_mse`` (objective.py)
 * solver ``ode``: euler, midpoint, heun, rk4, dopri5, dopri8; uniform, EDM or explicit grids;
   sampling under another scheduler (solver.py, transforms.py)
+* path ``geodesic`` (Riemannian flow matching on the sphere, flat torus or R^D; geodesic.py, manifolds.py)
+  and its solver ``riemannian_ode`` (riemannian.py)
 * solver ``sde``: Euler-Maruyama and stochastic Heun with SiT's diffusion choices (sde.py)
 * metrics ``likelihood`` (NLL / bits per dim, likelihood.py; ``dequantize`` for 8-bit images,
   dequantize.py) and ``few_step`` (a sample
@@ -51,6 +53,10 @@ def flowforge_register(register):
              doc="ODE solver: euler, midpoint, heun, rk4 (fixed steps), dopri5, dopri8 (adaptive)", default=True)
     register("solver", "sde", _M + "sde:make_sde", _M + "sde:SDEConfig",
              doc="SDE sampler: Euler-Maruyama or stochastic Heun, SiT's diffusions, last-step denoising")
+    register("path", "geodesic", _M + "geodesic:make_geodesic", _M + "geodesic:GeodesicConfig",
+             doc="Riemannian FM: x_t = exp_{x_0}(kappa_t log_{x_0} x_1) on the sphere, flat torus or R^D")
+    register("solver", "riemannian_ode", _M + "riemannian:make_riemannian_ode", _M + "riemannian:RiemannianODEConfig",
+             doc="ODE solver on a geodesic path's manifold: euler, midpoint, heun, rk4 steps by exp map / projection")
     register("metric", "likelihood", _M + "likelihood:make_likelihood", _M + "likelihood:LikelihoodConfig",
              doc="negative log-likelihood / bits per dim of held-out data (exact or Hutchinson divergence)")
     register("metric", "few_step", _M + "metrics:make_few_step", _M + "metrics:FewStepConfig",

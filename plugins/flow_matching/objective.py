@@ -39,6 +39,10 @@ stochastic interpolant path (interpolants.py) the latent ``z`` is drawn per exam
 ``time_shift = s`` then maps every time through SD3's shift ``t' = t / (t + s (1 - t))``
 (`plugins.flow_matching.solver.shift_times`; s > 1 favours the noise, as at high resolution).
 
+On a manifold path (``geodesic``) the model's output is first projected onto the tangent space at
+``x_t`` (``path.tangent``), so the loss is the Riemannian squared norm of the velocity error of an
+embedded manifold (Chen & Lipman 2023, eq. 9); couplings other than ``independent`` are refused there.
+
 With ``label_dropout = p`` each label is replaced by the null label
 ``num_classes`` with probability ``p`` (trains the unconditional model of
 classifier-free guidance).
@@ -236,6 +240,9 @@ class FlowMatching(Objective):
                               f"alpha_t and sigma_t); this experiment's path is {type(path).__name__}", ("prediction",))
         if not affine and config.loss_weighting != "none":
             raise ConfigError("loss weighting needs an affine path", ("loss_weighting",))
+        if getattr(path, "manifold", None) is not None and config.coupling != "independent":
+            raise ConfigError(f"coupling {config.coupling!r} pairs by Euclidean distances; on the {path.manifold.name} "
+                              f"path use coupling = \"independent\"", ("coupling",))
         self.config, self.spec, self.path = config, spec, path
         self.coupling_eps = coupling_eps(config, spec, path)
         self._last_bins: Tensor | None = None  # (loss_bins,) the last mean seen in each bin, on the device
@@ -259,6 +266,8 @@ class FlowMatching(Objective):
         if y is not None:
             y = drop_labels(y, c.label_dropout, self.spec.num_classes, draw)
         pred = models["model"](ps.x_t, t, y)
+        if hasattr(self.path, "tangent"):  # a manifold path: only the output's tangent part is a velocity
+            pred = self.path.tangent(ps.x_t, pred)
         if c.prediction == "velocity_score":
             per_sample = velocity_score_loss(pred, ps)
         else:

@@ -230,4 +230,7 @@ def make_sde(config: SDEConfig, path: Path | None = None) -> SDESolver:
     """Solver factory for ``plugin = "sde"`` (needs the experiment's [path])."""
     if path is None:
         raise ConfigError("the sde solver needs the experiment's [path] (for the score)")
+    if getattr(path, "manifold", None) is not None:
+        raise ConfigError(f"the [path] lies on the {path.manifold.name} manifold; the sde solver's Euclidean steps "
+                          f"would leave it: use plugin = \"riemannian_ode\"", ("plugin",))
     return SDESolver(config, path)

@@ -498,6 +498,9 @@ def make_ode(config: ODEConfig, scheduler: Scheduler | None = None, path: Any = 
     if spec is not None and spec.kind != "continuous":
         raise ConfigError(f"the ode solver integrates continuous states; {name} has {spec.kind} data "
                           f"(use its own solver, e.g. discrete_euler)", ("plugin",))
+    if getattr(path, "manifold", None) is not None:
+        raise ConfigError(f"{name} lies on the {path.manifold.name} manifold: the ode solver's Euclidean steps "
+                          f"would leave it; use plugin = \"riemannian_ode\"", ("plugin",))
     if hasattr(path, "velocity_field") and config.grid == "edm" and config.times is None:
         raise ConfigError(f"the ode solver's edm grid needs a [scheduler]; {name} has its own schedule: use "
                           f"grid = \"uniform\", times, or the diffusion solvers' karras_sigmas", ("grid",))
