@@ -23,3 +23,5 @@ def flowforge_register(register):
              doc="images in a class-per-folder tree, decoded by DataLoader workers")
     register("data", "npz", "plugins.data.npz:make_npz", "plugins.data.npz:NpzConfig",
              doc="arrays from a .npz file (e.g. precomputed latents), memory-mapped when uncompressed")
+    register("data", "shape_only", "plugins.data.shape:make_shape_only", "plugins.data.shape:ShapeConfig",
+             doc="a data spec without examples (shape, classes): the data of a model imported by flowforge import")
