@@ -2,7 +2,7 @@
 
 ``FAMILY`` names an installed component of kind ``importer`` (``flowforge plugins`` lists them; e.g.
 ``dit`` for facebookresearch/DiT's files). Its options are command-line flags: ``--image-size 256`` sets
-the option ``image_size``; values are read as TOML values (``256``, ``true``, ``[32, 16, 8]``; a
+the option ``image_size`` (``--image_size 256``, guided-diffusion's spelling, too); values are read as TOML values (``256``, ``true``, ``[32, 16, 8]``; a
 comma list ``32,16,8`` is a list too) and otherwise as text. ``flowforge import FAMILY CKPT --help``
 lists them. The file is read as data only; see `core.importing` for what is written.
 """
@@ -48,17 +48,32 @@ def option_parser(family: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the run directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     for name, typ, default, doc in options_table(KIND, family):
-        parser.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, metavar=typ,
+        flags = dict.fromkeys(["--" + name.replace("_", "-"), "--" + name])  # --image-size and --image_size
+        parser.add_argument(*flags, dest="opt_" + name, metavar=typ.upper().replace(" ", ""),
                             help=f"{doc} (default {default})".replace("%", "%%"))
     return parser
+
+
+def options_of(family: str, parsed: argparse.Namespace) -> dict[str, Any]:
+    """The importer options given on the command line (`value_of` each; one value of a list option is a list)."""
+    from core.importing import KIND
+    from core.options import options_table
+
+    lists = {name for name, typ, _, _ in options_table(KIND, family) if typ.startswith("list")}
+    out = {}
+    for key, text in vars(parsed).items():
+        if key.startswith("opt_") and text is not None:
+            value = value_of(text)
+            out[key[4:]] = [value] if key[4:] in lists and not isinstance(value, list) else value
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
     from core.importing import import_checkpoint
 
     parsed = option_parser(args.family).parse_args(args.rest)
-    options = {k[4:]: value_of(v) for k, v in vars(parsed).items() if k.startswith("opt_") and v is not None}
-    out = import_checkpoint(args.family, args.checkpoint, parsed.out, options, overwrite=parsed.overwrite)
+    out = import_checkpoint(args.family, args.checkpoint, parsed.out, options_of(args.family, parsed),
+                            overwrite=parsed.overwrite)
     print(f"wrote {out} (config.toml, checkpoints/step-00000000.pt, imported.json); "
           f"flowforge sample {out} draws from it")
     return 0
