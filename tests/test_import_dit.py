@@ -144,6 +144,8 @@ def test_malformed_checkpoints_exit_2_and_write_nothing(released, tmp_path, caps
              "is not a DiT-XL/2")
     _refused(["import", "dit", str(source), "--out", str(out), "--num-heads", "4", "--image-size", "256"], out, capsys,
              "32x32 latents")
+    _refused(["import", "dit", str(source), "--out", str(out), "--num-heads", "4", "--num-classes", "1000"], out,
+             capsys, "the label table has 11 rows")
     _refused(["import", "dit", str(source), "--out", str(out)], out, capsys, "give --num-heads")
     _refused(["import", "nosuch", str(source), "--out", str(out)], out, capsys, "unknown importer plugin")
 
@@ -161,3 +163,11 @@ def test_the_shape_only_data_has_a_spec_and_no_examples(tmp_path):
     assert data.render({"x": torch.randn(4, 4, 8, 8)}, str(tmp_path / "grid"))[0].endswith(".png")
     with pytest.raises(ConfigError, match="positive sizes"):
         registry.build("data", {"plugin": "shape_only", "shape": [4, 0, 8]})
+
+
+def test_help_lists_the_importers_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["import", "dit", "some.pt", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--image-size" in text and "--image_size" in text and "--cfg-scale" in text and "--out" in text
