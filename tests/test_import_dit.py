@@ -171,3 +171,17 @@ def test_help_lists_the_importers_flags(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--image-size" in text and "--image_size" in text and "--cfg-scale" in text and "--out" in text
+
+
+def test_eval_of_an_imported_run_with_real_data_of_its_shape(released, tmp_path, capsys):
+    from core.testing.files import write_npz
+
+    _, _, run_dir = released
+    npz = write_npz(tmp_path / "latents.npz", n=16, shape=(CHANNELS, SIDE, SIDE), classes=CLASSES)
+    capsys.readouterr()
+    argv = ["eval", str(run_dir), "--set", 'solver.respacing="2"', "--device", "cpu", "--metric", "energy_distance",
+            "-n", "8", "--out", str(tmp_path / "eval")]
+    assert cli.main(argv) == 2  # shape_only holds no reference examples
+    assert "holds no examples" in capsys.readouterr().err
+    data = f'data={{plugin = "npz", path = "{npz}", held_out_fraction = 0.0, num_classes = {CLASSES}}}'
+    assert cli.main(argv + ["--set", data]) == 0
