@@ -82,7 +82,7 @@ def convert(family: str, options: Mapping[str, Any], state: Any) -> dict[str, An
     return dict(out)
 
 
-def import_checkpoint(family: str, source: str | Path, out: str | Path, options: Mapping[str, Any] = (),
+def import_checkpoint(family: str, source: str | Path, out: str | Path, options: Mapping[str, Any] | None = None,
                       *, overwrite: bool = False) -> Path:
     """Write the run directory `out` from the published checkpoint `source` (see the module docstring)."""
     from .build import build_components

@@ -62,13 +62,15 @@ ADM_ARCH = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attent
                 num_heads=2, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True, num_classes=CLASSES)
 
 
-@pytest.mark.parametrize("order", ["legacy", "new"])
+@pytest.mark.parametrize("order", ["legacy", "new", "legacy-head-channels"])
 def test_an_adm_state_dict_imports_to_guided_diffusions_network(tmp_path, order):
-    ref = random_unet(0, legacy=order == "legacy", **ADM_ARCH)
+    heads = {"num_head_channels": 16} if order.endswith("head-channels") else {}  # 2 and 4 heads of 16
+    ref = random_unet(0, legacy=order.startswith("legacy"), **ADM_ARCH, **heads)
     sd = ref.state_dict()
     sd["label_emb.weight"] = sd["label_emb.weight"][:CLASSES].clone()  # guided-diffusion: no null row
     torch.save(sd, tmp_path / "adm.pt")
-    flags = ADM_FLAGS + (["--use-new-attention-order", "true"] if order == "new" else [])
+    flags = ADM_FLAGS + (["--use-new-attention-order", "true"] if order == "new" else []) \
+        + (["--num-head-channels", "16"] if heads else [])
     assert cli.main(["import", "adm", str(tmp_path / "adm.pt"), "--out", str(tmp_path / "run"), *flags]) == 0
     run = load_run(tmp_path / "run", device="cpu")
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
