@@ -185,3 +185,18 @@ def test_eval_of_an_imported_run_with_real_data_of_its_shape(released, tmp_path,
     assert "holds no examples" in capsys.readouterr().err
     data = f'data={{plugin = "npz", path = "{npz}", held_out_fraction = 0.0, num_classes = {CLASSES}}}'
     assert cli.main(argv + ["--set", data]) == 0
+
+
+def test_a_safetensors_file_and_a_ddp_prefixed_state_dict_import_alike(released, tmp_path):
+    from safetensors.torch import save_file
+
+    ref, _, run_dir = released
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(sd, str(tmp_path / "dit.safetensors"))
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    want = load_run(run_dir, device="cpu").model.state_dict()
+    for name in ("dit.safetensors", "ddp.pt"):
+        out = tmp_path / f"run-{name}"
+        assert cli.main(["import", "dit", str(tmp_path / name), "--out", str(out), "--num-heads", "4"]) == 0
+        got = load_run(out, device="cpu").model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
