@@ -1,6 +1,6 @@
 """Published checkpoints as flowforge run directories (``flowforge import FAMILY CHECKPOINT --out RUN_DIR``).
 
-An *importer* is a component of kind ``importer`` (registered by the plugin of the family, e.g. ``dit``),
+An *importer* is a component of kind ``importer`` (registered by the plugin of a model family),
 built from its options and called on the checkpoint's contents::
 
     imported = importer(state)   # state: what the file holds, read as data

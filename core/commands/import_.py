@@ -1,10 +1,11 @@
 """``flowforge import FAMILY CHECKPOINT --out RUN_DIR [--OPTION VALUE ...]``: a published checkpoint as a run.
 
-``FAMILY`` names an installed component of kind ``importer`` (``flowforge plugins`` lists them; e.g.
-``dit`` for facebookresearch/DiT's files). Its options are command-line flags: ``--image-size 256`` sets
-the option ``image_size`` (``--image_size 256``, guided-diffusion's spelling, too); values are read as TOML values (``256``, ``true``, ``[32, 16, 8]``; a
-comma list ``32,16,8`` is a list too) and otherwise as text. ``flowforge import FAMILY CKPT --help``
-lists them. The file is read as data only; see `core.importing` for what is written.
+``FAMILY`` names an installed component of kind ``importer`` (``flowforge plugins`` lists them).
+Its options are command-line flags, written after ``CHECKPOINT``: ``--image-size 256`` (or
+``--image_size 256``, the spelling of many training scripts) sets the option ``image_size``; values are
+read as TOML values (``256``, ``true``, ``[32, 16, 8]``; a comma list ``32,16,8`` is a list too, and a
+single value of a list option a one-element list) and otherwise as text. ``flowforge import FAMILY CKPT
+--help`` lists them. The file is read as data only; see `core.importing` for what is written.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import tomllib
 from typing import Any
 
 NAME = "import"
-HELP = "turn a published checkpoint (DiT, ADM, ...) into a run directory that sample / eval read"
+HELP = "turn a published checkpoint into a run directory that sample / eval read (importers: flowforge plugins)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("family", help="the importer (a component of kind 'importer', e.g. dit)")
+    parser.add_argument("family", help="the importer (a component of kind 'importer')")
     parser.add_argument("checkpoint", help="the published checkpoint (.pt / .pth, or .safetensors)")
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="--out RUN_DIR [--OPTION VALUE ...]",
                         help="the run directory to write and the importer's options (--help lists them)")
