@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("core.commands.eval", "a run's metrics over solvers, evaluation counts and guidance (table, plot)"),
     "compare": ("core.commands.compare", "compare runs: differing config keys and summaries, loss curves"),
     "export": ("core.commands.export", "write a run's model as safetensors + config (from_pretrained loads it)"),
+    "import": ("core.commands.import_", "turn a published checkpoint into a run directory (an importer plugin's)"),
 }
 
 

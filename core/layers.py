@@ -18,7 +18,8 @@ level  layer        modules
 3      build        components built once, in dependency order (`Components`)
 4      engine       the trainer loop, optimizer and LR, EMA, events, evaluation
                     and generation, progress, the run directory
-5      run          the runner, the public run loader, pretrained folders
+5      run          the runner, the public run loader, pretrained folders,
+                    published checkpoints imported as runs
 6      cli          the ``flowforge`` command and its subcommands, templates
 =====  ===========  ==========================================================
 
@@ -60,7 +61,8 @@ LAYERS: tuple[Layer, ...] = (
                         "core.progress", "core.rundir"),
           "the trainer loop, optimizer and LR, EMA, trainer events, evaluation and generation, "
           "progress, the run directory"),
-    Layer("run", 5, ("core.run", "core.runs", "core.pretrained"), "the runner, the public run loader, pretrained folders"),
+    Layer("run", 5, ("core.run", "core.runs", "core.pretrained", "core.importing"),
+          "the runner, the public run loader, pretrained folders, imported checkpoints"),
     Layer("cli", 6, ("core.cli", "core.commands", "core.templates"), "the flowforge command and its subcommands"),
 )
 

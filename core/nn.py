@@ -26,6 +26,15 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: f
     return emb
 
 
+def integer_step(t: Tensor, steps: int) -> Tensor:
+    """flowforge time ``t (B,)`` -> the DDPM step ``k = T (1 - t) - 1`` (``T`` = `steps`) a DDPM plugin sampled
+    it from (``t = 1 - (k + 1) / T``), computed in float64 and snapped to the nearest integer within 1e-3 (the
+    float32 round trip); fractional steps stay fractional. float32 ``(B,)``."""
+    k = steps * (1.0 - t.double()) - 1.0
+    nearest = k.round()
+    return torch.where((k - nearest).abs() < 1e-3, nearest, k).float()
+
+
 def expand_t(t: Tensor | float, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """A time given as a float, a 0-d tensor or a ``(B,)`` tensor, as a ``(B,)`` tensor."""
     t = torch.as_tensor(t, device=device, dtype=dtype)

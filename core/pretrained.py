@@ -12,6 +12,10 @@ weights (read as data: safetensors holds no code), returning the same
 ``flowforge sample`` / ``flowforge eval`` accept such a folder in place of a run
 directory. The folder is written to a temporary sibling and renamed, so a
 reader never sees half of it.
+
+``save_diffusers(RUN_DIR, FOLDER)`` writes the run's network in diffusers' format instead, through the
+component of kind ``diffusers_exporter`` named like the run's backbone plugin (``exporter(model,
+folder)``; e.g. the dit plugin's writes a ``DiTTransformer2DModel`` folder), also via a temporary sibling.
 """
 
 from __future__ import annotations
@@ -54,6 +58,33 @@ def save_pretrained(run: Any, folder: str | Path, *, ema: bool = True) -> Path:
     meta = {"weights": loaded.weights, "step": loaded.step, "source": str(loaded.run_dir.root),
             "experiment": loaded.name}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+#: the kind of the components that write a backbone in diffusers' format, named like the backbone plugin
+DIFFUSERS_KIND = "diffusers_exporter"
+
+
+def save_diffusers(run: Any, folder: str | Path, *, ema: bool = True) -> Path:
+    """Write `run`'s network (EMA by default) as a diffusers model folder (see the module docstring)."""
+    import registry
+
+    from .runs import LoadedRun, load_run
+
+    loaded = run if isinstance(run, LoadedRun) else load_run(run, ema=ema, device="cpu")
+    backbone = loaded.exp.components["backbone"]["plugin"]
+    if backbone not in registry.available(DIFFUSERS_KIND):
+        have = ", ".join(registry.available(DIFFUSERS_KIND)) or "none"
+        raise ConfigError(f"no diffusers exporter for backbone {backbone!r} (exporters for: {have})")
+    folder = Path(folder)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} exists and is not a diffusers model folder; choose another folder")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    registry.build(DIFFUSERS_KIND, {"plugin": backbone})(loaded.model, tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

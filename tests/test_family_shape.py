@@ -23,7 +23,8 @@ from core.interfaces import DataSpec
 
 #: kind -> the module of a family package that holds it
 KIND_MODULE = {"scheduler": "scheduler", "path": "path", "objective": "objective", "solver": "solver",
-               "metric": "metrics", "data": "data", "backbone": "model"}
+               "metric": "metrics", "data": "data", "backbone": "model",
+              "importer": "importer", "diffusers_exporter": "to_diffusers"}
 FAMILIES = ("flow_matching", "rectified_flow", "ddpm", "discrete_flow", "unet", "dit", "mlp")
 
 

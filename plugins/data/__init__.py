@@ -25,3 +25,5 @@ def flowforge_register(register):
              doc="arrays from a .npz file (e.g. precomputed latents), memory-mapped when uncompressed")
     register("data", "vmf_mixture", "plugins.data.vmf:make_vmf_mixture", "plugins.data.vmf:VMFMixtureConfig",
              doc="a mixture of von Mises-Fisher distributions on the sphere S^2 (unit vectors in R^3)")
+    register("data", "shape_only", "plugins.data.shape:make_shape_only", "plugins.data.shape:ShapeConfig",
+             doc="a data spec without examples (shape, classes): the data of a model imported by flowforge import")

@@ -59,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.guidance import drop_labels
 from core.interfaces import DataSpec
-from core.nn import expand_t, timestep_embedding
+from core.nn import expand_t, integer_step, timestep_embedding
 from core.presets import fill_from_preset
 from registry import ConfigError
 
@@ -180,15 +180,6 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- embedders
-def integer_step(t: Tensor, steps: int) -> Tensor:
-    """flowforge time ``t (B,)`` -> the DDPM step ``k = T (1 - t) - 1`` (``T`` = `steps`) the ddpm plugin sampled
-    it from (``t = 1 - (k + 1) / T``), computed in float64 and snapped to the nearest integer within 1e-3 (the
-    float32 round trip); fractional steps stay fractional. float32 ``(B,)``."""
-    k = steps * (1.0 - t.double()) - 1.0
-    nearest = k.round()
-    return torch.where((k - nearest).abs() < 1e-3, nearest, k).float()
-
-
 class TimestepEmbedder(nn.Module):
     """``t (B,)`` -> ``(B, D)``: an MLP on sinusoidal features of ``time_scale * t``, or, with
     ``time_input = "integer_step"``, of the DDPM step ``k = T (1 - t) - 1`` (DiT's and ADM's own input)."""

@@ -1,7 +1,8 @@
 """flowforge plugin family `unet`: guided-diffusion's ADM UNet backbone.
 
 Presets ``cifar10`` (flow_matching's image example), ``imagenet64`` (ADM) and
-``digits`` (tiny, for 8x8 images); see `plugins.unet.model`.
+``digits`` (tiny, for 8x8 images); see `plugins.unet.model`. Importers ``adm``
+and ``flow_matching`` (``flowforge import adm CKPT --out RUN_DIR``, `plugins.unet.importer`).
 """
 
 from registry import hookimpl
@@ -14,3 +15,8 @@ def flowforge_register(register):
     """Register this family's components."""
     register("backbone", "unet", "plugins.unet.model:make_unet", "plugins.unet.model:UNetConfig",
              doc="ADM UNet of guided-diffusion (presets cifar10, imagenet64, digits); continuous or discrete images")
+    register("importer", "adm", "plugins.unet.importer:make_adm", "plugins.unet.importer:ADMImportConfig",
+             doc="guided-diffusion UNet state dicts (64x64_diffusion.pt, ...) with their model flags, as a run")
+    register("importer", "flow_matching", "plugins.unet.importer:make_flow_matching",
+             "plugins.unet.importer:FlowMatchingImportConfig",
+             doc="Meta flow_matching examples/image checkpoints (continuous UNet, EMA) as a run")

@@ -39,7 +39,9 @@ process's torch RNG, so it depends on the process count). For data without
 classes there is no label embedding and ``y`` is ignored.
 
 ``t`` is ``(B,)`` in [0, 1] (a float or 0-d tensor broadcasts) and is
-multiplied by ``time_scale`` (default 1000) before the sinusoids.
+multiplied by ``time_scale`` (default 1000) before the sinusoids; with
+``time_input = "integer_step"`` the sinusoids see guided-diffusion's integer
+step ``k = T (1 - t) - 1`` instead (`core.nn.integer_step`).
 
 Speed options: ``use_checkpoint`` (gradient checkpointing of every residual
 and attention block in training; the trainer's ``gradient_checkpointing``
@@ -50,7 +52,7 @@ returned in the standard layout).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -60,7 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.guidance import drop_labels
 from core.interfaces import DataSpec
-from core.nn import expand_t, timestep_embedding
+from core.nn import expand_t, integer_step, timestep_embedding
 from core.presets import fill_from_preset
 from registry import ConfigError
 
@@ -132,7 +134,11 @@ class UNetConfig:
         learn_sigma: output twice the data's channels (continuous data only).
         class_dropout_prob: probability of replacing labels by the null label in training.
         norm_groups: GroupNorm groups (32 in guided-diffusion).
-        time_scale: t in [0, 1] is multiplied by this before the sinusoids.
+        time_scale: t in [0, 1] is multiplied by this before the sinusoids (time_input = "scaled").
+        time_input: "scaled" (the sinusoids see time_scale * t) or "integer_step" (they see the DDPM step
+            k = time_steps * (1 - t) - 1 that the ddpm plugin's t = 1 - (k + 1) / T came from: what a
+            guided-diffusion checkpoint was trained on).
+        time_steps: T of time_input = "integer_step" (the checkpoint's diffusion steps).
         use_checkpoint: gradient checkpointing of the residual and attention blocks.
         channels_last: NHWC activations for faster convolutions.
     """
@@ -152,12 +158,14 @@ class UNetConfig:
     class_dropout_prob: float | None = None
     norm_groups: int | None = None
     time_scale: float | None = None
+    time_input: Literal["scaled", "integer_step"] = "scaled"
+    time_steps: int = 1000
     use_checkpoint: bool | None = None
     channels_last: bool | None = None
 
     def __attrs_post_init__(self) -> None:
         fill_from_preset(self, PRESETS, DEFAULTS)
-        for key in ("model_channels", "num_res_blocks", "norm_groups"):
+        for key in ("model_channels", "num_res_blocks", "norm_groups", "time_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)}", (key,))
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
@@ -408,8 +416,11 @@ class UNet(nn.Module):
         """``x (B, C, H, W)``, ``t (B,)`` or scalar, ``y (B,)`` or None -> ``(B, C_out, H, W)`` or logits ``(B, C, H, W, V)``."""
         batch = x.shape[0]
         t = expand_t(t, batch, device=x.device)
-        emb = self.time_embed(timestep_embedding(t, self.model_channels, scale=self.config.time_scale)
-                              .to(self.time_embed[0].weight.dtype))
+        if self.config.time_input == "integer_step":
+            freq = timestep_embedding(integer_step(t, self.config.time_steps), self.model_channels, scale=1.0)
+        else:
+            freq = timestep_embedding(t, self.model_channels, scale=self.config.time_scale)
+        emb = self.time_embed(freq.to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
             if y is None:
                 y = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
