@@ -6,8 +6,9 @@ turns the model's epsilon into
 
     eps' = eps - s * sigma_vp * g          (s: the classifier scale; s = 1 is the exact conditional),
 
-which every solver then uses (DDIM, DPM-Solver++, ...; guided-diffusion's ``condition_mean`` for the
-ancestral sampler is the same shift of the mean to first order). Other predictions are shifted by
+which every solver then uses (DDIM, DPM-Solver++, ...: guided-diffusion's ``condition_score``), except
+``ddpm_ancestral``: given this wrapper it calls the unguided ``model`` and adds ``s Sigma g`` to the mean
+of ``p(x_{k-1} | x_k)`` (guided-diffusion's ``condition_mean``, `plugins.ddpm.solver`). Other predictions are shifted by
 the same ``eps'`` at fixed ``x_t``: ``x0' = x0 + s sigma_vp^2 g / alpha``, ``v' = v - s sigma_vp g / alpha``;
 learned variance channels are left alone. The noise level at time ``t`` is the process's at the
 (fractional) step ``(1 - t) T - 1``, linear in the step between entries (as the solvers' grids).
