@@ -232,3 +232,24 @@ def test_a_classifier_of_another_process_or_shape_is_refused(trained, tmp_path):
         registry.build("objective", {"plugin": "ddpm", "classifier": str(tmp_path)}, spec=spec, path=path)
     with pytest.raises(registry.ConfigError, match="classifier_unconditional"):
         registry.build("objective", {"plugin": "ddpm", "classifier_unconditional": True}, spec=spec, path=path)
+
+
+def test_the_experiment_file_trains_a_classifier_that_guides_ddpm_digits(tmp_path):
+    """experiments/ddpm_digits_classifier.toml runs (3 steps here) and its run is a valid classifier of
+    experiments/ddpm_digits.toml's process; another step count is refused."""
+    from pathlib import Path
+
+    from core.build import build_components
+    from core.config import load
+    from core.run import run
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    out = tmp_path / "classifier"
+    summary = run(root / "ddpm_digits_classifier.toml", ["trainer.steps=3", "trainer.progress=off", "eval.untrained=false"],
+                  out=out)
+    assert set(summary["metrics"]) == {f"noisy_accuracy/{k}" for k in ("uniform", "t=0.9", "t=0.5", "t=0.1")}
+    assert all(0.0 <= v <= 1.0 for v in summary["metrics"].values())
+    guided = build_components(load(root / "ddpm_digits.toml", [f"objective.classifier={out}", "trainer.steps=1"]))
+    assert type(guided.objective.classifier).__name__ == "UNetClassifier"
+    with pytest.raises(registry.ConfigError, match="another process"):
+        build_components(load(root / "ddpm_digits.toml", [f"objective.classifier={out}", "path.steps=500"]))
