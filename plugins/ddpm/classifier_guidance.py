@@ -15,8 +15,8 @@ learned variance channels are left alone. The noise level at time ``t`` is the p
 
 From an experiment: ``[objective] classifier = "RUN_DIR"`` of the ``ddpm`` objective names a run trained
 with the ``noisy_classifier`` objective (`plugins.ddpm.noisy_classifier`) on the same process (schedule,
-steps, zero_terminal_snr) and data shape and classes; `load_classifier` loads its EMA weights (or raw
-without EMA) and refuses anything else. ``classifier_scale`` is ``s``; ``classifier_unconditional = true``
+steps, zero_terminal_snr) and data shape and classes; `load_classifier` loads its EMA weights (its raw
+weights when it trained without EMA, as classifier_train.py does) and refuses anything else. ``classifier_scale`` is ``s``; ``classifier_unconditional = true``
 calls the diffusion model with the null label (`Unconditional`), so the classifier alone steers to ``y``
 (guided-diffusion's unconditional model plus classifier).
 """
@@ -87,13 +87,14 @@ class Unconditional(nn.Module):
 def load_classifier(run_dir: str, diffusion: GaussianDiffusion, spec: DataSpec) -> nn.Module:
     """The noisy classifier ``(B, ...) , (B,) -> (B, K)`` of the noisy_classifier run in `run_dir`, in eval mode
     on the CPU; ConfigError unless it was trained on this process (same ``abar`` table), data shape and classes."""
-    from core.runs import load_run
+    from core.runs import load_experiment, load_run
 
     where = ("classifier",)
     if not (Path(run_dir) / "config.toml").is_file():
         raise ConfigError(f"{run_dir!r} is not a run directory (no config.toml): train the classifier first, e.g. "
                           f"python -m core.run experiments/ddpm_digits_classifier.toml --out {run_dir}", where)
-    run = load_run(run_dir, device="cpu")
+    decay = load_experiment(run_dir).trainer.ema_decay
+    run = load_run(run_dir, ema=bool(decay if not isinstance(decay, list) else decay[0]), device="cpu")
     plugin = run.exp.components["objective"]["plugin"]
     if plugin != "noisy_classifier":
         raise ConfigError(f"{run_dir} was trained with objective {plugin!r}, not noisy_classifier", where)
