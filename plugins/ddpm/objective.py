@@ -29,7 +29,8 @@ and keeps the conditional model's variance channels (as GLIDE does).
 
 Classifier guidance: with ``classifier = "RUN_DIR"`` (a run of the ``noisy_classifier`` objective on the same
 process) `sampling_model` wraps that field in `ClassifierGuidance` (``eps - s sigma grad log p(y | x_t)``,
-``s = classifier_scale``), on top of any classifier-free guidance.
+``s = classifier_scale``; ``ddpm_ancestral`` shifts its mean by ``s Sigma grad log p(y | x_t)`` instead), on top
+of any classifier-free guidance.
 """
 
 from __future__ import annotations
