@@ -253,3 +253,34 @@ def test_the_experiment_file_trains_a_classifier_that_guides_ddpm_digits(tmp_pat
     assert type(guided.objective.classifier).__name__ == "UNetClassifier"
     with pytest.raises(registry.ConfigError, match="another process"):
         build_components(load(root / "ddpm_digits.toml", [f"objective.classifier={out}", "path.steps=500"]))
+
+
+def test_noisy_accuracy_scores_each_level_at_its_step():
+    """A classifier that answers class 0 exactly when its time input is above 0.7, on data of class 0 only:
+    accuracy 1 at t = 0.9, 0 at t = 0.5 and 0.1, and the fraction of steps with t_k > 0.7 (k < 299) at
+    uniform steps; the states it sees at t = 0.1 are q_sample's (x_0 = 0: std sqrt(1 - abar_k))."""
+
+    class Data:
+        def reference(self, n, generator):
+            return {"x": torch.zeros(n, 1, 4, 4), "y": torch.zeros(n, dtype=torch.long)}
+
+    spec = DataSpec((1, 4, 4), num_classes=2)
+    path = registry.build("path", PATH, spec=spec)
+    metric = registry.build("metric", {"plugin": "noisy_accuracy", "times": [0.9, 0.5, 0.1], "num_examples": 4000,
+                                       "batch_size": 4000}, spec=spec, path=path)
+    seen = []
+
+    class Classifier(torch.nn.Module):
+        def forward(self, x, t, y=None):
+            seen.append((x, t))
+            return torch.stack([(t > 0.7).float(), (t <= 0.7).float()], dim=1)
+
+    acc = metric.evaluate(Classifier(), Data(), torch.Generator().manual_seed(0))
+    assert acc["t=0.9"] == 1.0 and acc["t=0.5"] == 0.0 and acc["t=0.1"] == 0.0
+    assert abs(acc["uniform"] - 299 / T) < 0.03, acc
+    x, t = seen[-1]
+    assert torch.all(t == torch.tensor(0.1, dtype=t.dtype))
+    abar = float(path.diffusion.tables["alphas_cumprod"][T - int(round(0.1 * T)) - 1])
+    assert abs(float(x.std()) - (1 - abar) ** 0.5) < 0.02
+    with pytest.raises(registry.ConfigError, match="gaussian_diffusion"):
+        registry.build("metric", {"plugin": "noisy_accuracy"}, spec=spec, path=None)
