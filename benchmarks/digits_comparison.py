@@ -52,6 +52,7 @@ import attrs  # noqa: E402
 import torch  # noqa: E402
 
 import registry  # noqa: E402
+from core.collectives import Group  # noqa: E402
 from core.commands.eval import sweep  # noqa: E402
 from core.config import resolve  # noqa: E402
 from core.data import generator as make_generator  # noqa: E402
@@ -146,15 +147,15 @@ def evaluate_run(name: str, out: Path, spec: dict[str, Any], n: int, seeds: int)
     return rows
 
 
-def floor(n: int, seeds: int, data_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The metrics between `n` training digits and the held-out digits (mean over seeds)."""
+def floor(n: int, seeds: int, data_cfg: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The metrics (default `METRICS`) between `n` training digits and the held-out digits (mean over seeds)."""
     data = registry.build("data", data_cfg)
-    metrics = {k: registry.build("metric", m, spec=data.spec, data=data) for k, m in zip(NAMES, METRICS)}
+    metrics = {m["plugin"]: registry.build("metric", m, spec=data.spec, data=data) for m in metrics or METRICS}
     values: dict[str, list[float]] = {}
     for seed in range(seeds):
         train = next(data.train_batches(n, seed=1000 + seed))["x"]
         held = data.reference(n, make_generator(seed, "eval-reference", 0))["x"]
-        for k, v in _compute_sample_metrics(metrics, held, train).items():
+        for k, v in _compute_sample_metrics(metrics, held, train, Group(0, 1)).items():
             values.setdefault(k, []).append(v)
     row: dict[str, Any] = {"model": "floor: training digits", "sampler": "(data)", "nfe": None}
     for k, vs in values.items():

@@ -72,3 +72,29 @@ def test_scale_zero_and_learned_variance_channels():
     assert torch.equal(ClassifierGuidance(model, classifier, d, 0.0)(x, t, y), out)
     guided = ClassifierGuidance(model, classifier, d, 2.0)(x, t, y)
     assert torch.equal(guided[:, 2:], out[:, 2:]) and not torch.allclose(guided[:, :2], out[:, :2])
+
+
+def test_ancestral_sampling_shifts_the_mean_by_scale_times_variance_times_gradient():
+    """guided-diffusion's p_sample with cond_fn (condition_mean): mean + s Sigma grad log p(y | x_k). With the kept
+    steps {0, T-1} ("2") and fixed_large, the first step's Sigma is beta' = 1 - abar_{T-1} / abar_0; a linear
+    classifier ``logits = x W`` has ``grad log p(y | x) = W_y - sum_c softmax(x W)_c W_c``."""
+    path = registry.build("path", {"plugin": "gaussian_diffusion", "schedule": "cosine", "steps": T,
+                                   "variance": "fixed_large"}, spec=DataSpec((2,)))
+    solver = registry.build("solver", {"plugin": "ddpm_ancestral", "respacing": "2", "clip_denoised": False},
+                            path=path)
+    w = torch.tensor([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0]], dtype=torch.float64)
+    model = lambda x, t, y=None: 0.3 * x  # noqa: E731
+    classifier = lambda x, t: x @ w  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g)
+
+    def first_step(field):
+        out = solver.sample(field, x, y=y, generator=torch.Generator().manual_seed(1), intermediates=True)
+        return out.trajectory[1]
+
+    scale = 2.5
+    shifted = first_step(ClassifierGuidance(model, classifier, path.diffusion, scale)) - first_step(model)
+    abar = path.diffusion.tables["alphas_cumprod"]
+    sigma2 = 1 - abar[T - 1] / abar[0]
+    grad = w.T[y] - torch.softmax(x @ w, dim=-1) @ w.T
+    torch.testing.assert_close(shifted, scale * sigma2 * grad, rtol=1e-9, atol=1e-12)

@@ -43,3 +43,29 @@ def test_flowforge_and_diffusers_reach_the_same_sample(entry):
     ours, nfe = bench.flowforge(model, x, plugin, steps, **ff_opts)
     theirs, their_nfe = bench.diffusers_run(model, x, cls, steps, **d_opts)
     assert nfe == their_nfe and ours == pytest.approx(theirs, rel=1e-9), (label, ours, theirs)
+
+
+def test_digits_benchmark_spends_the_budgets_it_reports():
+    """benchmarks/diffusion_digits_nfe.py: every solver setting spends the NFE of its column (Heun: 2 n - 1 for
+    n steps, reported in parentheses), on the digits' 1000-step cosine process."""
+    import registry
+    from core.interfaces import DataSpec
+
+    import diffusion_digits_nfe as digits
+
+    path = registry.build("path", {"plugin": "gaussian_diffusion", "schedule": "cosine", "steps": 1000,
+                                   "prediction": "v", "variance": "learned_range"}, spec=DataSpec((1, 8, 8)))
+    calls = []
+
+    def field(x, t, y=None):
+        calls.append(1)
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    for label, plugin, fixed, budget in digits.SOLVERS:
+        for nfe in digits.NFES:
+            solver = registry.build("solver", {"plugin": plugin, "clip_denoised": True, **fixed, **budget(nfe)},
+                                    path=path)
+            calls.clear()
+            out = solver.sample(field, torch.randn(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+            expected = 2 * ((nfe + 1) // 2) - 1 if plugin == "heun" else nfe
+            assert out.nfe == len(calls) == expected, (label, nfe, out.nfe, len(calls))

@@ -79,6 +79,14 @@ def _objective_cases():
         model = registry.build("backbone", {"plugin": "mlp", "hidden": 16, "depth": 2}, spec=spec)
         return obj, path, model, {"x": torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(1))}
 
+    def noisy_classifier():
+        spec = DataSpec(shape=(1, 2, 2), kind="continuous", num_classes=3)
+        path = registry.build("path", {"plugin": "gaussian_diffusion", "steps": 50}, spec=spec)
+        obj = registry.build("objective", {"plugin": "noisy_classifier"}, spec=spec, path=path)
+        model = registry.build("backbone", {"plugin": "mlp", "hidden": 16, "depth": 2, "classifier": True}, spec=spec)
+        g = torch.Generator().manual_seed(1)
+        return obj, path, model, {"x": torch.randn(6, 1, 2, 2, generator=g), "y": torch.randint(3, (6,), generator=g)}
+
     def discrete():
         spec = DataSpec(shape=(5,), kind="discrete", vocab_size=4, num_classes=0)
         path = registry.build("path", {"plugin": "mixture_discrete", "source": "uniform"}, spec=spec,
@@ -90,7 +98,7 @@ def _objective_cases():
     return {"flow_matching": fm("flow_matching", prediction="epsilon"), "velocity_mse": fm("velocity_mse"),
             "flow_matching/interpolant": fm("flow_matching", "interpolant"),
             "flow_matching/schrodinger_bridge": fm("flow_matching", "schrodinger_bridge", "cond_ot"),
-            "ddpm": ddpm, "discrete_fm": discrete}
+            "ddpm": ddpm, "noisy_classifier": noisy_classifier, "discrete_fm": discrete}
 
 
 CASES = _objective_cases()

@@ -16,6 +16,8 @@ guided-diffusion                      flowforge
 ``timestep_respacing``, ``use_ddim``  ``[solver] respacing``, ``plugin = "ddim"`` (``eta``)
 ``clip_denoised``                     ``[solver] clip_denoised``
 ``image_nll.py`` (``calc_bpd_loop``)  ``[[metrics]] plugin = "ddpm_bpd"``
+``classifier_train.py``               ``[objective] plugin = "noisy_classifier"`` (backbone ``unet_classifier``)
+``classifier_sample.py``              ``[objective] classifier = "RUN_DIR"``, ``classifier_scale``
 ====================================  ==========================================================
 """
 
@@ -33,6 +35,9 @@ def flowforge_register(register):
              doc="DDPM's discrete Gaussian process (linear/cosine betas; epsilon, x_start or v; fixed or learned variance)")
     register("objective", "ddpm", _M + "objective:make_ddpm", _M + "objective:DDPMConfig",
              doc="guided-diffusion's losses (mse, rescaled_mse hybrid, kl, rescaled_kl) with importance-sampled steps")
+    register("objective", "noisy_classifier", _M + "noisy_classifier:make_noisy_classifier",
+             _M + "noisy_classifier:NoisyClassifierConfig",
+             doc="guided-diffusion's classifier training: cross entropy on q_sample states at uniform steps")
     register("solver", "ddpm_ancestral", _M + "solver:make_ddpm_ancestral", _M + "solver:AncestralConfig",
              doc="ancestral DDPM sampling p(x_{k-1} | x_k), optionally over respaced steps")
     register("solver", "ddim", _M + "solver:make_ddim", _M + "solver:DDIMConfig",
@@ -49,3 +54,5 @@ def flowforge_register(register):
              doc="Euler ancestral (k-diffusion / diffusers' EulerAncestralDiscreteScheduler), eta")
     register("metric", "ddpm_bpd", _M + "metrics:make_ddpm_bpd", _M + "metrics:BpdConfig",
              doc="variational bound in bits per dimension over every diffusion step; lower is better")
+    register("metric", "noisy_accuracy", _M + "metrics:make_noisy_accuracy", _M + "metrics:NoisyAccuracyConfig",
+             doc="held-out top-1 accuracy of a noisy classifier at noise levels of the run's process")

@@ -17,6 +17,9 @@ path), they describe the process, with the path's defaults.
 Reported (keys prefixed with the metric's name in summary.json):
 ``total`` (the bound), ``prior``, ``decoder`` (the step-0 term), ``mse`` (of
 the implied epsilon, mean over steps) and ``xstart_mse`` (mean over steps).
+
+The ``noisy_accuracy`` metric (`NoisyAccuracy`) is the held-out top-1 accuracy of a noisy classifier
+(the ``noisy_classifier`` objective's model) on ``q_sample`` states of the run's process.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from core.interfaces import DataSource, DataSpec
 from registry import ConfigError
 
+from .diffusion import time_to_step
 from .path import DiffusionConfig, GaussianDiffusionPath
 
 
@@ -132,3 +136,66 @@ def make_ddpm_bpd(config: BpdConfig, spec: DataSpec, path: Any = None) -> BitsPe
         raise ConfigError(f"ddpm_bpd needs continuous data in [-1, 1], got {spec.kind!r} data")
     process = run_process(config, path) if path is not None else DiffusionConfig(**config.given())
     return BitsPerDim(config, process)
+
+
+@attrs.define
+class NoisyAccuracyConfig:
+    """Options of the noisy_accuracy metric.
+
+    Attributes:
+        times: flowforge times t (1 = data, 0 = pure noise) at which to report the accuracy; each is
+            snapped to its diffusion step k = round((1 - t) T) - 1.
+        num_examples: held-out examples to evaluate.
+        batch_size: examples per classifier call.
+    """
+
+    times: list[float] = attrs.Factory(lambda: [0.9, 0.5, 0.1])
+    num_examples: int = 256
+    batch_size: int = 256
+
+    def __attrs_post_init__(self) -> None:
+        if any(not 0.0 <= t <= 1.0 for t in self.times):
+            raise ConfigError(f"expected times in [0, 1], got {self.times}", ("times",))
+        for key in ("num_examples", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"expected a positive integer, got {getattr(self, key)}", (key,))
+
+
+class NoisyAccuracy:
+    """A `core.interfaces.ModelMetric` of a noisy classifier ``model(x_t, t) -> (B, K)``: the top-1 accuracy on
+    held-out ``x_k = q_sample(x_start, k, eps)``, ``{"uniform": at k ~ U{0..T-1}, "t=0.9": at that step, ...}``
+    (guided-diffusion's ``val_acc@1`` is the uniform one)."""
+
+    higher_is_better = True
+
+    def __init__(self, config: NoisyAccuracyConfig, path: GaussianDiffusionPath):
+        self.config, self.diffusion = config, path.diffusion
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
+        c, d = self.config, self.diffusion
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        batch = data.reference(c.num_examples, generator)
+        n, was_training = batch["x"].shape[0], model.training
+        model.eval()
+        levels = {"uniform": None, **{f"t={t:g}": time_to_step(torch.tensor(t), d.num_timesteps) for t in c.times}}
+        right = dict.fromkeys(levels, 0.0)
+        for start in range(0, n, c.batch_size):
+            x, y = (batch[key][start:start + c.batch_size] for key in ("x", "y"))
+            for name, step in levels.items():
+                k = torch.randint(d.num_timesteps, (x.shape[0],), generator=generator) if step is None \
+                    else step.expand(x.shape[0])
+                x_t = d.q_sample(x, k, torch.randn(x.shape, generator=generator, dtype=x.dtype))
+                logits = model(x_t.to(device), d.model_time(k, x_t).to(device))
+                right[name] += (logits.argmax(dim=-1).cpu() == y).sum().item()
+        model.train(was_training)
+        return {name: v / n for name, v in right.items()}
+
+
+def make_noisy_accuracy(config: NoisyAccuracyConfig, spec: DataSpec, path: Any = None) -> NoisyAccuracy:
+    """Metric factory for ``plugin = "noisy_accuracy"``: labelled data and the run's gaussian_diffusion path."""
+    if spec.num_classes < 1:
+        raise ConfigError("noisy_accuracy needs labelled data ([data] conditional = true)")
+    if not isinstance(path, GaussianDiffusionPath):
+        raise ConfigError("noisy_accuracy needs [path] plugin = \"gaussian_diffusion\" (the classifier's process)")
+    return NoisyAccuracy(config, path)

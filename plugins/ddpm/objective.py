@@ -26,6 +26,11 @@ the model's own output, as diffusers'). With a learned variance `sampling_model`
 replaces that wrapper by `MeanGuidance`, which guides only the mean channels
 and keeps the conditional model's variance channels (as GLIDE does).
 ``guidance_interval`` and ``guidance_rescale`` are `core.guidance`'s.
+
+Classifier guidance: with ``classifier = "RUN_DIR"`` (a run of the ``noisy_classifier`` objective on the same
+process) `sampling_model` wraps that field in `ClassifierGuidance` (``eps - s sigma grad log p(y | x_t)``,
+``s = classifier_scale``; ``ddpm_ancestral`` shifts its mean by ``s Sigma grad log p(y | x_t)`` instead), on top
+of any classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from torch import Tensor, nn
 from core import rng
 from core.guidance import ClassifierFreeGuidance, check_options, configured, drop_labels, guide
 from core.interfaces import Batch, DataSpec, Field, Objective
+from core.nn import model_device
 from registry import ConfigError
 
+from .classifier_guidance import ClassifierGuidance, Unconditional, load_classifier
 from .path import diffusion_of
 from .resample import create_schedule_sampler
 from .weighting import loss_weights, perturbed_noise, snr
@@ -67,6 +74,11 @@ class DDPMConfig:
             keeps the noise.
         guidance_interval: [lo, hi]: classifier-free guidance only for t in it (Kynkaanniemi et al.).
         guidance_rescale: CFG rescale phi (Lin et al.), see `core.guidance`.
+        classifier: classifier guidance (Dhariwal and Nichol): the directory of a run trained with the
+            noisy_classifier objective on this [path] and data ("": none); see `plugins.ddpm.classifier_guidance`.
+        classifier_scale: the classifier scale s: eps' = eps - s sigma grad log p(y | x_t).
+        classifier_unconditional: sample the model's unconditional branch (null label) and let the classifier
+            alone steer to the drawn class.
     """
 
     loss_type: Literal["mse", "rescaled_mse", "kl", "rescaled_kl"] = "mse"
@@ -80,6 +92,9 @@ class DDPMConfig:
     input_perturbation: float = 0.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     guidance_rescale: float = 0.0
+    classifier: str = ""
+    classifier_scale: float = 1.0
+    classifier_unconditional: bool = False
 
     def __attrs_post_init__(self) -> None:
         check_options(self.guidance_interval, self.guidance_rescale)
@@ -92,6 +107,9 @@ class DDPMConfig:
             (self.history_per_term >= 1, "history_per_term", "a positive integer"),
             (0.0 <= self.uniform_prob <= 1.0, "uniform_prob", "a probability in [0, 1]"),
             (0.0 <= self.label_dropout <= 1.0, "label_dropout", "a probability in [0, 1]"),
+            (self.classifier_scale >= 0, "classifier_scale", "a non-negative classifier scale"),
+            (bool(self.classifier) or not self.classifier_unconditional, "classifier_unconditional",
+             "a classifier (classifier = \"RUN_DIR\") to steer the unconditional model"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -116,6 +134,12 @@ class DDPMObjective(Objective):
         self.diffusion = diffusion_of(path, "the ddpm objective")
         self.sampler = create_schedule_sampler(config.schedule_sampler, self.diffusion.num_timesteps,
                                                config.history_per_term, config.uniform_prob)
+        self.classifier = None
+        if config.classifier:
+            if spec.num_classes < 1:
+                raise ConfigError("classifier guidance steers to a class: it needs labelled data ([data] "
+                                  "conditional = true)", ("classifier",))
+            self.classifier = load_classifier(config.classifier, self.diffusion, spec)
 
     def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         d = self.diffusion
@@ -145,8 +169,16 @@ class DDPMObjective(Objective):
         return self.path.config.prediction
 
     def sampling_model(self, model: nn.Module) -> Field:
+        c = self.config
+        if self.classifier is not None and c.classifier_unconditional:
+            model = Unconditional(model.model if isinstance(model, ClassifierFreeGuidance) else model,
+                                  self.spec.num_classes)
         cls = MeanGuidance if self.diffusion.learned_variance else None
-        return configured(model, self.config.guidance_interval, self.config.guidance_rescale, cls)
+        field = configured(model, c.guidance_interval, c.guidance_rescale, cls)
+        if self.classifier is None:
+            return field
+        self.classifier.to(model_device(model))
+        return ClassifierGuidance(field, self.classifier, self.diffusion, c.classifier_scale)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

@@ -8,7 +8,10 @@ kept ``abar``). At each step the model is called once, as
 and its output gives ``x_start`` (clamped to [-1, 1] with ``clip_denoised``):
 
 * ``ddpm_ancestral``: ``x <- mean + sigma z`` with ``p(x_{k-1} | x_k)`` from the
-  path's variance type (guided-diffusion's ``p_sample``); no noise at the last step.
+  path's variance type (guided-diffusion's ``p_sample``); no noise at the last step. Given a
+  `ClassifierGuidance` field it samples as guided-diffusion's ``p_sample`` with ``cond_fn``
+  (``condition_mean``): the unguided model's mean plus ``s Sigma grad log p(y | x_k)``, ``Sigma`` that
+  step's variance; the other solvers use the guided epsilon (``condition_score``).
 * ``ddim``: ``eps`` re-derived from ``x_start``, then
   ``x <- sqrt(abar_prev) x_start + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
   ``sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev)``
@@ -29,6 +32,7 @@ from torch import Tensor
 from core.interfaces import Field, Solver, SolverResult
 from registry import ConfigError
 
+from .classifier_guidance import ClassifierGuidance
 from .diffusion import GaussianDiffusion, randn_like
 from .path import diffusion_of
 
@@ -78,12 +82,17 @@ def respaced(path: Any, respacing: str, component: str) -> GaussianDiffusion:
 
 class _DiffusionSolver(Solver):
     method = ""
+    #: classifier guidance by the mean shift s Sigma g (guided-diffusion's condition_mean) instead of eps
+    condition_mean = False
 
     def __init__(self, config: Any, path: Any = None):
         self.config = config
         self.diffusion = respaced(path, config.respacing, f"the {self.method} solver")
 
-    def step(self, output: Tensor, x: Tensor, k: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+    def step(self, output: Tensor, x: Tensor, k: Tensor, i: int, generator: torch.Generator | None,
+             shift: Tensor | None = None) -> Tensor:
+        """``x`` at the next kept step from the model's `output` at step `k` (kept index `i`); `shift`: the
+        classifier's ``s grad log p(y | x)`` for `condition_mean` solvers."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -92,9 +101,13 @@ class _DiffusionSolver(Solver):
         d = self.diffusion
         x = x_init
         traj = [x] if intermediates else None
+        guidance = model if self.condition_mean and isinstance(model, ClassifierGuidance) and y is not None else None
+        field = model if guidance is None else guidance.model
         for i in reversed(range(d.num_timesteps)):
             k = d.steps(i, x.shape[0], x.device)
-            x = self.step(model(x, d.model_time(k, x), y), x, k, i, generator)
+            t = d.model_time(k, x)
+            shift = None if guidance is None or not guidance.scale else guidance.scale * guidance.gradient(x, t, y)
+            x = self.step(field(x, t, y), x, k, i, generator, shift)
             if traj is not None:
                 traj.append(x)
         times = None
@@ -109,15 +122,18 @@ class AncestralSolver(_DiffusionSolver):
     """See the module docstring (``ddpm_ancestral``)."""
 
     method = "ddpm_ancestral"
+    condition_mean = True
 
     def __init__(self, config: AncestralConfig | None = None, path: Any = None):
         super().__init__(config or AncestralConfig(), path)
 
-    def step(self, output: Tensor, x: Tensor, k: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+    def step(self, output: Tensor, x: Tensor, k: Tensor, i: int, generator: torch.Generator | None,
+             shift: Tensor | None = None) -> Tensor:
         p = self.diffusion.p_mean_variance(output, x, k, self.config.clip_denoised)
+        mean = p.mean if shift is None else p.mean + torch.exp(p.log_variance) * shift
         if i == 0:
-            return p.mean
-        return p.mean + torch.exp(0.5 * p.log_variance) * randn_like(x, generator)
+            return mean
+        return mean + torch.exp(0.5 * p.log_variance) * randn_like(x, generator)
 
 
 class DDIMSolver(_DiffusionSolver):
@@ -128,7 +144,8 @@ class DDIMSolver(_DiffusionSolver):
     def __init__(self, config: DDIMConfig | None = None, path: Any = None):
         super().__init__(config or DDIMConfig(), path)
 
-    def step(self, output: Tensor, x: Tensor, k: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+    def step(self, output: Tensor, x: Tensor, k: Tensor, i: int, generator: torch.Generator | None,
+             shift: Tensor | None = None) -> Tensor:
         d, eta = self.diffusion, self.config.eta
         x_start = d.xstart_from_output(output, x, k, self.config.clip_denoised)
         eps = d.eps_from_xstart(x, k, x_start)

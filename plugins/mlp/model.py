@@ -13,7 +13,8 @@ NeRF's positional encoding of the flattened ``x`` instead,
 ``h_0 = [x, sin(2^k x / input_scale), cos(2^k x / input_scale)]`` for ``k < K`` (elementwise), which
 lets a small MLP represent sharp edges of a low-dimensional density (e.g. the checkerboard's cells). Output: ``(B, *shape)`` (continuous, times
 ``out_channels_mult`` along the first data axis for learned variances) or
-``(B, *shape, V)`` logits (discrete).
+``(B, *shape, V)`` logits (discrete); with ``classifier = true`` class logits ``(B, num_classes)`` of
+``x`` and ``t`` alone (no label input: a noisy classifier for classifier guidance).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class MLPConfig:
         input_freqs: K > 0 feeds [x, sin(2^k x / input_scale), cos(2^k x / input_scale)], k < K,
             instead of x (positional encoding; continuous data only). 0: x itself.
         input_scale: length scale of the lowest input frequency (about the data's extent).
+        classifier: output ``(B, num_classes)`` logits and take no label: a noisy classifier ``c(x_t, t)``
+            (the ``noisy_classifier`` objective; continuous labelled data).
     """
 
     hidden: int = 512
@@ -56,6 +59,7 @@ class MLPConfig:
     out_channels_mult: int = 1
     input_freqs: int = 0
     input_scale: float = 1.0
+    classifier: bool = False
 
     def __attrs_post_init__(self) -> None:
         positive(self, "hidden", "depth", "time_dim", "time_scale", "token_dim", "out_channels_mult", "input_scale")
@@ -82,14 +86,17 @@ class MLP(nn.Module):
         in_dim = numel * config.token_dim if self.discrete else numel * (1 + 2 * config.input_freqs)
         self.register_buffer("freqs", 2.0 ** torch.arange(config.input_freqs) / config.input_scale,
                              persistent=False)
+        if config.classifier and (self.discrete or spec.num_classes < 1):
+            raise ConfigError("classifier = true needs continuous labelled data ([data] conditional = true)",
+                              ("classifier",))
         if self.discrete:
             self.token_embed = nn.Embedding(spec.vocab_size, config.token_dim)
             out_dim = numel * spec.vocab_size
         else:
-            out_dim = numel * config.out_channels_mult
+            out_dim = spec.num_classes if config.classifier else numel * config.out_channels_mult
         cond_dim = config.time_dim
         self.label_embed = None
-        if spec.num_classes > 0:
+        if spec.num_classes > 0 and not config.classifier:
             self.label_embed = nn.Embedding(spec.num_classes + 1, config.time_dim)
             cond_dim += config.time_dim
         act = _ACT[config.activation]
@@ -117,6 +124,8 @@ class MLP(nn.Module):
         for layer in self.layers:
             h = self.act(layer(torch.cat([h, c], dim=-1)))
         out = self.out(torch.cat([h, c], dim=-1))
+        if self.config.classifier:
+            return out
         if self.discrete:
             return out.reshape(batch, *self.spec.shape, self.spec.vocab_size)
         if self.config.out_channels_mult != 1:

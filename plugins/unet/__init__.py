@@ -3,6 +3,8 @@
 Presets ``cifar10`` (flow_matching's image example), ``imagenet64`` (ADM) and
 ``digits`` (tiny, for 8x8 images); see `plugins.unet.model`. Importers ``adm``
 and ``flow_matching`` (``flowforge import adm CKPT --out RUN_DIR``, `plugins.unet.importer`).
+``unet_classifier`` is the encoder half with attention pooling, the noisy classifier of
+classifier guidance (`plugins.unet.classifier`).
 """
 
 from registry import hookimpl
@@ -20,3 +22,6 @@ def flowforge_register(register):
     register("importer", "flow_matching", "plugins.unet.importer:make_flow_matching",
              "plugins.unet.importer:FlowMatchingImportConfig",
              doc="Meta flow_matching examples/image checkpoints (continuous UNet, EMA) as a run")
+    register("backbone", "unet_classifier", "plugins.unet.classifier:make_unet_classifier",
+             "plugins.unet.classifier:UNetClassifierConfig",
+             doc="guided-diffusion's noisy-image classifier (encoder UNet, time embedding, attention pooling)")

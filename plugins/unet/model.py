@@ -328,6 +328,32 @@ class AttentionBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------- the model
+def encoder_blocks(config: Any, first: nn.Module, ch: int, res: Any, attn: Any) -> tuple[nn.ModuleList, list[int], int]:
+    """guided-diffusion's ``input_blocks`` (shared by `UNet` and `plugins.unet.classifier.UNetClassifier`).
+
+    `first` maps the input to `ch` channels; then per level of ``config.channel_mult``,
+    ``config.num_res_blocks`` x [``res(c_in, c_out)`` (+ ``attn(c)`` at the downsample rates in
+    ``config.attention_resolutions``)] and, except at the last level, a downsampler (``res(c, c, down=True)``
+    with ``config.resblock_updown``, else `Downsample`). Returns (the blocks, the channels after each block,
+    the final downsample rate).
+    """
+    blocks, chans, ds, mc = nn.ModuleList([TimestepEmbedSequential(first)]), [ch], 1, config.model_channels
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers: list[nn.Module] = [res(ch, int(mult * mc))]
+            ch = int(mult * mc)
+            if ds in config.attention_resolutions:
+                layers.append(attn(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            chans.append(ch)
+        if level != len(config.channel_mult) - 1:
+            down = res(ch, ch, down=True) if config.resblock_updown else Downsample(ch, config.conv_resample)
+            blocks.append(TimestepEmbedSequential(down))
+            chans.append(ch)
+            ds *= 2
+    return blocks, chans, ds
+
+
 class UNet(nn.Module):
     """See the module docstring. Called as ``model(x, t, y=None)``."""
 
@@ -379,22 +405,8 @@ class UNet(nn.Module):
             first = nn.Conv2d(in_channels, ch, 3, padding=1)
             out_channels = in_channels * (2 if config.learn_sigma else 1)
         self.out_channels = out_channels
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(first)])
-        skip_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [res(ch, int(mult * mc))]
-                ch = int(mult * mc)
-                if ds in config.attention_resolutions:
-                    layers.append(attn(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != levels - 1:
-                down = res(ch, ch, down=True) if config.resblock_updown else Downsample(ch, config.conv_resample)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_chans.append(ch)
-                ds *= 2
+        self.input_blocks, skip_chans, ds = encoder_blocks(config, first, ch, res, attn)
+        ch = skip_chans[-1]
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(config.channel_mult))[::-1]:
