@@ -3,7 +3,9 @@
     python benchmarks/trainer_overhead.py [--steps 200] [--repeats 3] [--json]
 
 Same model (built through the registry with the same seed), same batch, AdamW, EMA (foreach lerp),
-warmup + cosine LR, the same velocity_mse objective with logit-normal times, data already in memory.
+warmup + cosine LR, the same velocity_mse objective with logit-normal times, data already in memory and
+drawn as shuffled minibatches (one gather of a permutation's slice per step, as the trainer's sampler does;
+before issue 24 the plain loop took contiguous pre-sliced batches, which no real training does).
 The plain loop draws its noise and times per example through `core.rng` as the trainer's objective does
 (keyed by (seed, step, global example index)), so the ratio measures the trainer, not the RNG.
 Timing: flowforge's loop time (summary "loop_time_s") against the plain loop's, interleaved A/B runs in
@@ -80,7 +82,8 @@ def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
     spec_cfg = MODELS[model_name]
     tensors, spec = memory_data(spec_cfg["data"], steps, spec_cfg["batch"])
     batch = spec_cfg["batch"]
-    batches = [tensors["x"][i * batch:(i + 1) * batch] for i in range(steps)]
+    data = tensors["x"]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))  # shuffled, as any real loop
     torch.manual_seed(derive_seed(seed, "init"))
     dev = device()
     cuda = dev.type == "cuda"
@@ -91,7 +94,8 @@ def plain_loop(model_name: str, steps: int, seed: int = 0) -> float:
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for step, x1 in enumerate(batches):
+    for step in range(steps):
+        x1 = data[order[step * batch:(step + 1) * batch]]  # a shuffled minibatch (the trainer's gather)
         if cuda:
             x1 = x1.pin_memory().to(dev, non_blocking=True)
         draw = rng.ExampleRandom(rng.shard_seeds(seed, step, batch, 0, dev))  # the trainer's per-example draws

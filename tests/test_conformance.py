@@ -356,6 +356,21 @@ BACKBONE_RECIPES: dict[str, dict[str, Check]] = {
         "tokens": backbone_check("dit", DIT_TINY, IMAGE_TOKENS),
     },
 }
+def classifier_check(name: str, options: dict, spec: DataSpec) -> Check:
+    """A noisy-image classifier: logits ``(B, num_classes)``; every backbone check but label conditioning
+    (it reads labels only as its training target)."""
+    def check() -> None:
+        model = build("backbone", name, options, spec=spec)
+        kw = {"name": name, "batch_size": 3}
+        backbone_kit.check_output(model, spec, out_shape=(spec.num_classes,), **kw)
+        for check_one in (backbone_kit.check_scalar_time, backbone_kit.check_items_independent,
+                          backbone_kit.check_eval_determinism, backbone_kit.check_time_conditioning,
+                          backbone_kit.check_gradients):
+            check_one(model, spec, **kw)
+    return check
+
+
+BACKBONE_RECIPES["unet_classifier"] = {"digits": classifier_check("unet_classifier", {"preset": "digits"}, IMAGES)}
 BACKBONE_NOT_APPLICABLE = {
     "clip": "a CLIP model (image and text towers) is not called as model(x, t, y); the objective kit runs it "
             "through clip_contrastive, and tests/test_tinyclip.py covers it",
