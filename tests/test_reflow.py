@@ -62,6 +62,8 @@ def test_pairs_are_the_runs_own_ode_samples(one_rf):
     assert torch.equal(pairs["x1"][idx], batch["x"][:5])
     source = registry.build("data", {"plugin": "toy2d", "dataset": "eight_gaussians"})
     assert torch.equal(data.reference(50, make_generator(1))["x"], source.reference(50, make_generator(1))["x"])
+    # the runner's sample metrics read reference_slice: the true data too, never the couplings' x_1
+    assert torch.equal(data.reference_slice(40, 3, 10, 30)["x"], source.reference_slice(40, 3, 10, 30)["x"])
 
 
 def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
