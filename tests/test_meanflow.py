@@ -1,4 +1,4 @@
-"""MeanFlow (plugins/rectified_flow/meanflow.py) against closed forms written here from the paper's equations.
+"""MeanFlow (plugins.rectified_flow.objective.py) against closed forms written here from the paper's equations.
 
 Reference case: x_0 ~ N(0, I) to x_1 ~ N(m, diag(s^2)) on the linear path x_t = t x_1 + (1 - t) x_0
 (flowforge's time: noise at 0). The marginal x_t ~ N(t m, sigma_t^2), sigma_t^2 = t^2 s^2 + (1 - t)^2, and
@@ -17,7 +17,7 @@ from torch import nn
 import registry
 from core.interfaces import DataSpec
 from core.rng import GlobalRandom
-from plugins.rectified_flow.meanflow import adaptive_loss, meanflow_target
+from plugins.rectified_flow.objective import adaptive_loss, meanflow_target
 
 D = torch.float64
 M = torch.tensor([1.5, -0.5], dtype=D)

@@ -28,7 +28,7 @@ dimensions), ``w = 1 / (||Delta||^2 + c)^p`` (``p = 0``: plain squared error; pa
 Time samplers: ``uniform`` or ``logit_normal`` (``sigmoid(mean + std n)``; the paper's
 ``lognorm(-0.4, 1.0)`` in its convention is ``mean = 0.4`` here).
 
-**Sampling** (the solver ``meanflow``): on the grid ``t_i = i / k``,
+**Sampling** (the solver ``meanflow``, solver.py): on the grid ``t_i = i / k``,
 ``x_{i+1} = x_i + (t_{i+1} - t_i) u(x_i, t_i, t_{i+1})``; ``k = 1`` is one-step generation
 ``x_1 = x_0 + u(x_0, 0, 1)`` (1 model evaluation). The backbone must take the interval's end ``r``
 (``model(x, t, y, r=r)``, e.g. ``[backbone] plugin = "mlp"`` with ``interval_input = true``); called
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from core import rng
 from core.guidance import drop_labels
-from core.interfaces import Batch, DataSpec, Field, Objective, Path, Solver, SolverResult
+from core.interfaces import Batch, DataSpec, Field, Objective, Path
 from core.nn import append_dims
 from registry import ConfigError
 
@@ -152,44 +152,3 @@ class MeanFlow(Objective):
 def make_meanflow(config: MeanFlowConfig, spec: DataSpec, path: Path | None = None) -> MeanFlow:
     """Objective factory for ``plugin = "meanflow"``."""
     return MeanFlow(config, spec, path)
-
-
-@attrs.define
-class MeanFlowSolverConfig:
-    """Options of the meanflow solver.
-
-    Attributes:
-        steps: number of average-velocity jumps on the uniform grid t_i = i / steps (1: one-step generation).
-    """
-
-    steps: int = 1
-
-    def __attrs_post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"expected a positive integer, got {self.steps}", ("steps",))
-
-
-class MeanFlowSolver(Solver):
-    """``x_{i+1} = x_i + (t_{i+1} - t_i) field(x_i, t_i, y, r=t_{i+1})`` on ``t_i = i / steps`` (module docstring)."""
-
-    def __init__(self, config: MeanFlowSolverConfig):
-        self.config = config
-
-    def sample(self, model: Field, x_init: Tensor, *, y: Tensor | None = None,
-               generator: torch.Generator | None = None, intermediates: bool = False) -> SolverResult:
-        k, x = self.config.steps, x_init
-        grid = torch.linspace(0.0, 1.0, k + 1, dtype=torch.float64)
-        states = [x]
-        for i in range(k):
-            t = torch.full((x.shape[0],), float(grid[i]), device=x.device, dtype=x.dtype)
-            r = torch.full_like(t, float(grid[i + 1]))
-            x = x + append_dims(r - t, x.ndim) * model(x, t, y, r=r)
-            states.append(x)
-        if not intermediates:
-            return SolverResult(x=x, nfe=k)
-        return SolverResult(x=x, nfe=k, trajectory=torch.stack(states), times=grid.to(x.dtype))
-
-
-def make_meanflow_solver(config: MeanFlowSolverConfig) -> MeanFlowSolver:
-    """Solver factory for ``plugin = "meanflow"``."""
-    return MeanFlowSolver(config)
