@@ -12,8 +12,8 @@ Trains, through the normal runner and on the data and network of experiments/rec
 and prints a markdown table (``--json``: the numbers) of the energy distance of ``--samples`` generated
 points to held-out data with 1, 2 and 4 model evaluations: euler steps for the velocity models,
 MeanFlow jumps ``x += (r - t) u(x, t, r)`` for MeanFlow; ``ref`` is each velocity model under the
-runner's own solver (the 1-RF's 20 midpoint steps, the others' 25 rk4 steps). The data-vs-data floor of
-the same sample size is the last row. Every model trains ``--steps`` optimizer steps (the distilled
+runner's own solver (the 1-RF's 20 midpoint steps, the others' 25 rk4 steps). ``data floor`` is the
+same distance between two independent held-out samples of the same size (seeded by each run's seed). Every model trains ``--steps`` optimizer steps (the distilled
 ones after the 2-RF they distil, which itself follows the 1-RF).
 
     python benchmarks/one_step_2d.py [--steps 1500] [--work runs/one_step_2d] [--json]
@@ -64,6 +64,16 @@ def train(name: str, experiment: str, sets: list[str], args: argparse.Namespace,
             "train_s": summary["train_wall_time_s"], "wall_s": wall}
 
 
+def render(rows: list[dict], args: argparse.Namespace) -> str:
+    """The markdown table of `rows` (what `train` returns)."""
+    headers = ["model", "ref (multi-step)", *(f"{k} NFE" for k in STEPS), "data floor", "train s"]
+    body = [[r["model"], r["ref"] if r["ref"] is not None else "-", *(r[f"{k}-step"] for k in STEPS), r["floor"],
+             r["train_s"]] for r in rows]
+    return (f"energy distance to held-out checkerboard data ({args.samples} samples; lower is better), "
+            f"{args.steps} steps of batch {args.batch} per model, MLP {args.hidden}x{args.depth}\n\n"
+            + table(headers, body))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -79,8 +89,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    pairs = [f"data.num_pairs={args.pairs}", "data.batch_size=5000"]
-    reflow = pairs
+    reflow = [f"data.num_pairs={args.pairs}", "data.batch_size=5000"]
     rows = [train("1-RF", "rectified_flow_2d.toml", [], args)]
     rows.append(train("2-RF", "reflow_2d_2rf.toml", [*reflow, f'data.run="{args.work / "1-RF"}"'], args))
     for k in (1, 2):
@@ -88,13 +97,7 @@ def main() -> None:
                           [*reflow, f'data.run="{args.work / "2-RF"}"', 'objective.time_sampler="grid"',
                            f"objective.grid_steps={k}"], args))
     rows.append(train("MeanFlow", "meanflow_2d.toml", [], args, solver="meanflow"))
-    headers = ["model", "ref (multi-step)", *(f"{k} NFE" for k in STEPS), "train s"]
-    body = [[r["model"], r["ref"] if r["ref"] is not None else "-", *(r[f"{k}-step"] for k in STEPS), r["train_s"]]
-            for r in rows]
-    body.append(["data floor", rows[0]["floor"], "", "", "", ""])
-    text = (f"energy distance to held-out checkerboard data ({args.samples} samples; lower is better), "
-            f"{args.steps} steps of batch {args.batch} per model, MLP {args.hidden}x{args.depth}\n\n"
-            + table(headers, body))
+    text = render(rows, args)
     emit({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, text, args.json)
     (args.work / "table.json").write_text(json.dumps(rows, indent=1))
 

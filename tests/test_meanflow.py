@@ -200,3 +200,24 @@ def test_meanflow_one_step_beats_one_step_euler_of_a_flow_of_equal_budget(tmp_pa
     a, b = rf["metrics"]["one/energy_distance"], mf["metrics"]["one/energy_distance"]
     assert mf["metrics"]["one/nfe"] == rf["metrics"]["one/nfe"] == 1.0
     assert b < 0.25 * a, (a, b)
+
+
+def test_few_step_metric_samples_with_a_solver_table():
+    """few_step's solver = {plugin = "meanflow", steps = k}: the exact average velocity gives the data's law."""
+    from core.data import TensorDataSource
+
+    class Exact(nn.Module):
+        def forward(self, x, t, y=None, r=None):
+            return u_exact(x.double(), t.double(), r.double()).to(x.dtype)
+
+    held = {"x": (M + S * torch.randn(2000, 2, dtype=D, generator=torch.Generator().manual_seed(4))).float()}
+    data = TensorDataSource(held, held, SPEC)
+    metric = registry.build("metric", {"plugin": "few_step", "num_samples": 2000, "solver": {"plugin": "meanflow",
+                                       "steps": 2}}, spec=SPEC, data=data)
+    out = metric.evaluate(Exact(), data, torch.Generator().manual_seed(1))
+    assert out["nfe"] == 2.0 and out["energy_distance"] < 0.01
+    with pytest.raises(registry.ConfigError, match="solver"):
+        registry.build("metric", {"plugin": "few_step", "solver": {"steps": 2}}, spec=SPEC, data=data)
+    with pytest.raises(registry.ConfigError, match="solver.*steps"):
+        registry.build("metric", {"plugin": "few_step", "solver": {"plugin": "meanflow", "steps": 0}}, spec=SPEC,
+                       data=data)

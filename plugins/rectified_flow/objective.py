@@ -26,7 +26,10 @@ the conditional ``v`` it equals the marginal target in expectation given ``z_t``
 adaptive weighting ``L = sg(w) ||Delta||^2``, ``Delta = u_theta - u_tgt`` (squared norm summed over the data
 dimensions), ``w = 1 / (||Delta||^2 + c)^p`` (``p = 0``: plain squared error; paper: ``p = 1``, ``c = 1e-3``).
 Time samplers: ``uniform`` or ``logit_normal`` (``sigmoid(mean + std n)``; the paper's
-``lognorm(-0.4, 1.0)`` in its convention is ``mean = 0.4`` here).
+``lognorm(-0.4, 1.0)`` in its convention is ``mean = 0.4`` here). Logged: ``mse`` (the unweighted mean
+squared error per element; the weighted loss itself is near 1 for ``p = 1``) and ``interval_fraction``.
+Not implemented: the paper's guided target for classifier-free guidance (labels are passed to the network,
+with optional ``label_dropout``).
 
 **Sampling** (the solver ``meanflow``, solver.py): on the grid ``t_i = i / k``,
 ``x_{i+1} = x_i + (t_{i+1} - t_i) u(x_i, t_i, t_{i+1})``; ``k = 1`` is one-step generation
