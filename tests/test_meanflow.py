@@ -182,7 +182,9 @@ def test_mlp_interval_input():
 @pytest.mark.slow
 def test_meanflow_one_step_beats_one_step_euler_of_a_flow_of_equal_budget(tmp_path):
     """The experiments, shortened: same data, network size, steps and batch. One MeanFlow jump lands near the
-    checkerboard; one euler step of the 1-RF lands near the data mean."""
+    checkerboard; one euler step of the 1-RF lands near the data mean. MeanFlow with the paper's ImageNet
+    times (the objective's defaults), which learn faster at this small budget than the file's (uniform, 0.75:
+    0.130 here)."""
     from pathlib import Path
 
     from core.run import run
@@ -195,7 +197,8 @@ def test_meanflow_one_step_beats_one_step_euler_of_a_flow_of_equal_budget(tmp_pa
     rf = run(root / "rectified_flow_2d.toml", [*budget, "metrics=[" + one.replace("SOLVER", 'method="euler"') + "]"],
              out=tmp_path / "rf")
     mf = run(root / "meanflow_2d.toml",
-             [*budget, "trainer.lr=3e-3", "metrics=[" + one.replace("SOLVER", 'solver={plugin="meanflow",steps=1}') + "]"],
+             [*budget, "trainer.lr=3e-3", 'objective.time_sampler="logit_normal"', "objective.ratio=0.25",
+              "metrics=[" + one.replace("SOLVER", 'solver={plugin="meanflow",steps=1}') + "]"],
              out=tmp_path / "mf")
     a, b = rf["metrics"]["one/energy_distance"], mf["metrics"]["one/energy_distance"]
     assert mf["metrics"]["one/nfe"] == rf["metrics"]["one/nfe"] == 1.0
