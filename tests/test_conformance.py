@@ -243,15 +243,16 @@ def test_path(name, variant):
 
 
 # --------------------------------------------------------------------------- solvers
-def check_sampler_basics(solver: Solver, x_init: torch.Tensor, fn: Callable, who: str) -> None:
+def check_sampler_basics(solver: Solver, x_init: torch.Tensor, fn: Callable, who: str,
+                         counting: type = solver_kit.CountingField) -> None:
     """What every solver owes the runner: a SolverResult shaped and typed like the input, nfe equal to
     the model calls it made (with t of shape (B,)), and samples that depend only on the generator."""
-    field = solver_kit.CountingField(fn)
+    field = counting(fn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         out = solver.sample(field, x_init, generator=torch.Generator().manual_seed(0))
         torch.manual_seed(2)
-        again = solver.sample(solver_kit.CountingField(fn), x_init, generator=torch.Generator().manual_seed(0))
+        again = solver.sample(counting(fn), x_init, generator=torch.Generator().manual_seed(0))
     assert isinstance(out, SolverResult), f"{who} violates 'returns a SolverResult': got {type(out).__name__}"
     assert out.x.shape == x_init.shape and out.x.dtype == x_init.dtype, (
         f"{who} violates 'shape and dtype': {tuple(out.x.shape)} {out.x.dtype} "
@@ -273,7 +274,19 @@ def _discrete_logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.zeros(*x.shape, SPEC_TOKENS.vocab_size)
 
 
+class IntervalCountingField(solver_kit.CountingField):
+    """A counting average-velocity field ``f(x, t, y, r)`` (MeanFlow's sampler passes the interval's end r)."""
+
+    def __call__(self, x, t, y=None, r=None):
+        assert r is not None and r.shape == t.shape, "the meanflow solver passes r of shape (B,)"
+        return super().__call__(x, t, y) * (1 + r[:, None] - t[:, None])
+
+
 SOLVER_RECIPES: dict[str, dict[str, Check]] = {
+    "meanflow": {
+        "basics": lambda: check_sampler_basics(build("solver", "meanflow", {"steps": 3}), torch.randn(5, 2),
+                                               lambda x, t: -x, "solver 'meanflow'", IntervalCountingField),
+    },
     "ode": {
         "kit": lambda: solver_kit.check_solver(
             lambda method, steps: build("solver", "ode", {"method": method, "steps": steps}), ODE_METHODS,
@@ -448,6 +461,14 @@ OBJECTIVE_RECIPES: dict[str, dict[str, Check]] = {
         "velocity": flow_check("flow_matching", {}),
         "epsilon-min-snr": flow_check("flow_matching", {"prediction": "epsilon", "loss_weighting": "min_snr"}),
         "x1": flow_check("flow_matching", {"prediction": "x1"}),
+    },
+    "meanflow": {
+        "interval-mlp": lambda: objective_check("meanflow", {}, SPEC_2D, {"path": build("path", "affine",
+                                                scheduler=cond_ot())}, mlp(SPEC_2D, interval_input=True), batch_2d()),
+        "uniform-plain-loss": lambda: objective_check("meanflow", {"time_sampler": "uniform", "weight_power": 0.0,
+                                                      "ratio": 1.0}, SPEC_2D, {"path": build("path", "affine",
+                                                      scheduler=cond_ot())}, mlp(SPEC_2D, interval_input=True),
+                                                      batch_2d()),
     },
     "ddpm": {
         "mse": ddpm_check({}),

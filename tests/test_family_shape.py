@@ -62,13 +62,14 @@ def _continuous(shape=(2,)):
 
 def _objective_cases():
     """(name, objective factory, model factory, batch factory) for every first-party objective's source draw."""
-    def fm(plugin, path_plugin="affine", scheduler="cosine", **opts):
+    def fm(plugin, path_plugin="affine", scheduler="cosine", backbone=None, **opts):
         def make():
             spec = _continuous()
             path = registry.build("path", {"plugin": path_plugin},
                                   scheduler=registry.build("scheduler", {"plugin": scheduler}))
             obj = registry.build("objective", {"plugin": plugin, **opts}, spec=spec, path=path)
-            model = registry.build("backbone", {"plugin": "mlp", "hidden": 16, "depth": 2}, spec=spec)
+            model = registry.build("backbone", {"plugin": "mlp", "hidden": 16, "depth": 2, **(backbone or {})},
+                                   spec=spec)
             return obj, path, model, {"x": torch.randn(6, 2, generator=torch.Generator().manual_seed(1))}
         return make
 
@@ -98,7 +99,8 @@ def _objective_cases():
     return {"flow_matching": fm("flow_matching", prediction="epsilon"), "velocity_mse": fm("velocity_mse"),
             "flow_matching/interpolant": fm("flow_matching", "interpolant"),
             "flow_matching/schrodinger_bridge": fm("flow_matching", "schrodinger_bridge", "cond_ot"),
-            "ddpm": ddpm, "noisy_classifier": noisy_classifier, "discrete_fm": discrete}
+            "ddpm": ddpm, "noisy_classifier": noisy_classifier, "discrete_fm": discrete,
+            "meanflow": fm("meanflow", "affine", "cond_ot", backbone={"interval_input": True})}
 
 
 CASES = _objective_cases()

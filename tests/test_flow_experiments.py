@@ -15,7 +15,7 @@ from core.interfaces import DataSpec
 from core.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["rf_digits.toml", "reflow_2d_1rf.toml", "reflow_2d_2rf.toml", "likelihood_2d.toml"]
+FILES = ["rf_digits.toml", "reflow_2d_1rf.toml", "reflow_2d_2rf.toml", "reflow_2d_distill.toml", "likelihood_2d.toml"]
 
 
 @pytest.mark.parametrize("name", FILES)

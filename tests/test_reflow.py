@@ -62,6 +62,8 @@ def test_pairs_are_the_runs_own_ode_samples(one_rf):
     assert torch.equal(pairs["x1"][idx], batch["x"][:5])
     source = registry.build("data", {"plugin": "toy2d", "dataset": "eight_gaussians"})
     assert torch.equal(data.reference(50, make_generator(1))["x"], source.reference(50, make_generator(1))["x"])
+    # the runner's sample metrics read reference_slice: the true data too, never the couplings' x_1
+    assert torch.equal(data.reference_slice(40, 3, 10, 30)["x"], source.reference_slice(40, 3, 10, 30)["x"])
 
 
 def test_pairs_are_cached_and_keyed(one_rf, monkeypatch):
@@ -140,3 +142,46 @@ def test_two_rf_one_step_beats_one_rf(tmp_path):
     second = run(TWO_RF, [*short, f"data.run=\"{tmp_path / '1rf'}\"", "data.num_pairs=4000"], out=tmp_path / "2rf")
     one, two = first["metrics"]["one_step/energy_distance"], second["metrics"]["one_step/energy_distance"]
     assert two < 0.25 * one, (one, two)
+
+
+def test_grid_time_sampler_puts_t_on_the_k_step_grid():
+    from core.rng import GlobalRandom
+    from plugins.flow_matching.objective import FlowMatchingConfig, sample_times
+
+    for k in (1, 2, 4):
+        t = sample_times(FlowMatchingConfig(time_sampler="grid", grid_steps=k), 40000,
+                         draw=GlobalRandom(40000, torch.Generator().manual_seed(k)), dtype=torch.float64)
+        values, counts = torch.unique(t, return_counts=True)
+        assert torch.equal(values, torch.arange(k, dtype=torch.float64) / k)
+        assert (counts.double() / 40000 - 1 / k).abs().max() < 0.01
+    with pytest.raises(registry.ConfigError, match="grid_steps"):
+        registry.build("objective", {"plugin": "flow_matching", "time_sampler": "grid", "grid_steps": 0},
+                       spec=registry.build("data", {"plugin": "toy2d"}).spec)
+
+
+def test_one_step_distillation_loss_is_the_t0_regression():
+    """grid_steps = 1 on couplings: the loss is mean || x_1 - x_0 - u(x_0, 0) ||^2 (Liu et al.'s distillation)."""
+    from core.interfaces import DataSpec
+
+    path = registry.build("path", {"plugin": "affine"}, scheduler=registry.build("scheduler", {"plugin": "cond_ot"}))
+    obj = registry.build("objective", {"plugin": "velocity_mse", "time_sampler": "grid", "grid_steps": 1},
+                         spec=DataSpec(shape=(2,)), path=path)
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(32, 2, generator=g, dtype=torch.float64), torch.randn(32, 2, generator=g, dtype=torch.float64)
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append((x, t))
+        return torch.sin(x) + t[:, None]
+
+    loss, _ = obj.loss({"model": model}, {"x": x1, "x0": x0}, 0)
+    assert torch.equal(seen[0][1], torch.zeros(32, dtype=torch.float64)) and torch.equal(seen[0][0], x0)
+    assert torch.allclose(loss, (x1 - x0 - torch.sin(x0)).pow(2).mean())
+
+
+def test_distillation_experiment_trains_on_the_runs_own_pairs(one_rf, tmp_path):
+    summary = run(small(ROOT / "experiments" / "reflow_2d_distill.toml", tmp_path / "exp"),
+                  [*TINY[:-1], f"data.run=\"{one_rf}\"", "data.num_pairs=300", "objective.grid_steps=2"],
+                  out=tmp_path / "distill")
+    assert {"energy_distance", "two_step/energy_distance"} <= set(summary["metrics"])
+    assert summary["metrics"]["two_step/nfe"] == 2.0

@@ -2,7 +2,8 @@
 
 The experiment's own ``[solver]`` decides the samples every sample metric sees;
 this ModelMetric draws its own samples with another solver (by default one
-euler step: ``x_1 = x_0 + u(x_0, 0)``, one model evaluation) and scores them
+euler step: ``x_1 = x_0 + u(x_0, 0)``, one model evaluation; ``solver = {plugin = ...}`` names any
+solver plugin instead, e.g. ``{plugin = "meanflow", steps = 2}``) and scores them
 with any sample metric plugin against held-out data, so one summary can
 report, say, 40-step and 1-step quality side by side.
 
@@ -46,6 +47,8 @@ class FewStepConfig:
         guidance_scale: classifier-free guidance scale w (0: none) for class-conditional models.
         sampling_eps: how far from the singular end an epsilon / x1 model is evaluated.
         name: the key of this metric in summaries (default: the plugin name).
+        solver: a solver table {plugin = ..., ...} sampled instead of the ode solver of method and steps
+            (e.g. {plugin = "meanflow", steps = 2}); empty: the ode solver.
     """
 
     method: Literal["euler", "midpoint", "heun", "rk4", "dopri5", "dopri8"] = "euler"
@@ -58,8 +61,12 @@ class FewStepConfig:
     guidance_scale: float = 0.0
     sampling_eps: float = 1e-3
     name: str = ""
+    solver: dict[str, Any] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
+        if self.solver and "plugin" not in self.solver:
+            raise ConfigError("a solver table names its plugin, e.g. {plugin = \"meanflow\", steps = 2}",
+                              ("solver",))
         for key in ("steps", "num_samples", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"expected a positive integer, got {getattr(self, key)}", (key,))
@@ -82,6 +89,12 @@ class FewStepMetric:
         else:
             self.path = AffinePath(build_scheduler(config.scheduler or "cond_ot"))
         self.solver = ODESolver(ODEConfig(method=config.method, steps=config.steps))
+        if config.solver:
+            try:
+                self.solver = registry.build("solver", dict(config.solver), spec=spec, path=self.path,
+                                             scheduler=getattr(self.path, "scheduler", None))
+            except ConfigError as exc:
+                raise exc.within("solver") from None
         mapping = {"plugin": config.distance} if isinstance(config.distance, str) else dict(config.distance)
         self.distance_name = mapping.get("plugin", "distance")
         try:

@@ -30,6 +30,9 @@ Time samplers (``time_sampler``), all in the t=0-noise convention:
   scheduler, ``t = snr_inverse(1 / sigma)`` (``p_mean = -1.2, p_std = 1.2`` in EDM).
 * ``mode``: SD3's mode sampling ``t = 1 - f(u)``, ``f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u)``,
   ``u ~ U[0, 1]``, ``s = mode_scale`` in ``[-1, 2 / (pi - 2)]`` (s = 0 is uniform; s > 0 favours mid times).
+* ``grid``: ``t`` uniform on ``{0, 1/k, ..., (k-1)/k}``, ``k = grid_steps``: the times a k-step euler sampler
+  evaluates. On a k-RF's own couplings (``reflow_pairs``) this is Liu et al.'s k-step distillation; ``k = 1``
+  trains ``u(x_0, 0)`` on ``x_1 - x_0`` only, one-step distillation.
 
 Couplings (``coupling``, couplings.py): drawn noise is re-paired with the data by exact minibatch OT,
 Sinkhorn's entropic plan or OT within each label, on blocks of ``coupling_block`` examples. On a
@@ -90,7 +93,8 @@ class FlowMatchingConfig:
         loss_weighting: "none", "velocity" (the MSE of the prediction converted to a velocity) or "min_snr".
         min_snr_gamma: gamma of min_snr weighting.
         max_weight: cap on the velocity weighting (it is unbounded at one end of time).
-        time_sampler: "uniform", "logit_normal", "log_normal" (EDM) or "mode" (SD3).
+        time_sampler: "uniform", "logit_normal", "log_normal" (EDM), "mode" (SD3) or "grid" (t on {i / grid_steps}).
+        grid_steps: k of the "grid" sampler: t uniform on {0, 1/k, ..., (k-1)/k} (k-step distillation).
         mean: mean of the logit-normal sampler.
         std: standard deviation of the logit-normal sampler.
         p_mean: mean of ln(sigma) of the log-normal (EDM) sampler.
@@ -115,7 +119,8 @@ class FlowMatchingConfig:
     loss_weighting: Literal["none", "velocity", "min_snr"] = "none"
     min_snr_gamma: float = 5.0
     max_weight: float = 1e4
-    time_sampler: Literal["uniform", "logit_normal", "log_normal", "mode"] = "uniform"
+    time_sampler: Literal["uniform", "logit_normal", "log_normal", "mode", "grid"] = "uniform"
+    grid_steps: int = 1
     mean: float = 0.0
     std: float = 1.0
     p_mean: float = -1.2
@@ -135,6 +140,7 @@ class FlowMatchingConfig:
         check_options(self.guidance_interval, self.guidance_rescale)
         checks = [
             (self.coupling_block >= 0, "coupling_block", "a non-negative integer"),
+            (self.grid_steps >= 1, "grid_steps", "a positive integer"),
             (self.sinkhorn_eps is None or self.sinkhorn_eps > 0, "sinkhorn_eps", "a positive number"),
             (self.std > 0, "std", "a positive number"),
             (self.p_std > 0, "p_std", "a positive number"),
@@ -199,6 +205,8 @@ def _unshifted_times(config: FlowMatchingConfig, n: int, device: torch.device | 
         s = config.mode_scale
         noise_level = 1.0 - u - s * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
         return (1.0 - noise_level).clamp(0.0, 1.0)
+    if kind == "grid":
+        return torch.floor(rand() * config.grid_steps) / config.grid_steps
     raise ValueError(f"unknown time sampler {kind!r}")
 
 

@@ -8,7 +8,11 @@ hidden layer:
 
     h_0 = x,  h_{k+1} = act(W_k [h_k, c] + b_k),  out = W_L [h_L, c] + b_L
 
-where ``c = [emb(t), emb(y)]``. With ``input_freqs = K > 0`` (continuous data only) the input is
+where ``c = [emb(t), emb(y)]``. With ``interval_input = true`` the model also takes the end ``r (B,)``
+of a time interval, ``model(x, t, y=None, r=None)``, and ``c = [emb(t), emb(r - t), emb(y)]`` (the two-time
+conditioning of MeanFlow's average velocity ``u(x_t, t, r)``, which embeds t and the interval length);
+``r = None`` means ``r = t`` (an interval of length 0: the instantaneous velocity), so every solver can
+call it as a plain field. With ``input_freqs = K > 0`` (continuous data only) the input is
 NeRF's positional encoding of the flattened ``x`` instead,
 ``h_0 = [x, sin(2^k x / input_scale), cos(2^k x / input_scale)]`` for ``k < K`` (elementwise), which
 lets a small MLP represent sharp edges of a low-dimensional density (e.g. the checkerboard's cells). Output: ``(B, *shape)`` (continuous, times
@@ -48,6 +52,8 @@ class MLPConfig:
         input_scale: length scale of the lowest input frequency (about the data's extent).
         classifier: output ``(B, num_classes)`` logits and take no label: a noisy classifier ``c(x_t, t)``
             (the ``noisy_classifier`` objective; continuous labelled data).
+        interval_input: also take the end r of a time interval, model(x, t, y, r=None), embedding r - t
+            next to t (MeanFlow's average velocity u(x_t, t, r); r = None is r = t).
     """
 
     hidden: int = 512
@@ -60,6 +66,7 @@ class MLPConfig:
     input_freqs: int = 0
     input_scale: float = 1.0
     classifier: bool = False
+    interval_input: bool = False
 
     def __attrs_post_init__(self) -> None:
         positive(self, "hidden", "depth", "time_dim", "time_scale", "token_dim", "out_channels_mult", "input_scale")
@@ -94,7 +101,7 @@ class MLP(nn.Module):
             out_dim = numel * spec.vocab_size
         else:
             out_dim = spec.num_classes if config.classifier else numel * config.out_channels_mult
-        cond_dim = config.time_dim
+        cond_dim = config.time_dim * (2 if config.interval_input else 1)
         self.label_embed = None
         if spec.num_classes > 0 and not config.classifier:
             self.label_embed = nn.Embedding(spec.num_classes + 1, config.time_dim)
@@ -108,14 +115,19 @@ class MLP(nn.Module):
         self.act = act()
         self.out = nn.Linear(dim + cond_dim, out_dim)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         batch = x.shape[0]
         t = expand_t(t, batch, device=x.device)
+        if r is not None and not self.config.interval_input:
+            raise ValueError("this MLP takes one time; set backbone.interval_input = true for model(x, t, y, r)")
         h = self.token_embed(x).reshape(batch, -1) if self.discrete else x.reshape(batch, -1)
         if self.config.input_freqs:
             args = (h[:, :, None] * self.freqs.to(h.dtype)).reshape(batch, -1)
             h = torch.cat([h, torch.sin(args), torch.cos(args)], dim=-1)
         cond = [timestep_embedding(t, self.config.time_dim, self.config.time_scale).to(h.dtype)]
+        if self.config.interval_input:
+            gap = expand_t(r, batch, device=x.device) - t if r is not None else torch.zeros_like(t)
+            cond.append(timestep_embedding(gap, self.config.time_dim, self.config.time_scale).to(h.dtype))
         if self.label_embed is not None:
             if y is None:
                 y = torch.full((batch,), self.spec.num_classes, device=x.device, dtype=torch.long)

@@ -149,6 +149,11 @@ class ReflowPairs(TensorDataSource):
         """Held-out examples of the original run's data (the true data, not the rectified flow's samples)."""
         return self.source.reference(n, generator)
 
+    def reference_slice(self, n: int, seed: int, start: int, stop: int) -> Batch:
+        """Rows ``start .. stop - 1`` of the original data's global reference selection (what the runner's
+        sample metrics read; the couplings' own ``x_1`` are the rectified flow's samples, not data)."""
+        return self.source.reference_slice(n, seed, start, stop)
+
     def render(self, batch: Batch, path: str) -> list[str]:
         return self.source.render(batch, path)
 
