@@ -1,10 +1,18 @@
-"""TinyCLIP automatic inheritance on the shapes data: teacher -> masked distillation (clip_l0 +
-tinyclip_l0) -> prune -> distillation of the dense pruned student, against the same architecture
-trained from scratch for the same number of steps as the pruned student's last stage.
+"""TinyCLIP on the shapes data: teacher, manual inheritance, automatic inheritance and scratch.
 
     python benchmarks/tinyclip_autoinherit.py OUT [--sparsity 0.5] [--mask-steps 200] [--steps 80]
+                                                  [--manual-depth 3]
 
-Prints a markdown table (zero-shot top-1 on the held-out shapes, parameters, steps) and writes
+* teacher: ``tinyclip_teacher.toml`` (4 blocks per tower);
+* automatic inheritance: the teacher under L0 masks (clip_l0 + tinyclip_l0) for ``--mask-steps``,
+  pruned (`plugins.tinyclip.autoinherit.prune_run`), then the dense student distilled for ``--steps``;
+* manual inheritance: a uniform student of ``--manual-depth`` blocks per tower at the teacher's width,
+  initialised by `plugins.tinyclip.inherit` (every k-th teacher block, k = 4 // depth) and distilled
+  (``tinyclip_distill.toml``) for ``--steps`` and for ``--mask-steps + --steps`` (the automatic
+  pipeline's steps after the teacher);
+* scratch: the automatic student's architecture trained contrastively from random weights for ``--steps``.
+
+Prints a markdown table (params, steps, zero-shot top-1 on the held-out shapes, wall time) and writes
 ``OUT/autoinherit.json``.
 """
 
@@ -13,23 +21,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MEDIUM = ["data.train_size=2000", "data.held_out_size=500", "trainer.log_every=40"]
+EXP = ROOT / "experiments"
 
 
-def _top1(summary: dict) -> float:
-    return summary.get("metrics", {}).get("zero_shot/top1", float("nan"))
+def _row(name: str, file: str, overrides: list[str], out: Path) -> tuple:
+    """Run ``EXP/file`` with `overrides` into ``out`` and return (name, params, steps, top-1, wall s)."""
+    from core.run import run
+    from plugins.tinyclip.table import parameters
+
+    start = time.perf_counter()
+    s = run(EXP / file, [*MEDIUM, *overrides], out=out, overwrite=True)
+    top1 = s.get("metrics", {}).get("zero_shot/top1", float("nan"))
+    return name, parameters(out), s["steps"], top1, round(time.perf_counter() - start, 1)
 
 
 def main() -> int:
-    from core.run import run
     from plugins.tinyclip.autoinherit import prune_run
     from plugins.tinyclip.prune import backbone_options
-    from plugins.tinyclip.table import parameters
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -37,30 +52,30 @@ def main() -> int:
     parser.add_argument("--mask-steps", type=int, default=200)
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--manual-depth", type=int, default=3)
     args = parser.parse_args()
-    out, exp = Path(args.out), ROOT / "experiments"
+    out = Path(args.out)
     teacher = (out / "teacher").as_posix()
-    rows = []
-    s = run(exp / "tinyclip_teacher.toml", [*MEDIUM, f"trainer.steps={args.teacher_steps}"], out=out / "teacher",
-            overwrite=True)
-    rows.append(("teacher", parameters(out / "teacher"), s["steps"], _top1(s)))
-    masked = [*MEDIUM, f"trainer.steps={args.mask_steps}", 'backbone.plugin="clip_l0"', "backbone.depth=4",
-              f'backbone.inherit_from="{teacher}"', 'objective.plugin="tinyclip_l0"', f'objective.teacher="{teacher}"',
+    distil = [f'objective.teacher="{teacher}"']
+    rows = [_row("teacher", "tinyclip_teacher.toml", [f"trainer.steps={args.teacher_steps}"], out / "teacher")]
+    masked = [f"trainer.steps={args.mask_steps}", 'backbone.plugin="clip_l0"', "backbone.depth=4",
+              f'backbone.inherit_from="{teacher}"', 'objective.plugin="tinyclip_l0"', *distil,
               f"backbone.target_sparsity={args.sparsity}", f"backbone.sparsity_warmup={args.mask_steps // 2}",
               "backbone.mask_lr=0.05"]
-    s = run(exp / "tinyclip_distill.toml", masked, out=out / "masked", overwrite=True)
-    rows.append(("masked (clip_l0)", parameters(out / "masked"), s["steps"], _top1(s)))
+    rows.append(_row("masked (clip_l0)", "tinyclip_distill.toml", masked, out / "masked"))
     student = prune_run(str(out / "masked"), str(out / "pruned"))
     arch = [f"backbone.{k}={json.dumps(v)}" for k, v in backbone_options(student).items() if k != "plugin"]
-    auto = [*MEDIUM, f"trainer.steps={args.steps}", *arch, f'backbone.inherit_from="{(out / "pruned").as_posix()}"',
-            'backbone.inherit_weights="model"', f'objective.teacher="{teacher}"']
-    s = run(exp / "tinyclip_distill.toml", auto, out=out / "auto", overwrite=True)
-    rows.append(("automatic inheritance", parameters(out / "auto"), s["steps"], _top1(s)))
-    s = run(exp / "tinyclip_scratch.toml", [*MEDIUM, f"trainer.steps={args.steps}", *arch], out=out / "scratch",
-            overwrite=True)
-    rows.append(("same student, scratch", parameters(out / "scratch"), s["steps"], _top1(s)))
-    table = ["| run | params | steps | zero-shot top-1 |", "|---|---|---|---|"]
-    table += [f"| {name} | {p:,} | {steps} | {100 * top1:.1f} |" for name, p, steps, top1 in rows]
+    auto = [f"trainer.steps={args.steps}", *arch, f'backbone.inherit_from="{(out / "pruned").as_posix()}"',
+            'backbone.inherit_weights="model"', *distil]
+    rows.append(_row("automatic inheritance", "tinyclip_distill.toml", auto, out / "auto"))
+    manual = [f"backbone.depth={args.manual_depth}", f'backbone.inherit_from="{teacher}"', *distil]
+    for steps in (args.steps, args.mask_steps + args.steps):
+        rows.append(_row("manual inheritance", "tinyclip_distill.toml", [f"trainer.steps={steps}", *manual],
+                         out / f"manual-{steps}"))
+    rows.append(_row("same student as automatic, scratch", "tinyclip_scratch.toml",
+                     [f"trainer.steps={args.steps}", *arch], out / "scratch"))
+    table = ["| run | params | steps | zero-shot top-1 | wall s |", "|---|---|---|---|---|"]
+    table += [f"| {name} | {p:,} | {steps} | {100 * top1:.1f} | {wall:.0f} |" for name, p, steps, top1, wall in rows]
     print("\n".join(table))
     (out / "autoinherit.json").write_text(json.dumps({"rows": rows, "student": backbone_options(student)}, indent=2))
     return 0

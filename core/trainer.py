@@ -17,7 +17,8 @@ Per optimizer step ``s`` (0-based), on each of ``W`` processes:
    checked instead, at every log and before any checkpoint, evaluation or
    sample is written (a NaN or inf loss makes the sum NaN or inf);
 4. clip the gradient norm, set ``lr = lr_max * schedule(s)``, take an AdamW
-   step, and update the EMA weights;
+   step, call the model's ``after_optimizer_step()`` if it has one (e.g. to
+   project parameters back into their range), and update the EMA weights;
 5. every ``log_every`` steps log the mean loss; every ``checkpoint_every``
    steps write a checkpoint atomically; evaluate and draw samples as
    ``[eval]`` says.
@@ -491,6 +492,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        after = getattr(self.raw_model, "after_optimizer_step", None)
+        if callable(after) and not skipped:
+            after()
         return lr, skipped
 
     def _after_step(self, loop: "Loop", actions: Sequence[Periodic]) -> bool:

@@ -176,3 +176,61 @@ def test_flowforge_eval_runs_zeroshot_on_a_finished_clip_run(tmp_path, capsys):
     assert values == pytest.approx({f"zeroshot/{k}": v for k, v in direct.items()})
     assert "i2t_r10" in (tmp_path / "eval" / "eval.md").read_text()
     assert cli(["eval", str(tmp_path / "run"), "--metric", "fid"]) == 2  # a sample metric cannot run here
+
+
+def test_imagenet_class_names_are_openai_clips_1000():
+    """The list of OpenAI CLIP's ImageNet notebook (= open_clip's IMAGENET_CLASSNAMES), spot-checked by index;
+    it repeats two names (657/744 missile, 836/837 sunglasses), so 998 are distinct."""
+    names = prompts.class_names("imagenet")
+    assert len(names) == 1000 and len(set(names)) == 998
+    assert {n for n in names if names.count(n) > 1} == {"missile", "sunglasses"}
+    assert [i for i, n in enumerate(names) if n in ("missile", "sunglasses")] == [657, 744, 836, 837]
+    expected = {0: "tench", 1: "goldfish", 2: "great white shark", 7: "rooster", 21: "kite (bird of prey)",
+                100: "black swan", 207: "Golden Retriever", 281: "tabby cat", 409: "analog clock",
+                517: "construction crane", 999: "toilet paper"}
+    assert {i: names[i] for i in expected} == expected
+    assert all(n == n.strip() and n for n in names)
+    assert ZeroShotProtocolConfig(templates="openai_imagenet", classes="imagenet").classes == "imagenet"
+
+
+class _Recording:
+    """A tokenizer recording the prompts it encodes, each as its position in the stream ``(B, 1)``."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def encode(self, texts):
+        start = len(self.texts)
+        self.texts.extend(texts)
+        return torch.arange(start, start + len(texts))[:, None]
+
+
+class _Table(nn.Module):
+    """Text features: row ``i`` of a fixed random table for the ``i``-th prompt, ``(B, 5)``."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(n, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+
+    def encode_text(self, tokens):
+        return self.table[tokens[:, 0]]
+
+
+def test_imagenet_classifier_ensembles_80_prompts_per_class():
+    """1000 x 80 prompts, class-major, and w_k = normalize(mean_j normalize(e_kj)) computed in float64 here."""
+    from core.collectives import Group
+    from plugins.tinyclip.zeroshot_protocol import classifier
+
+    names, templates = prompts.class_names("imagenet"), prompts.templates("openai_imagenet")
+    tokenizer, model = _Recording(), _Table(80_000)
+    w = classifier(model, tokenizer, names, templates, 4096, Group(), torch.device("cpu"))
+    texts = tokenizer.texts
+    assert len(texts) == 80_000 and w.shape == (1000, 5)
+    assert texts[0] == "a bad photo of a tench." and texts[79] == "a tattoo of the tench."
+    assert texts[80] == "a bad photo of a goldfish." and texts[-1] == "a tattoo of the toilet paper."
+    assert texts[999 * 80 + 32] == "a photo of the toilet paper."
+    e = model.table.detach()
+    for k in (0, 1, 517, 999):
+        rows = e[k * 80:(k + 1) * 80]
+        mean = (rows / rows.norm(dim=1, keepdim=True)).mean(0)
+        assert torch.allclose(w[k].double(), mean / mean.norm(), atol=1e-6)

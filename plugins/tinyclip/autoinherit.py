@@ -8,6 +8,10 @@ and the prune command.
   learning rate ``mask_lr`` and no weight decay (`core.optim` ``optimizer_groups``).
 * ``tinyclip_l0``: ``tinyclip_distill``'s loss plus the sparsity penalty at the step; the multipliers
   are ascended (their gradient is reversed). Logs ``expected_sparsity`` and ``target_sparsity``.
+  The step's masks are one sample keyed by the global batch's first example seed (`step_seed`), so
+  every rank draws the same masks; DistributedDataParallel averages the mask and multiplier gradients
+  (each rank adds the same penalty), and ``log_alpha`` is clamped after every optimizer step: 1 and N
+  processes with one global batch take the same steps.
 * ``python -m plugins.tinyclip.autoinherit RUN OUT``: the run's masked model (EMA weights unless
   ``--weights model``), pruned with its deterministic masks to a dense `CLIP`
   (`plugins.tinyclip.prune.prune`) and written as a run directory ``OUT`` that ``teacher`` and
@@ -23,6 +27,7 @@ from collections.abc import Mapping
 
 import attrs
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,7 +35,7 @@ from core.interfaces import DataSpec
 from registry import ConfigError
 
 from .l0 import CLIPMasks, SparsitySchedule
-from .losses import TinyCLIPDistill
+from .losses import TinyCLIPDistill, _world, unwrap
 from .model import CLIP, CLIPConfig
 from .model import make_clip as build_clip
 from .prune import full_masks, masked_text, masked_vision, prune
@@ -72,13 +77,17 @@ class MaskedCLIP(CLIP):
         return self
 
     def encode_image(self, image: Tensor) -> Tensor:
-        return F.normalize(masked_vision(self.visual, image, full_masks(self.visual, self.masks.visual())), dim=-1)
+        return F.normalize(masked_vision(self.visual, image, full_masks(self.visual, self.masks.tower("visual"))), dim=-1)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
-        return F.normalize(masked_text(self.text, tokens, full_masks(self.text, self.masks.text())), dim=-1)
+        return F.normalize(masked_text(self.text, tokens, full_masks(self.text, self.masks.tower("text"))), dim=-1)
 
     def optimizer_groups(self) -> list[tuple[str, dict]]:
         return [(r"^masks\.", {"lr": self.mask_lr, "weight_decay": 0.0})]
+
+    def after_optimizer_step(self) -> None:
+        """Clamp every ``log_alpha`` to ``[log 0.01, log 100]`` (the trainer calls it after each update)."""
+        self.masks.constrain()
 
     @torch.no_grad()
     def pruned(self) -> CLIP:
@@ -101,20 +110,27 @@ def make_clip_l0(config: MaskedCLIPConfig, spec: DataSpec) -> MaskedCLIP:
     return model.attach_masks(schedule, config.lambda_init, config.mask_lr)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+def step_seed(batch) -> Tensor | None:
+    """``(1,)`` int64: the seed of the global batch's first example (``batch["seeds"][0]`` of rank 0,
+    broadcast), the same on every rank and for any process count; None without ``"seeds"``."""
+    seeds = batch.get("seeds")
+    if seeds is None:
+        return None
+    seed = seeds[:1].clone()
+    if _world()[1] > 1:
+        dist.broadcast(seed, 0)
+    return seed
 
 
 class L0Distill(TinyCLIPDistill):
     """``tinyclip_l0``: see the module docstring (options: those of ``tinyclip_distill``)."""
 
     def loss(self, models: Mapping[str, nn.Module], batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        loss, logs = super().loss(models, batch, step)
-        model = _unwrap(models["model"])
+        model = unwrap(models["model"])
         if not isinstance(model, MaskedCLIP):
             raise ConfigError("the tinyclip_l0 objective needs the clip_l0 backbone", ("objective",))
+        model.masks.noise_seed = step_seed(batch)  # kept for the backward pass (cached accumulation's replay)
+        loss, logs = super().loss(models, batch, step)
         penalty, expected, target = model.masks.penalty(step, ascend_lambdas=True)
         return loss + penalty, {**logs, "l0_penalty": float(penalty.detach()), "expected_sparsity": expected,
                                 "target_sparsity": target}

@@ -15,6 +15,12 @@ stretch ``(l, r) = (-0.1, 1.1)``::
     evaluation: z = sigmoid(0.8 log_alpha / beta), with the round(n - sum P) smallest of each group set to 0
                 (groups: the hidden vector, each layer's heads, each layer's units, each layer's mha / ffn)
 
+**Noise under data parallelism**: with a ``noise_seed`` (`CLIPMasks.noise_seed`, a ``(1,)`` int64 seed the
+``tinyclip_l0`` objective sets from the step's global batch) every gate's ``u`` is the counter-based uniform
+of `core.rng` for that seed and the gate's stream (``"l0/visual/heads"``, ...): every rank and every
+recomputation of the step (cached accumulation's replay) draws the same masks, one sample per optimizer
+step as on one process. Without one, ``u`` comes from torch's global RNG.
+
 **Masked model** (`masked_features`): every write into the residual stream is multiplied by ``hidden``
 (the embeddings, each attention and MLP output), each head's output by its ``heads`` entry before the
 output projection, each MLP unit by its ``intermediate`` entry, each sublayer output by its ``mha`` /
@@ -42,6 +48,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from core import rng
+
 from .model import CLIP, TowerDims
 
 LEFT, RIGHT, EPS, BETA, SOFT = -0.1, 1.1, 1e-6, 2.0 / 3.0, 0.8
@@ -61,9 +69,14 @@ class HardConcrete(nn.Module):
         """``P(z != 0)`` per gate (differentiable in ``log_alpha``)."""
         return torch.sigmoid(self.log_alpha - BETA * math.log(-LEFT / RIGHT))
 
-    def sample(self) -> Tensor:
-        """Reparameterised gates in [0, 1] (exact 0 and 1 have positive probability)."""
-        u = torch.rand_like(self.log_alpha).clamp(EPS, 1 - EPS)
+    def sample(self, seed: Tensor | None = None, stream: str = "l0") -> Tensor:
+        """Reparameterised gates in [0, 1] (exact 0 and 1 have positive probability); ``u`` keyed by
+        ``seed (1,)`` and `stream` (`core.rng.uniform`) when given, else from torch's global RNG."""
+        if seed is None:
+            u = torch.rand_like(self.log_alpha)
+        else:
+            u = rng.uniform(seed.reshape(1).to(self.log_alpha.device), self.log_alpha.shape, stream)[0]
+        u = u.to(self.log_alpha.dtype).clamp(EPS, 1 - EPS)
         s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
         return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
 
@@ -81,8 +94,8 @@ class HardConcrete(nn.Module):
                 row[row.topk(zeros, largest=False).indices] = 0.0
         return rows.reshape(soft.shape)
 
-    def forward(self) -> Tensor:
-        return self.sample() if self.training else self.deterministic()
+    def forward(self, seed: Tensor | None = None, stream: str = "l0") -> Tensor:
+        return self.sample(seed, stream) if self.training else self.deterministic()
 
     @torch.no_grad()
     def constrain(self) -> None:
@@ -106,8 +119,8 @@ class TowerMasks(nn.Module):
         return {"hidden": self.hidden, "heads": self.heads, "intermediate": self.intermediate, "mha": self.mha,
                 "ffn": self.ffn}
 
-    def forward(self) -> dict[str, Tensor]:
-        return {name: gate() for name, gate in self.gates().items()}
+    def forward(self, seed: Tensor | None = None, stream: str = "l0") -> dict[str, Tensor]:
+        return {name: gate(seed, f"{stream}/{name}") for name, gate in self.gates().items()}
 
     def expected_kept(self) -> Tensor:
         """Expected kept attention and MLP weights (module docstring)."""
@@ -157,9 +170,14 @@ class CLIPMasks(nn.Module):
         self.schedule = schedule
         self.lambda_1 = nn.Parameter(torch.tensor(float(lambda_init)))
         self.lambda_2 = nn.Parameter(torch.tensor(float(lambda_init)))
+        self.noise_seed: Tensor | None = None  # (1,) int64: the step's mask noise (module docstring)
+
+    def tower(self, name: str) -> dict[str, Tensor]:
+        """The masks of tower `name` ("visual" or "text"), drawn with `noise_seed` in training."""
+        return getattr(self, name)(self.noise_seed, f"l0/{name}")
 
     def forward(self) -> dict[str, dict[str, Tensor]]:
-        return {"visual": self.visual(), "text": self.text()}
+        return {"visual": self.tower("visual"), "text": self.tower("text")}
 
     def expected_sparsity(self) -> Tensor:
         kept = self.visual.expected_kept() + self.text.expected_kept()

@@ -49,8 +49,8 @@ class ZeroShotProtocolConfig:
     Attributes:
         templates: "data" (the data's own prompts), "openai_imagenet" (80), "cifar10" (18), or a file
             of templates, one a line with one ``{}``.
-        classes: "data" (the data's class names), "cifar10", "digits", "shapes", or a file of class names
-            in label order.
+        classes: "data" (the data's class names), "imagenet" (OpenAI CLIP's 1000), "cifar10", "digits",
+            "shapes", or a file of class names in label order.
         num_examples: held-out pairs evaluated (0: the whole held-out split).
         batch_size: images, captions or prompts per forward pass (and per shard block).
         seed: seed of the subset when num_examples is smaller than the held-out split.

@@ -5,8 +5,9 @@ Templates (one ``{}`` for the class name each):
 * ``openai_imagenet`` — the 80 templates of OpenAI CLIP's ImageNet evaluation;
 * ``cifar10`` — the 18 templates of its CIFAR-10 evaluation.
 
-Class names (in label order): ``cifar10``, ``digits`` (zero .. nine), ``shapes`` (clip_shapes' shapes).
-Either may also be the path of a file in the same format (e.g. the 1000 ImageNet class names).
+Class names (in label order): ``imagenet`` (the 1000 ImageNet-1k names of OpenAI CLIP's evaluation,
+0 tench .. 999 toilet paper; two repeat there and here: missile, sunglasses), ``cifar10``, ``digits``
+(zero .. nine), ``shapes`` (clip_shapes' shapes). Either may also be the path of a file in the same format.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from registry import ConfigError
 
 HERE = Path(__file__).parent
 TEMPLATES = {"openai_imagenet": HERE / "templates_openai_imagenet.txt", "cifar10": HERE / "templates_cifar10.txt"}
-CLASSES = {"cifar10": HERE / "classes_cifar10.txt", "digits": HERE / "classes_digits.txt",
+CLASSES = {"imagenet": HERE / "classes_imagenet.txt", "cifar10": HERE / "classes_cifar10.txt", "digits": HERE / "classes_digits.txt",
            "shapes": HERE / "classes_shapes.txt"}
 
 
