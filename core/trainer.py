@@ -218,6 +218,8 @@ class Trainer:
         if cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.raw_model = model  # the plain module (shares parameters with the DDP / compiled wrappers)
+        after = getattr(model, "after_optimizer_step", None)  # looked up once: a missing nn.Module attribute is slow
+        self.after_optimizer_step = after if callable(after) else None
         self.model = self.acc.prepare_model(model)
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -492,9 +494,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        after = getattr(self.raw_model, "after_optimizer_step", None)
-        if callable(after) and not skipped:
-            after()
+        if self.after_optimizer_step is not None and not skipped:
+            self.after_optimizer_step()
         return lr, skipped
 
     def _after_step(self, loop: "Loop", actions: Sequence[Periodic]) -> bool:
