@@ -240,7 +240,8 @@ def test_without_a_logger_only_jsonl_is_written(tmp_path):
 
 
 def test_differing_keys_skip_options_of_different_plugins():
-    from core.commands.compare import differing_keys, flatten
+    from core.commands.compare import differing_keys
+    from core.runs import flatten
 
     a = flatten({"solver": {"plugin": "ode", "steps": 8, "method": "euler"}, "trainer": {"lr": 1e-3},
                  "metrics": [{"plugin": "kid"}]})
