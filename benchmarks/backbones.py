@@ -8,7 +8,7 @@ For every preset of the ``unet`` and ``dit`` plugins this prints
 * ``ours/s`` and ``ref/s``: training samples per second (forward, backward and an
   AdamW step on a regression loss, at the ``batch`` shown) of the plugin's network
   and of the plain reference definition of the same network with explicit softmax
-  attention (``benchmarks/reference_backbones.py``), loaded with the same weights
+  attention (``tests/reference/backbones.py``), loaded with the same weights
   and timed in the same process;
 * ``speedup``: ``ours/s / ref/s``.
 
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import registry
-from benchmarks.reference_backbones import reference_for
+from tests.reference.backbones import reference_for
 from core.interfaces import DataSpec
 
 # torch's flop counter knows the CUDA attention kernels but not the fused CPU one.

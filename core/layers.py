@@ -1,7 +1,7 @@
 """The layers of flowforge's core, bottom to top, and who may import whom.
 
 A module of ``core`` may import modules of its own layer and of the layers
-below it, never one above: ``tests/test_layers.py`` walks every import of
+below it, never one above: ``tests/core/test_layers.py`` walks every import of
 ``core/``, ``registry/`` and ``plugins/`` (function-local ones included) and
 fails on a wrong arrow, naming the file, the import and the rule.
 

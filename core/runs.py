@@ -170,6 +170,20 @@ def read_summary(root: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON ({exc})") from None
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys; lists of tables (``[[metrics]]``) as ``key[i].sub``."""
+    out: dict[str, Any] = {}
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = value
+    return out
+
+
 def solver_overrides(solver: str | None = None, **options: Any) -> list[str]:
     """``--set`` strings for a solver choice: ``solver={plugin=...}`` (a fresh section) when `solver` is
     given, then ``solver.KEY=VALUE`` for every option that is not None."""

@@ -8,7 +8,7 @@ component or an option::
     python docs/generate_configuration.py           # rewrite docs/configuration.md
     python docs/generate_configuration.py --check   # exit 1 when the checked-in file is out of date
 
-tests/test_docs_reference.py fails when the checked-in file differs from what
+tests/core/test_docs_reference.py fails when the checked-in file differs from what
 this script writes.
 """
 

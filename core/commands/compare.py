@@ -34,20 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-keys", action="store_true", help="show every config key, not only those that differ")
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested tables as dotted keys; lists of tables (``[[metrics]]``) as ``key[i].sub``."""
-    out: dict[str, Any] = {}
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-        for i, v in enumerate(value):
-            out.update(flatten(v, f"{prefix}[{i}]"))
-    else:
-        out[prefix] = value
-    return out
-
-
 def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Keys (in first-seen order) whose values are not the same in every config.
 
@@ -140,7 +126,7 @@ def plot(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     from core.rundir import RunDir
-    from core.runs import read_summary, write_table
+    from core.runs import flatten, read_summary, write_table
     from registry import ConfigError
 
     roots = [Path(r) for r in args.runs]

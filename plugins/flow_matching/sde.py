@@ -35,7 +35,7 @@ Last step (``last_step``, from ``t_N`` to 1, one evaluation; the score is singul
 paths) or ``none`` (``t_N = 1``: only for a diffusion that vanishes at t = 1, or ``norm = 0``).
 The ``mean`` step drops the step's noise but keeps its score pull, so it shrinks the spread by about
 ``h w(t_N) / Var``: it suits diffusions that vanish at the data end (sigma, linear, SBDM, ...); after a
-``constant`` diffusion end with ``euler`` or ``tweedie`` (tests/test_flow_sde.py pins both).
+``constant`` diffusion end with ``euler`` or ``tweedie`` (tests/plugins/flow_matching/test_flow_sde.py pins both).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Run infrastructure: launchers run the training entry point on one or many processes; loggers receive
-its metrics records."""
+its metrics records (tensorboard, wandb, mlflow)."""
 
 from registry import hookimpl
 
@@ -18,3 +18,9 @@ def flowforge_register(register):
     register("logger", "tensorboard", "plugins.launchers.loggers:make_tensorboard",
              "plugins.launchers.loggers:TensorBoardConfig",
              doc="every number of metrics.jsonl as a TensorBoard scalar (needs pip install tensorboard)")
+    register("logger", "wandb", "plugins.launchers.trackers:make_wandb", "plugins.launchers.trackers:WandbConfig",
+             doc="every number of metrics.jsonl and the resolved config to a Weights & Biases run, offline into "
+                 "RUN_DIR/wandb by default (needs pip install wandb)")
+    register("logger", "mlflow", "plugins.launchers.trackers:make_mlflow", "plugins.launchers.trackers:MlflowConfig",
+             doc="every number of metrics.jsonl as MLflow metrics and the resolved config as params, in a store "
+                 "in RUN_DIR/mlflow by default (needs pip install mlflow)")

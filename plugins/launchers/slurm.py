@@ -8,7 +8,7 @@ time-out the job checkpoints itself (submitit's ``Checkpointable``) and is
 requeued with ``resume = True``, so it continues from the checkpoint the
 trainer writes at the step boundary after the signal (see `TrainJob`). ``executor = "local"`` runs the
 same job through submitit's local executor, whose controller restarts a requeued task: how
-tests/test_slurm_requeue.py exercises preemption, requeue and resume end to end.
+tests/plugins/launchers/test_slurm_requeue.py exercises preemption, requeue and resume end to end.
 """
 
 from __future__ import annotations

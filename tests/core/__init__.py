@@ -1,0 +1,1 @@
+"""Tests of core/: configuration, the trainer, run directories, helpers, layering, docs reference."""

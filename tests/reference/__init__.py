@@ -1,0 +1,1 @@
+"""Reference implementations the tests check flowforge against (written from the papers' code)."""

@@ -1,0 +1,1 @@
+"""Tests of registry/: plugin loading, building, errors, extension points, the plugin template."""
