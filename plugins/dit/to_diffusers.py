@@ -19,7 +19,7 @@ model takes the integer step ``k`` as ``timestep``, so only a DiT with ``time_in
 (an imported or a ddpm-trained one) exports. One difference is diffusers' own: its DiT embeds ``k`` with
 frequencies ``10000^(-i / (half - 1))`` (``Timesteps(downscale_freq_shift=1)``), DiT's models.py with
 ``10000^(-i / half)``; at ``k = 0`` the two agree exactly, elsewhere the outputs differ slightly (the
-docs give the measured size; tests/test_diffusers_export.py).
+docs give the measured size; tests/plugins/dit/test_diffusers_export.py).
 """
 
 from __future__ import annotations

@@ -550,7 +550,7 @@ DATA_FILE_RECIPES: dict[str, Callable[[SimpleNamespace], Check]] = {
 }
 DATA_NOT_APPLICABLE = {
     "reflow_pairs": "generates its couplings from a trained run directory; tests of the rectified_flow plugin cover it",
-    "shape_only": "holds no examples by design (the data spec of an imported model); tests/test_import_dit.py covers it",
+    "shape_only": "holds no examples by design (the data spec of an imported model); tests/plugins/dit/test_import_dit.py covers it",
 }
 
 

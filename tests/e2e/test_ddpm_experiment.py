@@ -15,7 +15,7 @@ from core.interfaces import DataSpec
 from core.run import run
 
 ROOT = Path(__file__).resolve().parents[2]
-#: the DDPM experiments (ddpm_digits_classifier.toml trains a noisy classifier: tests/test_ddpm_noisy_classifier.py)
+#: the DDPM experiments (ddpm_digits_classifier.toml trains a noisy classifier: tests/plugins/ddpm/test_ddpm_noisy_classifier.py)
 EXPERIMENTS = sorted(f for f in (ROOT / "experiments").glob("ddpm_digits*.toml") if "ddpm_bpd" in f.read_text())
 
 

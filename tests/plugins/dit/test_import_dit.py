@@ -17,11 +17,11 @@ import json
 import pytest
 import torch
 
-from benchmarks.reference_backbones import RefDiT
+from ...reference.backbones import RefDiT
 from core import cli
 from core.runs import build_solver, load_run
 from plugins.ddpm.diffusion import randn_like
-from tests.test_published_time import dit_forward, reference_p_sample
+from tests.plugins.ddpm.test_published_time import dit_forward, reference_p_sample
 
 CLASSES, SIDE, CHANNELS = 10, 8, 4
 

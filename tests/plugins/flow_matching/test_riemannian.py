@@ -357,7 +357,7 @@ def test_short_training_beats_the_untrained_model(tmp_path):
     untrained one's, and ``flowforge sample`` of the run writes points on the sphere."""
     from core.run import run
 
-    from .conftest import ROOT
+    from ...conftest import ROOT
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -243,7 +243,7 @@ def test_the_experiment_file_trains_a_classifier_that_guides_ddpm_digits(tmp_pat
     from core.config import load
     from core.run import run
 
-    root = Path(__file__).resolve().parents[1] / "experiments"
+    root = Path(__file__).resolve().parents[3] / "experiments"
     out = tmp_path / "classifier"
     summary = run(root / "ddpm_digits_classifier.toml", ["trainer.steps=3", "trainer.progress=off", "eval.untrained=false"],
                   out=out)

@@ -189,7 +189,7 @@ def test_meanflow_one_step_beats_one_step_euler_of_a_flow_of_equal_budget(tmp_pa
 
     from core.run import run
 
-    root = Path(__file__).resolve().parents[1] / "experiments"
+    root = Path(__file__).resolve().parents[3] / "experiments"
     budget = ["trainer.steps=600", "trainer.batch_size=256", "trainer.checkpoint_every=0", 'trainer.progress="off"',
               "eval.num_samples=1000", "eval.num_pictures=0", "eval.untrained=false", "eval.floor=false",
               "backbone.hidden=64", "backbone.depth=2"]  # seed 0: 1-RF 0.285, MeanFlow 0.050

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import registry
-from benchmarks.reference_backbones import RefUNet, _RefAttnBlock
+from ...reference.backbones import RefUNet, _RefAttnBlock
 from core import cli
 from core.runs import load_run
 from plugins.unet import importer

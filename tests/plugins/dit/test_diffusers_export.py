@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from core import cli
 from core.runs import load_run
-from tests.test_import_dit import CHANNELS, CLASSES, SIDE, random_dit
+from tests.plugins.dit.test_import_dit import CHANNELS, CLASSES, SIDE, random_dit
 
 diffusers = pytest.importorskip("diffusers")
 
