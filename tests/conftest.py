@@ -39,3 +39,28 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, t
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _starts_processes(path: Path) -> bool:
+    """Whether a test module launches several processes (torchrun, a launcher of 2 workers)."""
+    text = path.read_text()
+    return "torchrun" in text or "num_processes" in text or "launchers.slurm" in text
+
+
+def pytest_collection_modifyitems(config, items):
+    """Spread the modules that start several processes evenly over the collection order.
+
+    ``--dist loadfile`` hands whole modules to the two xdist workers in collection order; kept together,
+    the multi-process modules ran side by side on both workers (four or more processes on two cores), and
+    every test slowed down. Order within a module is unchanged.
+    """
+    files: dict[Path, list] = {}
+    for item in items:
+        files.setdefault(Path(str(item.fspath)), []).append(item)
+    heavy = [f for f in files if _starts_processes(f)]
+    light = [f for f in files if f not in heavy]
+    order, step = [], max(1, len(light) // max(1, len(heavy)))
+    for i, f in enumerate(heavy):
+        order += [f] + light[i * step:(i + 1) * step]
+    order += light[len(heavy) * step:]
+    items[:] = [item for f in order for item in files[f]]

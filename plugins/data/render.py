@@ -10,39 +10,43 @@ import torch
 from torch import Tensor
 
 
-def scatter_png(points: Tensor, path: str, title: str = "", lim: float | None = None) -> str:
-    """Save a scatter plot of ``points (N, 2)`` to ``path + ".png"``."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = points.detach().float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.scatter(pts[:, 0], pts[:, 1], s=1.0, alpha=0.5)
-    if lim is not None:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
+    return plt
+
+
+def _save(fig, ax, path: str, title: str) -> str:
+    """Title `ax`, write `fig` to ``path + ".png"`` (making its folder) and close it; the file name."""
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out = str(path) + ".png"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
+
+
+def scatter_png(points: Tensor, path: str, title: str = "", lim: float | None = None) -> str:
+    """Save a scatter plot of ``points (N, 2)`` to ``path + ".png"``."""
+    pts = points.detach().float().cpu().numpy()
+    fig, ax = _pyplot().subplots(figsize=(4, 4), dpi=100)
+    ax.scatter(pts[:, 0], pts[:, 1], s=1.0, alpha=0.5)
+    if lim is not None:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    return _save(fig, ax, path, title)
 
 
 def lonlat_png(lonlat: Tensor, path: str, title: str = "") -> str:
     """Save a longitude / latitude (equirectangular) scatter plot of ``lonlat (N, 2)`` in degrees to ``path.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = lonlat.detach().float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.3), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(6, 3.3), dpi=100)
     ax.scatter(pts[:, 0], pts[:, 1], s=1.0, alpha=0.5)
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
@@ -52,14 +56,7 @@ def lonlat_png(lonlat: Tensor, path: str, title: str = "") -> str:
     ax.set_ylabel("latitude (deg)", fontsize=8)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    out = str(path) + ".png"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, path, title)
 
 
 def image_grid(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0), nrow: int | None = None,
