@@ -8,8 +8,8 @@ drawn as shuffled minibatches (one gather of a permutation's slice per step, as 
 before issue 24 the plain loop took contiguous pre-sliced batches, which no real training does).
 The plain loop draws its noise and times per example through `core.rng` as the trainer's objective does
 (keyed by (seed, step, global example index)), so the ratio measures the trainer, not the RNG.
-Timing: flowforge's loop time (summary "loop_time_s") against the plain loop's, interleaved A/B runs in
-this process, the median of the per-pair ratios. Memory: the peak of live tensor bytes over the run
+Timing: flowforge's loop time (summary "loop_time_s") against the plain loop's, interleaved runs in
+this process (ABBA order: odd pairs run the plain loop first), the median of the per-pair ratios. Memory: the peak of live tensor bytes over the run
 (`_common.peak_tensor_bytes`: torch.cuda.max_memory_allocated's CPU analogue, from the profiler's
 allocation events), each variant in its own subprocess; the peak RSS increase is reported beside it
 (it also counts the modules a flowforge run imports and the allocator's retained pages). The flowforge run's data-wait fraction (the share of
@@ -167,8 +167,12 @@ def main() -> None:
         plain_loop(name, 10)  # warm-up (threads, allocator)
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.repeats):
-                summary = flowforge_run(name, args.steps, Path(tmp) / f"r{r}")
-                base = plain_loop(name, args.steps)
+                if r % 2:  # ABBA order: a drift of the machine's speed during a pair cancels over two pairs
+                    base = plain_loop(name, args.steps)
+                    summary = flowforge_run(name, args.steps, Path(tmp) / f"r{r}")
+                else:
+                    summary = flowforge_run(name, args.steps, Path(tmp) / f"r{r}")
+                    base = plain_loop(name, args.steps)
                 ff_times.append(summary["loop_time_s"])
                 base_times.append(base)
                 ratios.append(summary["loop_time_s"] / base)

@@ -272,6 +272,17 @@ class DataSource(abc.ABC):
         extension); return the files written. Default: nothing."""
         return []
 
+    def decode(self, x: Tensor) -> Tensor:
+        """Examples ``x`` as the observations they stand for, shaped `observation_spec` (what
+        ``flowforge sample --npz / --png-folder`` writes). Default: ``x`` itself; a latent source decodes
+        latents ``(B, c, h, w)`` to images ``(B, C, H, W)``."""
+        return x
+
+    @property
+    def observation_spec(self) -> DataSpec:
+        """The spec of `decode`'s output. Default: `spec`."""
+        return self.spec
+
 
 @runtime_checkable
 class SampleMetric(Protocol):

@@ -144,7 +144,8 @@ def _npz_members(spec: Any, n: int, conditional: bool) -> dict[str, tuple[Any, t
 
 def stream_samples(c: Any, model: Any, args: argparse.Namespace, labels: torch.Tensor | None, guidance: float,
                    batch_size: int, device: Any, stem: Path) -> tuple[dict[str, torch.Tensor], int, list[str]]:
-    """Generate ``args.num`` samples block by block, streaming them to ``--npz`` / ``--png-folder``.
+    """Generate ``args.num`` samples block by block, streaming them to ``--npz`` / ``--png-folder`` as the data
+    source's observations (`DataSource.decode`: a latent run writes decoded images, as DiT's sample_ddp.py).
 
     Returns (the first ``--grid`` samples as a batch, model evaluations per sample, files written).
     """
@@ -154,10 +155,11 @@ def stream_samples(c: Any, model: Any, args: argparse.Namespace, labels: torch.T
     from core.npzfile import NpzWriter
     from core.progress import Progress
 
-    image = is_image(c.spec.shape, c.spec.kind)
+    spec = c.data.observation_spec  # what the files hold: a latent source's decoded images
+    image = is_image(spec.shape, spec.kind)
     keep = args.grid if args.grid is not None else (64 if image else 20000)
     conditional = c.spec.num_classes > 0
-    writer = NpzWriter(f"{stem}.npz", _npz_members(c.spec, args.num, conditional)) if args.npz else None
+    writer = NpzWriter(f"{stem}.npz", _npz_members(spec, args.num, conditional)) if args.npz else None
     folder = Path(args.png_folder) if args.png_folder else None
     if folder is not None:
         if not image:
@@ -178,10 +180,12 @@ def stream_samples(c: Any, model: Any, args: argparse.Namespace, labels: torch.T
                 kept.setdefault(k, []).append(v[: keep - a])
         if "y" in block:
             all_labels.append(block["y"].cpu())
-        if writer is not None:
-            writer.write(*(("arr_0", to_uint8_nhwc(x)) if image else ("x", x.cpu().numpy())))
-        if folder is not None:
-            _write_pngs(folder, a, to_uint8_nhwc(x))
+        if writer is not None or folder is not None:
+            seen = c.data.decode(x) if spec is not c.spec else x
+            if writer is not None:
+                writer.write(*(("arr_0", to_uint8_nhwc(seen)) if image else ("x", seen.cpu().numpy())))
+            if folder is not None:
+                _write_pngs(folder, a, to_uint8_nhwc(seen))
         progress.update(b)
     progress.close()
     files = []

@@ -200,11 +200,16 @@ class LatentData(DataSource):
         return self._encoded(self.observation.reference_slice(n, seed, start, stop))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latents ``(B, c, h, w)`` -> images ``(B, C, H, W)`` (the wrapped source's space)."""
-        return self.autoencoder.decode(z)
+        """Latents ``(B, c, h, w)`` -> images ``(B, C, H, W)`` in [-1, 1] (the wrapped source's space)."""
+        return self.autoencoder.decode(z).clamp(-1, 1)
+
+    @property
+    def observation_spec(self) -> DataSpec:
+        """The wrapped image source's spec (what `decode` returns)."""
+        return self.observation.spec
 
     def render(self, batch: Batch, path: str) -> list[str]:
-        return self.observation.render({**batch, "x": self.decode(batch["x"]).clamp(-1, 1)}, path)
+        return self.observation.render({**batch, "x": self.decode(batch["x"])}, path)
 
 
 def make_resized(config: ResizedConfig) -> Resized:

@@ -65,7 +65,7 @@ class Decoded:
             object.__setattr__(self, name, value)
 
     def update(self, samples: Tensor, real: bool) -> None:
-        self.inner.update(self.data.decode(samples).clamp(-1, 1), real=real)
+        self.inner.update(self.data.decode(samples), real=real)
 
     def compute(self) -> Any:
         return self.inner.compute()

@@ -102,6 +102,26 @@ def test_latent_experiment_runs_end_to_end(vae_dir, tmp_path):
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     keys = [k for part in ("model", "ema") if isinstance(state.get(part), dict) for k in state[part]]
     assert keys and not any("encoder" in k or "decoder" in k or "vae" in k for k in keys)
+    _sample_writes_decoded_images(tmp_path / "run", tmp_path / "samples")
+
+
+def _sample_writes_decoded_images(run_dir, stem):
+    """``flowforge sample --npz`` of a latent run writes the decoded 32x32 images (uint8 NHWC, as DiT's
+    sample_ddp.py), exactly the decode of the latents the solver generates."""
+    from core.cli import main as cli
+    from core.commands.sample import to_uint8_nhwc
+    from core.data import generator as make_generator
+    from core.generate import generate
+    from core.runs import load_run
+
+    assert cli(["sample", str(run_dir), "-n", "5", "--npz", "--out", str(stem)]) == 0
+    images = np.load(f"{stem}.npz")["arr_0"]
+    assert images.shape == (5, 32, 32, 1) and images.dtype == np.uint8
+    run = load_run(run_dir, device="cpu")
+    z = generate(run.components, run.model, 5, make_generator(0, "sample-cli", 0),
+                 guidance_scale=run.exp.eval.guidance_scale, batch_size=run.exp.eval.batch_size)[0]["x"]
+    assert z.shape == (5, 4, 16, 16)
+    assert np.array_equal(images, to_uint8_nhwc(run.components.data.decode(z)))
 
 
 def _latent(vae_dir, tmp_path, ae=None, **options):
