@@ -7,9 +7,12 @@ resume point.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,25 @@ import torch
 from registry import ConfigError
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+@contextlib.contextmanager
+def folder_atomic(folder: str | Path, tag: str = "tmp") -> Iterator[Path]:
+    """Yield an empty temporary sibling of `folder` to fill; when the block ends it replaces `folder` (an
+    existing one is removed first), and when the block raises it is removed: a reader sees the old folder
+    or the whole new one."""
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.{tag}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,17 +99,12 @@ def import_checkpoint(family: str, source: str | Path, out: str | Path, options:
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"importer {family!r}: the weights of {source} do not fit the model it "
                           f"configured:{mismatch_detail(exc)}") from None
-    tmp = out.with_name(out.name + ".import-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    run_dir = RunDir(tmp)
-    run_dir.config.write_text(dumps(exp))
-    ckpt.save_atomic({"step": 0, "model": weights, "ema": weights}, ckpt.path_for(run_dir.checkpoints, 0))
-    meta = {"family": family, "source": str(Path(source).resolve()), "options": options,
-            "notes": list(imported.get("notes", []))}
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    run_dir.write_env()
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with ckpt.folder_atomic(out, "import-tmp") as tmp:
+        run_dir = RunDir(tmp)
+        run_dir.config.write_text(dumps(exp))
+        ckpt.save_atomic({"step": 0, "model": weights, "ema": weights}, ckpt.path_for(run_dir.checkpoints, 0))
+        meta = {"family": family, "source": str(Path(source).resolve()), "options": options,
+                "notes": list(imported.get("notes", []))}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        run_dir.write_env()
     return out

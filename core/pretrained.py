@@ -21,13 +21,14 @@ folder)``; e.g. the dit plugin's writes a ``DiTTransformer2DModel`` folder), als
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from registry import ConfigError
+
+from .checkpoint import folder_atomic
 
 WEIGHTS = "model.safetensors"
 META = "pretrained.json"
@@ -49,18 +50,13 @@ def save_pretrained(run: Any, folder: str | Path, *, ema: bool = True) -> Path:
     folder = Path(folder)
     if folder.exists() and not is_pretrained(folder):
         raise ConfigError(f"{folder} exists and is not an exported model; choose another folder")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(tensors, str(tmp / WEIGHTS))
-    shutil.copyfile(loaded.run_dir.config, tmp / "config.toml")
-    meta = {"weights": loaded.weights, "step": loaded.step, "source": str(loaded.run_dir.root),
-            "experiment": loaded.name}
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with folder_atomic(folder) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS))
+        shutil.copyfile(loaded.run_dir.config, tmp / "config.toml")
+        meta = {"weights": loaded.weights, "step": loaded.step, "source": str(loaded.run_dir.root),
+                "experiment": loaded.name}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
@@ -82,12 +78,8 @@ def save_diffusers(run: Any, folder: str | Path, *, ema: bool = True) -> Path:
     folder = Path(folder)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} exists and is not a diffusers model folder; choose another folder")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    registry.build(DIFFUSERS_KIND, {"plugin": backbone})(loaded.model, tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with folder_atomic(folder) as tmp:
+        registry.build(DIFFUSERS_KIND, {"plugin": backbone})(loaded.model, tmp)
     return folder
 
 

@@ -65,7 +65,7 @@ def test_the_folder_loads_with_diffusers_and_its_outputs_are_the_runs(exported):
     config = json.loads((folder / "config.json").read_text())
     assert config["_class_name"] == "DiTTransformer2DModel" and config["norm_eps"] == 1e-6
     assert (config["num_layers"], config["num_attention_heads"], config["num_embeds_ada_norm"]) == (2, 4, CLASSES)
-    model = diffusers.DiTTransformer2DModel.from_pretrained(str(folder)).eval()
+    model = diffusers.DiTTransformer2DModel.from_pretrained(str(folder), local_files_only=True).eval()
     assert set(load_file(str(folder / "diffusion_pytorch_model.safetensors"))) == set(model.state_dict())
     run = load_run(run_dir, device="cpu")
     at_zero = outputs(run, model, 0)
