@@ -18,8 +18,12 @@ formula for jump processes (Campbell et al. 2022; Shaul et al. 2024)
         = int_0^1 E_{x_t ~ p_t(.|x_1)} sum_i D(u_t(., x_t | x_1) || u^theta_t(., x_t)) dt
 
 where ``D(a || b) = sum_{x != z^i} a(x) log(a(x) / b(x)) - a(x) + b(x)`` is the
-generalized KL between rate vectors. For the mixture path it is the
-training loss of `plugins.discrete_flow.objective`:
+generalized KL between rate vectors (`path.rate_divergence`). The same
+bound holds for any path whose conditional process starts from the model's
+source and ends at ``x_1``; each path computes its integrand
+(`DiscretePath.generalized_kl`; the metric-induced path of
+`plugins.discrete_flow.metric_path` from its rates). For the mixture path
+it is the training loss of `plugins.discrete_flow.objective`:
 
     D = lambda_t * (delta_i - p^theta(x_t^i) - (1 - delta_i) log p^theta(x_1^i)),  delta_i = [x_t^i = x_1^i]
 
@@ -80,8 +84,7 @@ from core.interfaces import DataSource, DataSpec
 from core.nn import evaluating
 from registry import ConfigError
 
-from .objective import generalized_kl
-from .path import MixtureDiscretePath, uniform
+from .path import DiscretePath, uniform
 from .solver import DiscreteEulerConfig, DiscreteEulerSolver
 
 
@@ -96,7 +99,7 @@ def _resolved(kind: str, key: str, mapping: dict[str, Any] | None) -> dict[str, 
 
 @attrs.define
 class PathOptions:
-    """The mixture path a metric evaluates the model on.
+    """The discrete path a metric evaluates the model on.
 
     Attributes:
         path: the path table, e.g. { plugin = "mixture_discrete", source = "mask" } (as in [path]).
@@ -110,7 +113,7 @@ class PathOptions:
         self.path = _resolved("path", "path", self.path)
         self.scheduler = _resolved("scheduler", "scheduler", self.scheduler)
 
-    def build_path(self, spec: DataSpec, path: Any = None) -> MixtureDiscretePath:
+    def build_path(self, spec: DataSpec, path: Any = None) -> DiscretePath:
         """The configured path, else the one passed in (`path`), else a ConfigError."""
         if self.path is not None:
             scheduler = None
@@ -123,9 +126,10 @@ class PathOptions:
                 path = registry.build("path", self.path, spec=spec, scheduler=scheduler)
             except ConfigError as exc:
                 raise exc.within("path") from None
-        if not isinstance(path, MixtureDiscretePath):
-            raise ConfigError("this metric needs the mixture path the model was trained on: set "
+        if not isinstance(path, DiscretePath):
+            raise ConfigError("this metric needs the discrete path the model was trained on: set "
                               "path = { plugin = \"mixture_discrete\", ... } and scheduler = { plugin = ..., ... } "
+                              "(or path = { plugin = \"metric_discrete\", ... }) "
                               "(the same tables as the experiment's [path] and [scheduler])", ("path",))
         return path
 
@@ -153,7 +157,7 @@ class ELBOConfig(PathOptions):
 
 
 @torch.no_grad()
-def nll_bound(model: nn.Module, path: MixtureDiscretePath, x_1: Tensor, y: Tensor | None, times: int,
+def nll_bound(model: nn.Module, path: DiscretePath, x_1: Tensor, y: Tensor | None, times: int,
               generator: torch.Generator) -> Tensor:
     """Per-example upper bound on ``-log p(x_1)`` in nats ``(B,)`` (module doc), from ``x_1 (B, ...)``."""
     b = x_1.shape[0]
@@ -163,15 +167,15 @@ def nll_bound(model: nn.Module, path: MixtureDiscretePath, x_1: Tensor, y: Tenso
     y_r = y.repeat_interleave(times, dim=0) if y is not None else None
     x_0 = path.sample_source(x_1r.shape, generator=generator, device=x_1.device)
     x_t = path.sample(x_0, x_1r, t, generator=generator).x_t
-    log_p = path.log_posterior(model(x_t, t.float(), y_r), x_t).double()
-    terms = generalized_kl(log_p, x_1r, x_t, path.jump_coefficient(t))
+    log_p = path.log_posterior(model(x_t, t.float(), y_r), x_t, t).double()
+    terms = path.generalized_kl(log_p, x_1r, x_t, t)
     return terms.reshape(b, times, -1).sum(-1).mean(-1)
 
 
 class DiscreteELBO:
     """The ``discrete_elbo`` model metric (module doc)."""
 
-    def __init__(self, config: ELBOConfig, path: MixtureDiscretePath):
+    def __init__(self, config: ELBOConfig, path: DiscretePath):
         self.config, self.path = config, path
 
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
@@ -236,7 +240,7 @@ def hidden_positions(shape: tuple[int, ...], span: float, generator: torch.Gener
 class Infill:
     """The ``discrete_infill`` model metric (module doc)."""
 
-    def __init__(self, config: InfillConfig, path: MixtureDiscretePath):
+    def __init__(self, config: InfillConfig, path: DiscretePath):
         self.config, self.path = config, path
         self.solver = DiscreteEulerSolver(DiscreteEulerConfig(steps=config.steps, div_free=config.div_free), path)
 

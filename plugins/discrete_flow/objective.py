@@ -1,4 +1,4 @@
-"""Training objectives of discrete flow matching on a mixture path.
+"""Training objectives of discrete flow matching on a discrete path (mixture or metric-induced).
 
 Per (micro-)batch: ``x_1 = batch["x"]`` (token ids ``(B, ...)``), times
 ``t ~ U[0, t_max]``, ``x_0 ~ p_0`` from the path, ``x_t ~ p_t(. | x_0, x_1)``,
@@ -15,7 +15,10 @@ per position ``i`` with ``lambda_t = kappa'_t / (1 - kappa_t)`` and
   which is non-negative, zero exactly when ``p_{1|t}^i`` is the one-hot of
   ``x_1^i``, and whose expectation over ``t ~ U[0, 1]`` summed over positions
   is the negative ELBO of the data (see `plugins.discrete_flow.metrics`).
-  ``lambda_t`` diverges at ``t = 1``, hence ``t_max < 1``.
+  ``lambda_t`` diverges at ``t = 1``, hence ``t_max < 1``. On another path
+  (``metric_discrete``) the loss is the same divergence between that path's
+  conditional and model velocities, which the path computes
+  (`DiscretePath.generalized_kl`).
 * ``cross_entropy``: ``l_i = -log p_{1|t}(x_1^i | x_t)`` (no time weighting).
 
 The loss is the mean of ``l_i`` over the batch's positions. Conditioning:
@@ -46,7 +49,7 @@ from core.interfaces import Batch, DataSpec, Objective, Path
 from core.nn import append_dims
 from registry import ConfigError
 
-from .path import MixtureDiscretePath
+from .path import DiscretePath, generalized_kl  # noqa: F401  (generalized_kl: the mixture closed form)
 
 
 @attrs.define
@@ -74,21 +77,6 @@ class DiscreteFMConfig:
             raise ConfigError(f"expected a probability, got {self.label_dropout!r}", ("label_dropout",))
 
 
-def generalized_kl(log_p: Tensor, x_1: Tensor, x_t: Tensor, jump_coefficient: Tensor) -> Tensor:
-    """Per-position generalized KL ``(B, ...)`` (module doc).
-
-    Args:
-        log_p: ``log p_{1|t}(. | x_t)`` ``(B, ..., V)``.
-        x_1: data tokens ``(B, ...)``.
-        x_t: tokens on the path ``(B, ...)``.
-        jump_coefficient: ``kappa'_t / (1 - kappa_t)`` ``(B,)``.
-    """
-    log_p_x1 = log_p.gather(-1, x_1.unsqueeze(-1)).squeeze(-1)
-    p_xt = log_p.gather(-1, x_t.unsqueeze(-1)).squeeze(-1).exp()
-    coef = append_dims(jump_coefficient, x_1.ndim).to(log_p.dtype)
-    return coef * torch.where(x_t == x_1, 1.0 - p_xt, -p_xt - log_p_x1)
-
-
 class DiscreteFlowMatching(Objective):
     """See the module docstring."""
 
@@ -96,8 +84,9 @@ class DiscreteFlowMatching(Objective):
     prediction = "x1"
 
     def __init__(self, config: DiscreteFMConfig, spec: DataSpec, path: Path | None = None):
-        if not isinstance(path, MixtureDiscretePath):
-            raise ConfigError("discrete_fm needs a [path] section with plugin = \"mixture_discrete\"", ("plugin",))
+        if not isinstance(path, DiscretePath):
+            raise ConfigError("discrete_fm needs a discrete [path] section: plugin = \"mixture_discrete\" or "
+                              "\"metric_discrete\"", ("plugin",))
         self.config, self.spec, self.path = config, spec, path
 
     def loss(self, models: Mapping[str, nn.Module], batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -112,8 +101,8 @@ class DiscreteFlowMatching(Objective):
         y = batch.get("y")
         if y is not None:
             y = drop_labels(y, self.config.label_dropout, self.spec.num_classes, draw)
-        log_p = self.path.log_posterior(models["model"](x_t, t, y), x_t)
-        gkl = generalized_kl(log_p, x_1, x_t, self.path.jump_coefficient(t))
+        log_p = self.path.log_posterior(models["model"](x_t, t, y), x_t, t)
+        gkl = self.path.generalized_kl(log_p, x_1, x_t, t)
         ce = -log_p.gather(-1, x_1.unsqueeze(-1)).squeeze(-1)
         if known is not None:
             weight = (~known).to(gkl.dtype)

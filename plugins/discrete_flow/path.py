@@ -44,6 +44,7 @@ and non-negative off-diagonal entries (jump rates).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Literal
 
@@ -74,19 +75,22 @@ class MixturePathConfig:
     source: Literal["uniform", "mask"] = "uniform"
 
 
-def categorical(weights: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def categorical(weights: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                u: Tensor | None = None) -> Tensor:
     """One draw per row from unnormalised non-negative ``weights (..., V)`` -> LongTensor ``(...)``.
 
     Inverse-CDF sampling in `dtype` (float64 avoids the rounding that makes
     float32 sampling misrepresent rare tokens). A token of weight zero is never
-    drawn (rows of all zeros give an arbitrary index). Uniforms come from
-    `generator` (on its device) and are moved to the weights' device.
+    drawn (rows of all zeros give an arbitrary index). The uniforms ``u (...)`` in
+    [0, 1) are given, or come from `generator` (on its device) and are moved to the
+    weights' device.
     """
     w = weights.to(dtype)
     cdf = w.cumsum(-1)
-    device = generator.device if generator is not None else w.device
-    u = torch.rand(w.shape[:-1], generator=generator, device=device, dtype=dtype).to(w.device)
-    u = u * cdf[..., -1]
+    if u is None:
+        device = generator.device if generator is not None else w.device
+        u = torch.rand(w.shape[:-1], generator=generator, device=device, dtype=dtype).to(w.device)
+    u = u.to(dtype) * cdf[..., -1]
     idx = torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
     # u rounded up to the total: take the last token of positive weight
     last = (w > 0).cumsum(-1).argmax(-1)
@@ -99,7 +103,86 @@ def uniform(shape: Sequence[int], generator: torch.Generator | None, device: tor
     return torch.rand(*shape, generator=generator, device=gen_device).to(device)
 
 
-class MixtureDiscretePath(Path):
+def rate_divergence(u_ref: Tensor, u_model: Tensor) -> Tensor:
+    """The generalized KL between rate vectors, ``(B, ...)`` from two ``(B, ..., V)``:
+
+        D(a || b) = sum_x a(x) log(a(x) / b(x)) - a(x) + b(x)
+
+    (zero where both are zero; the diagonal entries must be zero in both, as jump
+    rates to the current state are). Non-negative, zero exactly when ``a = b``; the
+    integrand of a CTMC path's ELBO (Campbell et al. 2022; Shaul et al. 2024).
+    """
+    pos = u_ref > 0
+    tiny = torch.finfo(u_model.dtype).tiny
+    # the logs see 1 where a(x) = 0 (their term is 0), so no 0 * inf reaches the gradient; b(x) is
+    # clamped at the smallest normal number (an underflowed rate is a huge, finite loss)
+    log_ref = torch.where(pos, u_ref, 1.0).log()
+    log_model = torch.where(pos, u_model.clamp_min(tiny), 1.0).log()
+    return (torch.where(pos, u_ref * (log_ref - log_model), 0.0) - u_ref + u_model).sum(-1)
+
+
+def generalized_kl(log_p: Tensor, x_1: Tensor, x_t: Tensor, jump_coefficient: Tensor) -> Tensor:
+    """The mixture path's ELBO integrand per position ``(B, ...)`` (`plugins.discrete_flow.objective`).
+
+    Args:
+        log_p: ``log p_{1|t}(. | x_t)`` ``(B, ..., V)``.
+        x_1: data tokens ``(B, ...)``.
+        x_t: tokens on the path ``(B, ...)``.
+        jump_coefficient: ``kappa'_t / (1 - kappa_t)`` ``(B,)``.
+    """
+    log_p_x1 = log_p.gather(-1, x_1.unsqueeze(-1)).squeeze(-1)
+    p_xt = log_p.gather(-1, x_t.unsqueeze(-1)).squeeze(-1).exp()
+    coef = append_dims(jump_coefficient, x_1.ndim).to(log_p.dtype)
+    return coef * torch.where(x_t == x_1, 1.0 - p_xt, -p_xt - log_p_x1)
+
+
+class DiscretePath(Path):
+    """A factorized discrete probability path over token ids ``{0, ..., V-1}``.
+
+    What the discrete objective, solver and metrics use: the vocabulary, the
+    source, the posterior ``p_{1|t}`` from model logits, the marginal probability
+    velocity ``u_t(., x_t)`` built from it, and the ELBO integrand between the
+    conditional velocity ``u_t(., x_t | x_1)`` and the model's velocity. A path
+    that also has a divergence-free field sets ``has_divergence_free``.
+
+    Attributes:
+        vocab_size: ``V``, the model's vocabulary.
+        mask_token: the mask id (``V - 1``) or None.
+        data_vocab: number of data tokens (ids ``0 .. data_vocab - 1``).
+    """
+
+    vocab_size: int
+    mask_token: int | None
+    data_vocab: int
+    #: whether `divergence_free` exists (the solver's ``div_free`` needs it)
+    has_divergence_free: bool = False
+
+    @abc.abstractmethod
+    def log_posterior(self, logits: Tensor, x_t: Tensor, t: Tensor | None = None) -> Tensor:
+        """``log p_{1|t}(. | x_t)`` ``(B, ..., V)`` from model logits ``(B, ..., V)`` at the state
+        ``x_t (B, ...)`` and time ``t (B,)`` (a path whose posterior does not depend on ``t`` ignores it)."""
+
+    def posterior(self, logits: Tensor, x_t: Tensor, t: Tensor | None = None) -> Tensor:
+        """``p_{1|t}(. | x_t)`` ``(B, ..., V)``; see `log_posterior`."""
+        return self.log_posterior(logits, x_t, t).exp()
+
+    @abc.abstractmethod
+    def velocity(self, posterior: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The marginal probability velocity ``u_t(., x_t)`` ``(B, ..., V)`` from the posterior
+        ``(B, ..., V)``, the state ``x_t (B, ...)`` and ``t (B,)``: rows sum to zero, off-diagonal
+        entries are jump rates."""
+
+    @abc.abstractmethod
+    def generalized_kl(self, log_p: Tensor, x_1: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Per position ``(B, ...)``: ``D(u_t(., x_t | x_1) || u^theta_t(., x_t))`` (`rate_divergence`),
+        the model's velocity built from ``log_p = log p^theta_{1|t} (B, ..., V)``."""
+
+    @abc.abstractmethod
+    def source_probs(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The source distribution ``p_0`` of one position, ``(V,)``."""
+
+
+class MixtureDiscretePath(DiscretePath):
     """See the module docstring.
 
     Args:
@@ -120,6 +203,8 @@ class MixtureDiscretePath(Path):
         self.scheduler, self.vocab_size, self.source, self.mask_token = scheduler, vocab_size, source, mask_token
         #: number of data tokens (ids 0 .. data_vocab - 1)
         self.data_vocab = vocab_size - (mask_token is not None)
+
+    has_divergence_free = True
 
     # -- the path --------------------------------------------------------------------
     def kappa(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,8 +252,9 @@ class MixtureDiscretePath(Path):
         return p
 
     # -- posteriors ------------------------------------------------------------------
-    def log_posterior(self, logits: Tensor, x_t: Tensor) -> Tensor:
-        """``log p_{1|t}(. | x_t)`` ``(B, ..., V)`` (float32 or wider) from model logits ``(B, ..., V)``.
+    def log_posterior(self, logits: Tensor, x_t: Tensor, t: Tensor | None = None) -> Tensor:
+        """``log p_{1|t}(. | x_t)`` ``(B, ..., V)`` (float32 or wider) from model logits ``(B, ..., V)``
+        (``t`` is not used).
 
         The mask token gets probability zero; with the mask source, positions
         of ``x_t (B, ...)`` that are not masked get the one-hot of their token.
@@ -185,16 +271,19 @@ class MixtureDiscretePath(Path):
             log_p = torch.where(revealed, log_onehot, log_p)
         return log_p
 
-    def posterior(self, logits: Tensor, x_t: Tensor) -> Tensor:
-        """``p_{1|t}(. | x_t)`` ``(B, ..., V)``; see `log_posterior`."""
-        return self.log_posterior(logits, x_t).exp()
-
     # -- probability velocities ------------------------------------------------------------
     def velocity(self, posterior: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The marginal probability velocity ``u_t(., x_t)`` ``(B, ..., V)`` (module doc)
         from the posterior ``(B, ..., V)``, the state ``x_t (B, ...)`` and ``t (B,)``."""
         coef = append_dims(self.jump_coefficient(t), posterior.ndim).to(posterior.dtype)
         return coef * (posterior - F.one_hot(x_t, self.vocab_size).to(posterior.dtype))
+
+    def generalized_kl(self, log_p: Tensor, x_1: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The ELBO integrand per position ``(B, ...)`` in closed form: with ``lambda_t`` the
+        `jump_coefficient` and ``delta = [x_t = x_1]``,
+        ``lambda_t (delta - p^theta(x_t) - (1 - delta) log p^theta(x_1))``
+        (`generalized_kl`)."""
+        return generalized_kl(log_p, x_1, x_t, self.jump_coefficient(t))
 
     def divergence_free(self, posterior: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The divergence-free field ``v_t(., x_t)`` ``(B, ..., V)`` of the module doc (add ``beta_t`` times it)."""

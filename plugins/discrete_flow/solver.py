@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from core.interfaces import Field, Path, Solver, SolverResult
 from registry import ConfigError
 
-from .path import MixtureDiscretePath, categorical, uniform
+from .path import DiscretePath, categorical, uniform
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -106,7 +106,7 @@ class DiscreteEulerSolver(Solver):
         path: the mixture path the model was trained on (posteriors, velocities, source).
     """
 
-    def __init__(self, config: DiscreteEulerConfig, path: MixtureDiscretePath):
+    def __init__(self, config: DiscreteEulerConfig, path: DiscretePath):
         self.config, self.path = config, path
         self.beta = config.beta()
 
@@ -144,7 +144,7 @@ class DiscreteEulerSolver(Solver):
         traj = [x] if intermediates else None
         for k in range(steps):
             t = grid[k].to(x.device).expand(batch)
-            posterior = self.path.posterior(model(x, t.float(), y), x)
+            posterior = self.path.posterior(model(x, t.float(), y), x, t)
             if k == steps - 1 and float(grid[-1]) == 1.0:
                 x_next = categorical(posterior, generator, cdtype)
             else:
@@ -162,7 +162,11 @@ class DiscreteEulerSolver(Solver):
 
 def make_discrete_euler(config: DiscreteEulerConfig, path: Path | None = None) -> DiscreteEulerSolver:
     """Solver factory: needs the experiment's mixture_discrete ``[path]``."""
-    if not isinstance(path, MixtureDiscretePath):
-        raise ConfigError("discrete_euler needs a [path] section with plugin = \"mixture_discrete\"", ("plugin",))
+    if not isinstance(path, DiscretePath):
+        raise ConfigError("discrete_euler needs a discrete [path] section: plugin = \"mixture_discrete\" or "
+                          "\"metric_discrete\"", ("plugin",))
+    if config.div_free != 0 and not path.has_divergence_free:
+        raise ConfigError(f"the {type(path).__name__} has no divergence-free field: set div_free = 0",
+                          ("div_free",))
     return DiscreteEulerSolver(config, path)
 

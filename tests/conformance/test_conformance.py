@@ -125,23 +125,42 @@ def test_scheduler(name, variant):
 
 
 # --------------------------------------------------------------------------- paths
-def check_discrete_path(path: PathInterface, spec: DataSpec, who: str) -> None:
-    """For mixture paths over token ids: x_t takes every token from x_0 or x_1, x_0 at t=0, x_1 at t=1."""
+def check_discrete_path(path: PathInterface, spec: DataSpec, who: str, mixture: bool = True) -> None:
+    """For discrete paths over token ids: a seeded source, token ids shaped like the data, x_1 at t=1,
+    velocities whose rows sum to zero with non-negative jump rates, and an ELBO integrand that is
+    non-negative and zero at the one-hot posterior of x_1. Mixture paths also: every token of x_t
+    from x_0 or x_1, and x_0 at t=0."""
     g = torch.Generator().manual_seed(0)
     x_0 = path.sample_source((8, *spec.shape), generator=torch.Generator().manual_seed(1))
     again = path.sample_source((8, *spec.shape), generator=torch.Generator().manual_seed(1))
     assert torch.equal(x_0, again), f"{who} violates 'seeded source': sample_source is not a function of the generator"
-    x_1 = torch.randint(0, spec.vocab_size, (8, *spec.shape), generator=g)
+    x_1 = torch.randint(0, path.data_vocab, (8, *spec.shape), generator=g)
     for t_value in (0.0, 0.37, 1.0):
-        ps = path.sample(x_0, x_1, torch.full((8,), t_value))
+        ps = path.sample(x_0, x_1, torch.full((8,), t_value), generator=g)
         assert isinstance(ps, PathSample) and ps.x_t.shape == x_1.shape and ps.x_t.dtype == x_1.dtype, (
             f"{who} violates 'shapes': x_t must be token ids shaped like the data")
-        assert bool(((ps.x_t == x_0) | (ps.x_t == x_1)).all()), (
-            f"{who} violates 'mixture': every token of x_t comes from x_0 or x_1")
-        if t_value == 0.0:
+        if mixture:
+            assert bool(((ps.x_t == x_0) | (ps.x_t == x_1)).all()), (
+                f"{who} violates 'mixture': every token of x_t comes from x_0 or x_1")
+        if t_value == 0.0 and mixture:
             assert torch.equal(ps.x_t, x_0), f"{who} violates 'boundaries': x_t != x_0 at t = 0"
         if t_value == 1.0:
             assert torch.equal(ps.x_t, x_1), f"{who} violates 'boundaries': x_t != x_1 at t = 1"
+        if t_value == 1.0:
+            continue
+        t = torch.full((8,), t_value, dtype=torch.float64)
+        logits = torch.randn(*x_1.shape, path.vocab_size, generator=g, dtype=torch.float64)
+        log_p = path.log_posterior(logits, ps.x_t, t)
+        u = path.velocity(log_p.exp(), ps.x_t, t)
+        off = ~torch.nn.functional.one_hot(ps.x_t, path.vocab_size).bool()
+        assert torch.allclose(u.sum(-1), torch.zeros_like(u.sum(-1)), atol=1e-9 * (1 + u.abs().max().item())) and bool(
+            (u[off] >= 0).all()), f"{who} violates 'velocity': rows sum to zero, off-diagonal rates >= 0"
+        assert bool((path.generalized_kl(log_p, x_1, ps.x_t, t) >= -1e-9).all()), (
+            f"{who} violates 'ELBO integrand': the generalized KL is non-negative")
+        exact = torch.nn.functional.one_hot(x_1, path.vocab_size).double().clamp_min(1e-300).log()
+        gkl = path.generalized_kl(exact, x_1, ps.x_t, t)
+        assert torch.allclose(gkl, torch.zeros_like(gkl), atol=1e-9), (
+            f"{who} violates 'ELBO integrand': zero at the one-hot posterior of x_1")
 
 
 def check_path_basics(path: PathInterface) -> None:
@@ -166,6 +185,7 @@ PATH_RECIPES: dict[str, dict[str, Check]] = {
         "uniform": lambda: _mixture_check("uniform", mask_token=False),
         "mask": lambda: _mixture_check("mask", mask_token=True),
     },
+    "metric_discrete": {m: (lambda m=m: _metric_check(m)) for m in ("absolute", "squared", "hamming")},
 }
 
 
@@ -230,6 +250,12 @@ def _mixture_check(source: str, mask_token: bool) -> None:
     spec = build("data", "toy2d_discrete", {"bins": 8, "mask_token": mask_token}).spec
     path = build("path", "mixture_discrete", {"source": source}, spec=spec, scheduler=cond_ot())
     check_discrete_path(path, spec, f"path 'mixture_discrete' ({source} source)")
+
+
+def _metric_check(metric: str) -> None:
+    spec = build("data", "toy2d_discrete", {"bins": 8}).spec
+    path = build("path", "metric_discrete", {"metric": metric}, spec=spec)
+    check_discrete_path(path, spec, f"path 'metric_discrete' ({metric})", mixture=False)
 
 
 def generic_path(name: str) -> Check:
