@@ -123,6 +123,12 @@ class TrainerConfig:
         early_stopping_patience: stop after this many evaluations without improvement of ``monitor`` (0: never).
         log_every: log the mean loss every N steps.
         progress: "auto" (a bar on a terminal, lines otherwise), "bar", "lines" or "off".
+        init_from: initialise the backbone from a run directory (its newest checkpoint) or a checkpoint
+            file before training (RectifiedFlow's distillation starts from the 2-RF; fine-tuning); the
+            architectures must match. Empty: random initialisation. Ignored when the run resumes from
+            its own checkpoint. ``"{previous}"`` in a ``[[stages]]`` override names the previous stage.
+        init_weights: which weights of ``init_from``: its first EMA ("ema", the raw ones when it kept
+            none) or its raw weights ("raw"). The EMAs of the new run start from the loaded weights.
     """
 
     steps: int = 1000
@@ -166,6 +172,8 @@ class TrainerConfig:
     early_stopping_patience: int = 0
     log_every: int = 50
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    init_from: str = ""
+    init_weights: Literal["ema", "raw"] = "ema"
 
     @property
     def ema_decays(self) -> list[float]:

@@ -68,9 +68,15 @@ def sample_metrics_of(components: Components) -> dict[str, SampleMetric]:
     return {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
 
 
+def space_of(metric: Any) -> str:
+    """``"observations"`` for a metric that compares observations (see `SampleMetric`), else ``"model"``."""
+    return getattr(metric, "space", "model")
+
+
 def _compute_sample_metrics(metrics: Mapping[str, SampleMetric], real: Tensor, fake: Tensor,
-                            group: Group) -> dict[str, float]:
-    """Every metric on the gathered ``real`` and ``fake`` (the same on every rank): computed once, on rank 0,
+                            group: Group, observed: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """Every metric on the gathered ``real`` and ``fake`` (the same on every rank), or on their observations
+    `observed` = (real, fake) for the metrics with ``space = "observations"``: computed once, on rank 0,
     without the metrics' own cross-process synchronisation, and broadcast."""
     out: dict[str, float] = {}
     if group.is_main:
@@ -78,20 +84,29 @@ def _compute_sample_metrics(metrics: Mapping[str, SampleMetric], real: Tensor, f
             for name, metric in metrics.items():
                 if hasattr(metric, "distributed_available_fn"):
                     metric.distributed_available_fn = sync_allowed
+                a, b = observed if observed is not None and space_of(metric) == "observations" else (real, fake)
                 metric.reset()
-                metric.update(real, real=True)
-                metric.update(fake, real=False)
+                metric.update(a, real=True)
+                metric.update(b, real=False)
                 out.update(_to_floats(name, metric.compute()))
                 metric.reset()
     return group.broadcast(out)
 
 
-def _reference(data: DataSource, n: int, seed: int, parts: list[tuple[int, int]], group: Group, *keys: Any) -> Tensor:
+def _reference(data: DataSource, n: int, seed: int, parts: list[tuple[int, int]], group: Group, *keys: Any,
+               observed: bool = False) -> tuple[Tensor, Tensor | None]:
     """Rows ``0 .. n - 1`` of one global held-out selection (seeded by `seed` and `keys`), each rank reading
-    its `parts`, gathered in global order: the same set on any number of processes."""
+    its `parts`, gathered in global order: the same set on any number of processes. Returns (examples,
+    their observations when `observed`, else None)."""
     selection = derive_seed(seed, *keys)
-    mine = [data.reference_slice(n, selection, a, b)["x"] for a, b in parts]
-    return group.gather_cat(torch.cat(mine) if mine else torch.empty(0))
+    xs, seen = [], []
+    for a, b in parts:
+        batch = data.reference_slice(n, selection, a, b)
+        xs.append(batch["x"])
+        if observed:
+            seen.append(data.observations(batch))
+    x = group.gather_cat(torch.cat(xs) if xs else torch.empty(0))
+    return x, (group.gather_cat(torch.cat(seen) if seen else torch.empty(0)) if observed else None)
 
 
 def reference_examples(data: DataSource, n: int, seed: int, *, batch_size: int = 1000, rank: int = 0,
@@ -99,7 +114,7 @@ def reference_examples(data: DataSource, n: int, seed: int, *, batch_size: int =
     """The `n` held-out examples ``(n, ...)`` that `evaluate` compares `n` generated ones with (seed `seed`),
     read in blocks of `batch_size` shared by the ranks and gathered: the same on any number of processes."""
     group = Group(rank, world_size)
-    return _reference(data, n, seed, blocks(n, batch_size, rank, world_size), group, "eval-reference")
+    return _reference(data, n, seed, blocks(n, batch_size, rank, world_size), group, "eval-reference")[0]
 
 
 def evaluate(components: Components, model: nn.Module, n: int, seed: int, *, rank: int = 0, world_size: int = 1,
@@ -115,13 +130,16 @@ def evaluate(components: Components, model: nn.Module, n: int, seed: int, *, ran
     out: dict[str, float] = {}
     sample_metrics = sample_metrics_of(components)
     if sample_metrics and components.can_generate:
-        group = Group(rank, world_size)
+        group, data = Group(rank, world_size), components.data
         parts = blocks(n, batch_size, rank, world_size)
+        observed = any(space_of(m) == "observations" for m in sample_metrics.values())
         fake = [generate(components, model, b - a, make_generator(seed, "eval-generate", a),
                          guidance_scale=guidance_scale, batch_size=batch_size, device=device)[0]["x"] for a, b in parts]
+        seen = [data.observations({"x": x}) for x in fake] if observed else []  # each rank decodes its blocks
         fake_all = group.gather_cat(torch.cat(fake) if fake else torch.empty(0))
-        real_all = _reference(components.data, n, seed, parts, group, "eval-reference")
-        out.update(_compute_sample_metrics(sample_metrics, real_all, fake_all, group))
+        real_all, real_seen = _reference(data, n, seed, parts, group, "eval-reference", observed=observed)
+        pair = (real_seen, group.gather_cat(torch.cat(seen) if seen else torch.empty(0))) if observed else None
+        out.update(_compute_sample_metrics(sample_metrics, real_all, fake_all, group, pair))
     for name, metric in components.metrics.items():
         if hasattr(metric, "evaluate"):
             out.update(_to_floats(name, metric.evaluate(model, components.data, make_generator(seed, "eval-model", rank))))
@@ -137,6 +155,7 @@ def floor(components: Components, n: int, seed: int, *, rank: int = 0, world_siz
         return {}
     group = Group(rank, world_size)
     parts = blocks(n, batch_size, rank, world_size)
-    a = _reference(components.data, n, seed, parts, group, "floor-a")
-    b = _reference(components.data, n, seed, parts, group, "floor-b")
-    return _compute_sample_metrics(sample_metrics, a, b, group)
+    observed = any(space_of(m) == "observations" for m in sample_metrics.values())
+    a, a_seen = _reference(components.data, n, seed, parts, group, "floor-a", observed=observed)
+    b, b_seen = _reference(components.data, n, seed, parts, group, "floor-b", observed=observed)
+    return _compute_sample_metrics(sample_metrics, a, b, group, (a_seen, b_seen) if observed else None)

@@ -283,6 +283,21 @@ class DataSource(abc.ABC):
         """The spec of `decode`'s output. Default: `spec`."""
         return self.spec
 
+    @property
+    def evaluation_data(self) -> "DataSource":
+        """The source whose training split a metric's trained feature network learns from (``digits_cnn``).
+        Default: this source; a source of generated examples (``reflow_pairs``: a teacher's samples) names
+        the real data it stands for, so every stage of a pipeline is scored in the same feature space."""
+        return self
+
+    def observations(self, batch: Batch) -> Tensor:
+        """The observations ``(B, *observation_spec.shape)`` of the examples `batch`: ``batch["observation"]``
+        when the source gives it (a latent source's held-out examples carry the real images they encode),
+        else ``decode(batch["x"])`` (generated examples). What metrics with ``space = "observations"``
+        compare (see `SampleMetric`)."""
+        seen = batch.get("observation")
+        return seen if seen is not None else self.decode(batch["x"])
+
 
 @runtime_checkable
 class SampleMetric(Protocol):
@@ -291,6 +306,11 @@ class SampleMetric(Protocol):
     ``update(samples, real)`` accumulates a batch of generated (``real=False``)
     or reference (``real=True``) examples ``(B, ...)``; ``compute()`` returns a
     float tensor or a dict of them. ``higher_is_better`` says which way is good.
+
+    A metric with the attribute ``space = "observations"`` is handed observations instead of the
+    model's examples (`DataSource.observations`): the decoded generated latents, and the real
+    held-out images behind the reference latents, so a latent run's FID is against real images.
+    Without it (``space = "model"``) it sees the examples the model generates.
     """
 
     higher_is_better: bool | None

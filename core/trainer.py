@@ -201,6 +201,8 @@ class Trainer:
         if cfg.gradient_checkpointing and not enable_gradient_checkpointing(model):
             raise ConfigError(f"backbone {exp.components['backbone']['plugin']!r} does not support gradient checkpointing "
                               "(no submodule has a gradient_checkpointing attribute)", ("trainer", "gradient_checkpointing"), exp.file)
+        if cfg.init_from and not (self.resume and ckpt.latest(self.run_dir.checkpoints)):
+            self._initialise_from(model, cfg.init_from, ema=cfg.init_weights == "ema")
         model = model.to(self.device)
         if cfg.sync_batchnorm and self.world > 1:
             if self.device.type == "cuda":
@@ -223,6 +225,30 @@ class Trainer:
         self.model = self.acc.prepare_model(model)
         if cfg.compile:
             self.model = torch.compile(self.model)
+
+    def _initialise_from(self, model: nn.Module, source: str, ema: bool) -> None:
+        """Load `source` (a run directory's newest checkpoint, or a checkpoint file) into `model`, strictly;
+        ConfigError when it is missing or its architecture differs."""
+        from pathlib import Path
+
+        from .runs import checkpoint_weights, newest_checkpoint
+
+        where = ("trainer", "init_from")
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"{source} does not exist: name a run directory or a checkpoint file "
+                              f"(train the source run first)", where, self.exp.file)
+        try:
+            which, tensors, state = checkpoint_weights(newest_checkpoint(path) if path.is_dir() else path, ema=ema)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), where, self.exp.file) from None
+        try:
+            model.load_state_dict(tensors)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"the weights of {source} do not fit this backbone (same plugin and options as the "
+                              f"source run?): {ckpt.mismatch_detail(exc)}", where, self.exp.file) from None
+        if self.is_main:
+            print(f"flowforge: initialised the backbone from {source} ({which} weights, step {state.get('step', '?')})")
 
     @property
     def ema(self) -> EMA | None:

@@ -19,6 +19,7 @@ import attrs
 import torch
 from torch import nn
 
+from core.generate import space_of
 from core.guidance import guided
 from core.interfaces import DataSource, DataSpec, Field
 from core.nn import evaluating
@@ -132,8 +133,12 @@ class FewStepMetric:
     def evaluate(self, model: nn.Module, data: DataSource, generator: torch.Generator) -> dict[str, float]:
         c = self.config
         fake, nfe = self.generate(model, data.spec, generator)
-        real = data.reference(c.num_samples, generator)["x"]
+        reference = data.reference(c.num_samples, generator)
         m = self.distance
+        if space_of(m) == "observations":  # e.g. a latent run's decoded FID: real images vs decoded samples
+            real, fake = data.observations(reference), data.observations({"x": fake})
+        else:
+            real = reference["x"]
         m.reset()
         m.update(real, real=True)
         m.update(fake, real=False)

@@ -13,7 +13,8 @@
   Either is a pure function of (seed, step, global example index): the same on any number of
   processes.
 * held-out examples (`reference`) are the wrapped source's held-out images, encoded with the
-  posterior mean.
+  posterior mean; each batch also carries the images themselves (``"observation"``), which metrics
+  with ``space = "observations"`` compare with the decoded samples (`core.interfaces.SampleMetric`).
 * `render` decodes the latents and draws the images as the wrapped source does; `decode` gives the
   images to the ``decoded`` metrics.
 """
@@ -191,7 +192,9 @@ class LatentData(DataSource):
             step += 1
 
     def _encoded(self, batch: Batch) -> dict[str, Tensor]:
-        return {**batch, "x": self.autoencoder.encode(batch["x"].float())}
+        """Held-out images -> ``{"x": their latents (posterior mean), "observation": the images, ...}``."""
+        images = batch["x"].float()
+        return {**batch, "x": self.autoencoder.encode(images), "observation": images}
 
     def reference(self, n: int, generator: torch.Generator) -> Batch:
         return self._encoded(self.observation.reference(n, generator))

@@ -278,5 +278,5 @@ def make_digits_cnn(config: DigitsCNNConfig, spec: DataSpec, data: DataSource | 
     if data is None:
         raise ConfigError("the digits_cnn feature extractor trains on the run's data, and none was given: "
                           "score against a run, or choose features = \"inception\" or \"raw\"", ("plugin",))
-    net, file = cached_feature_net(data, config)
+    net, file = cached_feature_net(getattr(data, "evaluation_data", data), config)
     return FeatureExtractor(net.encoder, spec, "digits_cnn", identity={"network": file.stem})

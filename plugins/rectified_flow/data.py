@@ -19,7 +19,9 @@ them), so a second experiment reuses them.
 Training batches are ``{"x": x_1, "x0": x_0}`` (plus ``"y"``): flow-matching
 objectives use ``batch["x0"]`` as the source when present. Held-out reference
 examples come from the original run's data source, so sample metrics compare
-with the true data, not with the 1-RF's samples.
+with the true data, not with the 1-RF's samples; so does the training data of a
+metric's trained feature network (`DataSource.evaluation_data`), so the 1-RF and its
+reflows are scored in one feature space.
 """
 
 from __future__ import annotations
@@ -153,6 +155,12 @@ class ReflowPairs(TensorDataSource):
         """Rows ``start .. stop - 1`` of the original data's global reference selection (what the runner's
         sample metrics read; the couplings' own ``x_1`` are the rectified flow's samples, not data)."""
         return self.source.reference_slice(n, seed, start, stop)
+
+    @property
+    def evaluation_data(self) -> DataSource:
+        """The original run's data: feature networks of the metrics learn from real examples, not from the
+        teacher's samples, so the 1-RF and its reflows are scored in one feature space."""
+        return self.source.evaluation_data
 
     def render(self, batch: Batch, path: str) -> list[str]:
         return self.source.render(batch, path)

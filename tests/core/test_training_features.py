@@ -1,9 +1,11 @@
 """Training features the reference recipes rely on: micro-batching, several EMA rates, fp16 loss scaling,
-epochs, the LR scaling rule, gradient checkpointing, best-checkpoint selection and early stopping."""
+epochs, the LR scaling rule, gradient checkpointing, best-checkpoint selection, early stopping and
+initialisation from another run (trainer.init_from)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from core.run import main, run
 from core.trainer import enable_gradient_checkpointing, scaled_lr
 
 from .. import plugin_fixtures
-from ..conftest import RF2D
+from ..conftest import RF2D, TINY_RF2D
 
 DIGITS = ["data={plugin='digits'}", "trainer.batch_size=500", "eval.num_samples=100", "eval.num_pictures=20",
           "eval.batch_size=100", "backbone.hidden=64", "backbone.depth=2", "solver.steps=2", "trainer.log_every=1",
@@ -138,3 +140,64 @@ def test_gradient_checkpointing_switch(tmp_path, capsys):
     assert enable_gradient_checkpointing(model) == 2 and all(m.gradient_checkpointing for m in model if isinstance(m, Block))
     assert main([str(RF2D), "--set", "trainer.gradient_checkpointing=true", "--out", str(tmp_path / "r")]) == 2
     assert "does not support gradient checkpointing" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A finished tiny 2D run whose EMA and raw weights differ (ema_decay 0.9 over 20 steps)."""
+    out = tmp_path_factory.mktemp("init") / "source"
+    run(RF2D, [*TINY_RF2D, "trainer.ema_decay=0.9", "eval.untrained=false"], out=out)
+    return out
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_init_from_starts_from_the_source_weights(tmp_path, tiny_rf2d, source_run, weights):
+    """With lr = 0 one step changes nothing, so the new run's raw and EMA weights are the source's chosen ones."""
+    source = ckpt.load(ckpt.latest(source_run / "checkpoints"))
+    out = tmp_path / "init"
+    run(RF2D, [*tiny_rf2d, "trainer.steps=1", "trainer.lr=0.0", f"trainer.init_from='{source_run}'",
+               f"trainer.init_weights='{weights}'", "trainer.ema_decay=0.9", "eval.untrained=false"], out=out)
+    new = ckpt.load(ckpt.latest(out / "checkpoints"))
+    expected = source["ema" if weights == "ema" else "model"]
+    other = source["model" if weights == "ema" else "ema"]
+    assert any(not torch.equal(expected[k], other[k]) for k in expected)  # the choice is visible
+    for key, value in expected.items():
+        torch.testing.assert_close(new["model"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(new["ema"][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_init_from_a_checkpoint_file(tmp_path, tiny_rf2d, source_run):
+    file = ckpt.latest(source_run / "checkpoints")
+    out = tmp_path / "file"
+    run(RF2D, [*tiny_rf2d, "trainer.steps=1", "trainer.lr=0.0", f"trainer.init_from='{file}'",
+               "eval.untrained=false"], out=out)
+    new, source = ckpt.load(ckpt.latest(out / "checkpoints")), ckpt.load(file)
+    assert all(torch.equal(new["model"][k], v) for k, v in source["ema"].items())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("backbone.hidden=16", "do not fit this backbone"),
+    ("trainer.init_from='{missing}'", "does not exist"),
+])
+def test_init_from_refuses_a_mismatch_before_writing(tmp_path, tiny_rf2d, source_run, capsys, override, message):
+    out = tmp_path / "bad"
+    sets = [*tiny_rf2d, f"trainer.init_from='{source_run}'", override.format(missing=tmp_path / "nowhere")]
+    assert main([str(RF2D), *[a for s in sets for a in ("--set", s)], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "trainer.init_from" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_init_from_is_ignored_when_the_run_resumes(tmp_path, tiny_rf2d, source_run):
+    """A resumed run continues from its own checkpoint: the source may be gone by then."""
+    copy = tmp_path / "copy"
+    shutil.copytree(source_run, copy)
+    sets = [*tiny_rf2d, "trainer.steps=2", f"trainer.init_from='{copy}'", "eval.untrained=false"]
+    out = tmp_path / "resumed"
+    run(RF2D, sets, out=out)
+    before = ckpt.load(ckpt.latest(out / "checkpoints"))["model"]
+    shutil.rmtree(copy)
+    summary = run(RF2D, sets, out=out, resume=True)
+    assert summary["steps"] == 2
+    after = ckpt.load(ckpt.latest(out / "checkpoints"))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -9,7 +9,8 @@ replaced by the files this module writes:
 placeholder                written here
 =========================  ==========================================================
 ``/tmp/tiny-cifar``        a CIFAR-10 python-format folder (`write_cifar10`)
-``/tmp/tiny-latents.npz``  latents ``x (24, 4, 32, 32)``, labels ``y`` (`write_npz`)
+``/tmp/tiny-imagenet``     an image folder of 3 classes x 6 RGB images (`write_imagefolder`)
+``/tmp/tiny-vae``          a tiny random RGB AutoencoderKL folder (`save_tiny_vae`; 2x downsampling)
 ``/tmp/tiny-pairs.csv``    8 images with captions and labels (cat / dog)
 ``/tmp/tiny-teacher``      a tiny CLIP for that CSV, as a Hugging Face directory
 =========================  ==========================================================
@@ -31,9 +32,10 @@ import torch
 import registry
 from core.config import load
 from core.run import run
-from core.testing.files import write_cifar10, write_npz
+from core.testing.files import write_cifar10, write_imagefolder
 
 from ..conftest import ROOT
+from ..latent_fixtures import save_tiny_vae
 
 RECIPES = sorted((ROOT / "experiments").glob("recipe_*.toml"))
 HEADER_KEYS = ("Published result", "Hardware", "Launch", "Expected wall time", "Smoke mode")
@@ -104,10 +106,11 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     """Placeholder -> path of the tiny data every smoke mode reads."""
     root = tmp_path_factory.mktemp("recipe-data")
     cifar = write_cifar10(root / "cifar", per_batch=8)
-    latents = write_npz(root / "latents.npz", n=24, shape=(4, 32, 32), classes=6)
+    images = write_imagefolder(root / "imagenet")
+    vae = save_tiny_vae(root / "vae", in_channels=3, out_channels=3)
     pairs = write_pairs(root / "pairs")
     teacher = write_teacher(pairs, root / "teacher")
-    return {"/tmp/tiny-cifar": str(cifar), "/tmp/tiny-latents.npz": str(latents),
+    return {"/tmp/tiny-cifar": str(cifar), "/tmp/tiny-imagenet": str(images), "/tmp/tiny-vae": str(vae),
             "/tmp/tiny-pairs.csv": str(pairs), "/tmp/tiny-teacher": str(teacher)}
 
 
@@ -131,8 +134,11 @@ def test_recipe_parses_and_documents_itself(recipe):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_builds_published_backbone(recipe, tiny):
     """The published architecture builds (on the meta device: shapes only) for data of the real shape."""
-    exp = load(recipe, [o for o in smoke_overrides(recipe, tiny) if o.split("=")[0].startswith("data.")])
-    data = registry.build("data", exp.components["data"])
+    sets = [o for o in smoke_overrides(recipe, tiny) if o.split("=")[0].startswith(("data.", "autoencoder."))]
+    # a latent recipe: 64x64 tiny images through the tiny VAE give the published latent shape (4, 32, 32)
+    exp = load(recipe, [o.replace("resolution=32", "resolution=64") for o in sets])
+    built = {"autoencoder": registry.build("autoencoder", exp.components["autoencoder"])} if "autoencoder" in exp.components else {}
+    data = registry.build("data", exp.components["data"], **built)
     backbone = dict(exp.section("backbone"))
     if backbone["plugin"] == "clip":  # the published student, at the published image size; no teacher here
         backbone["inherit_from"] = ""

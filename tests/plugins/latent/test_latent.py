@@ -240,3 +240,57 @@ def test_every_continuous_family_trains_and_samples_in_latent_space(family, vae_
     assert out["x"].shape == (4, 4, 16, 16) and c.data.decode(out["x"]).shape == (4, 1, 32, 32)
     result = evaluate(c, c.model, 16, 0, batch_size=16)
     assert set(result) == {"decoded"} and result["decoded"] > 0
+
+
+def _energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Reference: 2 E|X - Y| - E|X - X'| - E|Y - Y'| over flattened rows, in float64 (V-statistics)."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())
+
+
+def test_decoded_metrics_compare_with_real_images_or_with_reconstructions(vae_dir):
+    """reference = "images": decode(generated) against the real held-out images (the floor: real images
+    against real images); "reconstructions": against decode(encode(images)). Checked against the energy
+    distance written here, on the held-out rows evaluation selects, in 2 blocks (each decoded apart)."""
+    from core import config as config_mod
+    from core.build import build_components
+    from core.data import derive_seed, generator
+    from core.generate import evaluate, floor, generate
+
+    raw = config_mod.read_toml(EXPERIMENT)
+    raw["autoencoder"].update(path=str(vae_dir), device="cpu")
+    raw["data"].update(cache="", shard_size=128, data={"plugin": "digits", "held_out": 0.8})
+    raw["backbone"].update(hidden=32, depth=1)
+    raw["solver"].update(steps=2)
+    raw["metrics"] = [{"plugin": "decoded", "name": "real", "metric": {"plugin": "energy_distance"}},
+                      {"plugin": "decoded", "name": "recon", "reference": "reconstructions",
+                       "metric": {"plugin": "energy_distance"}},
+                      {"plugin": "energy_distance"},  # on the latents
+                      {"plugin": "few_step", "name": "one_step", "num_samples": 24,
+                       "distance": {"plugin": "decoded", "metric": {"plugin": "energy_distance"}}}]
+    c = build_components(config_mod.resolve(raw))
+    n, seed, block = 24, 3, 12
+    result = evaluate(c, c.model, n, seed, batch_size=block, guidance_scale=1.0)
+    fake = torch.cat([generate(c, c.model, block, generator(seed, "eval-generate", a), guidance_scale=1.0,
+                               batch_size=block)[0]["x"] for a in (0, block)])
+    images = c.data.observation.reference(n, torch.Generator().manual_seed(derive_seed(seed, "eval-reference")))["x"]
+    with torch.no_grad():
+        decoded = c.data.autoencoder.decode(fake).clamp(-1, 1)
+        recon = c.data.autoencoder.decode(c.data.autoencoder.encode(images)).clamp(-1, 1)
+    assert decoded.shape == images.shape == (n, 1, 32, 32)
+    assert result["real"] == pytest.approx(_energy_distance(images, decoded), rel=1e-4)
+    assert result["recon"] == pytest.approx(_energy_distance(recon, decoded), rel=1e-4)
+    assert result["energy_distance"] == pytest.approx(_energy_distance(c.data.autoencoder.encode(images), fake), rel=1e-4)
+    assert abs(result["real"] - result["recon"]) > 1e-3  # the two references differ
+    low = floor(c, n, seed, batch_size=block)
+    g = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in ("floor-a", "floor-b")]
+    a, b = (c.data.observation.reference(n, gen)["x"] for gen in g)
+    assert low["real"] == pytest.approx(_energy_distance(a, b), rel=1e-4)
+    one_step = c.metrics["one_step"]  # few_step hands its decoded distance images too
+    got = one_step.evaluate(c.model, c.data, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    fake, _ = one_step.generate(c.model, c.data.spec, g)
+    images = c.data.observation.reference(24, g)["x"]
+    with torch.no_grad():
+        expected = _energy_distance(images, c.data.autoencoder.decode(fake).clamp(-1, 1))
+    assert got["decoded"] == pytest.approx(expected, rel=1e-4)

@@ -96,7 +96,8 @@ def test_solver_overrides_and_errors(one_rf, tmp_path):
 
 
 def test_two_rf_trains_on_the_pairs_and_reports_one_step_metrics(one_rf, tmp_path):
-    summary = run(small(TWO_RF, tmp_path / "exp"), [*TINY, f"data.run=\"{one_rf}\"", "data.num_pairs=500"],
+    summary = run(small(TWO_RF, tmp_path / "exp"), [*TINY, f"data.run=\"{one_rf}\"", f"trainer.init_from=\"{one_rf}\"",
+                                                   "data.num_pairs=500"],
                   out=tmp_path / "2rf")
     metrics = summary["metrics"]
     assert {"energy_distance", "one_step/energy_distance", "one_step/nfe", "two_step/energy_distance"} <= set(metrics)
@@ -130,6 +131,12 @@ def test_class_conditional_runs_give_labelled_pairs(tmp_path):
     assert data.spec.num_classes == 10 and data.pairs["y"].shape == (40,)
     batch = next(data.train_batches(8, seed=0))
     assert set(batch) == {"x", "x0", "y"} and batch["x"].shape == (8, 1, 8, 8)
+    # the metrics' trained feature network learns from the original digits, not from the 1-RF's samples
+    options = {"plugin": "digits_cnn", "train_steps": 3, "feature_dim": 8, "cache_dir": str(tmp_path / "features")}
+    original = data.source
+    of_pairs = registry.build("feature_extractor", options, spec=data.spec, data=data)
+    of_digits = registry.build("feature_extractor", options, spec=original.spec, data=original)
+    assert data.evaluation_data is original and of_pairs.identity == of_digits.identity
 
 
 @pytest.mark.slow
@@ -139,7 +146,9 @@ def test_two_rf_one_step_beats_one_rf(tmp_path):
     short = ["trainer.steps=400", "trainer.checkpoint_every=0", "trainer.progress=\"off\"", "eval.num_samples=1000",
              "eval.num_pictures=0", "eval.untrained=false", "eval.floor=false", "backbone.hidden=128"]
     first = run(ONE_RF, short, out=tmp_path / "1rf")
-    second = run(TWO_RF, [*short, f"data.run=\"{tmp_path / '1rf'}\"", "data.num_pairs=4000"], out=tmp_path / "2rf")
+    # the 2-RF from scratch (trainer.init_from=''): the straightening is the couplings' alone
+    second = run(TWO_RF, [*short, f"data.run=\"{tmp_path / '1rf'}\"", "trainer.init_from=''", "data.num_pairs=4000"],
+                 out=tmp_path / "2rf")
     one, two = first["metrics"]["one_step/energy_distance"], second["metrics"]["one_step/energy_distance"]
     assert two < 0.25 * one, (one, two)
 
@@ -181,7 +190,8 @@ def test_one_step_distillation_loss_is_the_t0_regression():
 
 def test_distillation_experiment_trains_on_the_runs_own_pairs(one_rf, tmp_path):
     summary = run(small(ROOT / "experiments" / "reflow_2d_distill.toml", tmp_path / "exp"),
-                  [*TINY[:-1], f"data.run=\"{one_rf}\"", "data.num_pairs=300", "objective.grid_steps=2"],
+                  [*TINY[:-1], f"data.run=\"{one_rf}\"", f"trainer.init_from=\"{one_rf}\"", "data.num_pairs=300",
+                   "objective.grid_steps=2"],
                   out=tmp_path / "distill")
     assert {"energy_distance", "two_step/energy_distance"} <= set(summary["metrics"])
     assert summary["metrics"]["two_step/nfe"] == 2.0
