@@ -12,7 +12,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,19 @@ def mismatch_detail(exc: BaseException, lines: int = 6, width: int = 240) -> str
     shown = [line if len(line) <= width else line[:width] + " ..." for line in detail[:lines]]
     more = f"\n  ... and {len(detail) - lines} more" if len(detail) > lines else ""
     return "\n  " + "\n  ".join(shown) + more
+
+
+def model_weights(path: Path, ema: bool = True) -> tuple[str, Mapping[str, torch.Tensor], dict[str, Any]]:
+    """``(which, tensors, state)`` of the checkpoint file `path`: its EMA weights (``which = "ema"``) when
+    `ema` and it has them, else its raw ones (``"raw"``, with a note when EMA was asked for); ConfigError
+    when it holds no model weights."""
+    state = load(path)
+    if ema and state.get("ema") is not None:
+        return "ema", state["ema"], state
+    if ema:
+        print(f"flowforge: {path} holds no EMA weights (trainer.ema_decay = 0); using the raw weights",
+              file=sys.stderr)
+    tensors = state.get("model")
+    if not isinstance(tensors, Mapping):
+        raise ConfigError(f"checkpoint {path} has no model weights")
+    return "raw", tensors, state

@@ -22,7 +22,7 @@ from .data import generator as make_generator
 from .build import Components
 from .config import metric_names  # noqa: F401 - importable here as before
 from .guidance import guided
-from .interfaces import Batch, DataSource, SampleMetric
+from .interfaces import Batch, DataSource, SampleMetric, space_of
 
 
 @torch.no_grad()
@@ -66,11 +66,6 @@ def _to_floats(name: str, value: Any) -> dict[str, float]:
 def sample_metrics_of(components: Components) -> dict[str, SampleMetric]:
     """The metrics that compare generated with held-out samples (model metrics have ``evaluate``)."""
     return {k: m for k, m in components.metrics.items() if isinstance(m, SampleMetric) and not hasattr(m, "evaluate")}
-
-
-def space_of(metric: Any) -> str:
-    """``"observations"`` for a metric that compares observations (see `SampleMetric`), else ``"model"``."""
-    return getattr(metric, "space", "model")
 
 
 def _compute_sample_metrics(metrics: Mapping[str, SampleMetric], real: Tensor, fake: Tensor,

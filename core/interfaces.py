@@ -322,6 +322,11 @@ class SampleMetric(Protocol):
     def reset(self) -> None: ...
 
 
+def space_of(metric: Any) -> str:
+    """``"observations"`` for a metric that compares observations (see `SampleMetric`), else ``"model"``."""
+    return getattr(metric, "space", "model")
+
+
 @runtime_checkable
 class ModelMetric(Protocol):
     """A metric computed from the model and the data directly (zero-shot accuracy, bits/dim).

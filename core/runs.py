@@ -11,7 +11,6 @@ checkpoint, a corrupt checkpoint, overrides that change the model) raise
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,19 +134,8 @@ def newest_checkpoint(run_dir: RunDir | str | Path) -> Path:
 
 
 def checkpoint_weights(path: Path, ema: bool = True) -> tuple[str, Mapping[str, torch.Tensor], dict[str, Any]]:
-    """``(which, tensors, state)`` of the checkpoint file `path`: its EMA weights (``which = "ema"``) when
-    `ema` and it has them, else its raw ones (``"raw"``, with a note when EMA was asked for); ConfigError
-    when it holds no model weights."""
-    state = ckpt.load(path)
-    if ema and state.get("ema") is not None:
-        return "ema", state["ema"], state
-    if ema:
-        print(f"flowforge: {path} holds no EMA weights (trainer.ema_decay = 0); using the raw weights",
-              file=sys.stderr)
-    tensors = state.get("model")
-    if not isinstance(tensors, Mapping):
-        raise ConfigError(f"checkpoint {path} has no model weights")
-    return "raw", tensors, state
+    """See `core.checkpoint.model_weights` (kept here as the public loader's name)."""
+    return ckpt.model_weights(path, ema)
 
 
 def build_solver(run: LoadedRun, mapping: Mapping[str, Any]) -> Any:

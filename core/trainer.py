@@ -231,15 +231,16 @@ class Trainer:
         ConfigError when it is missing or its architecture differs."""
         from pathlib import Path
 
-        from .runs import checkpoint_weights, newest_checkpoint
-
         where = ("trainer", "init_from")
         path = Path(source)
         if not path.exists():
             raise ConfigError(f"{source} does not exist: name a run directory or a checkpoint file "
                               f"(train the source run first)", where, self.exp.file)
+        file = ckpt.latest(RunDir(path).checkpoints) if path.is_dir() else path
+        if file is None:
+            raise ConfigError(f"{source} holds no checkpoint yet (a run saves one at its end)", where, self.exp.file)
         try:
-            which, tensors, state = checkpoint_weights(newest_checkpoint(path) if path.is_dir() else path, ema=ema)
+            which, tensors, state = ckpt.model_weights(file, ema=ema)
         except ConfigError as exc:
             raise ConfigError(str(exc), where, self.exp.file) from None
         try:

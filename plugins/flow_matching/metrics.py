@@ -19,9 +19,8 @@ import attrs
 import torch
 from torch import nn
 
-from core.generate import space_of
 from core.guidance import guided
-from core.interfaces import DataSource, DataSpec, Field
+from core.interfaces import DataSource, DataSpec, Field, space_of
 from core.nn import evaluating
 from registry import ConfigError
 

@@ -52,6 +52,16 @@ def _inner(mapping: dict[str, Any], key: str = "data") -> DataSource:
         raise exc.within(key) from None
 
 
+def _check_inner(mapping: Any, key: str = "data") -> None:
+    """Validate the wrapped source's table when the experiment is resolved (before the VAE is loaded)."""
+    if not isinstance(mapping, dict) or "plugin" not in mapping:
+        raise ConfigError("expected a table naming the wrapped data source, e.g. {plugin = \"digits\"}", (key,))
+    try:
+        registry.resolved("data", mapping)
+    except ConfigError as exc:
+        raise exc.within(key) from None
+
+
 def _image_spec(spec: DataSpec, key: str = "data") -> None:
     if spec.kind != "continuous" or len(spec.shape) != 3:
         raise ConfigError(f"needs continuous images (C, H, W); the wrapped source gives {spec.kind} {spec.shape}", (key,))
@@ -128,6 +138,7 @@ class LatentConfig:
     def __attrs_post_init__(self) -> None:
         validate.non_negative(self, "size")
         validate.positive(self, "shard_size")
+        _check_inner(self.data)
 
 
 def observation_source(config: LatentConfig) -> DataSource:
