@@ -44,8 +44,7 @@ from .interface import Autoencoder
 
 def _inner(mapping: dict[str, Any], key: str = "data") -> DataSource:
     """The wrapped data source, built through the registry (errors located under `key`)."""
-    if not isinstance(mapping, dict) or "plugin" not in mapping:
-        raise ConfigError("expected a table naming the wrapped data source, e.g. {plugin = \"digits\"}", (key,))
+    _check_inner(mapping, key)
     try:
         return registry.build("data", mapping)
     except ConfigError as exc:
@@ -81,6 +80,7 @@ class ResizedConfig:
 
     def __attrs_post_init__(self) -> None:
         validate.positive(self, "size")
+        _check_inner(self.data)
 
 
 class Resized(DataSource):
