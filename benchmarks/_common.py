@@ -100,10 +100,13 @@ def peak_tensor_bytes(fn, device: str = "cpu") -> tuple[int, object]:
     return peak, out
 
 
-def run_on_tensors(tensors: dict, spec, overrides: list[str], out: Path) -> dict:
+def run_on_tensors(tensors: dict, spec, overrides: list[str], out: Path, plugins: tuple = ()) -> dict:
     """A flowforge run (`experiments/rectified_flow_2d.toml` with `overrides`) training on in-memory
     `tensors` (``{"x": (N, ...), "y": (N,) optional}``, also its held-out split) described by `spec`,
-    through a temporary data plugin ``memory``; returns the run's summary."""
+    through a temporary data plugin ``memory``, with `plugins` (objects with hook implementations)
+    registered for the run; returns the run's summary."""
+    import contextlib
+
     import registry
     from core.data import TensorDataSource
     from core.run import run
@@ -114,6 +117,9 @@ def run_on_tensors(tensors: dict, spec, overrides: list[str], out: Path) -> dict
         def flowforge_register(self, register):
             register("data", "memory", lambda: TensorDataSource(tensors, tensors, spec), None)
 
-    with registry.temporary_plugin(MemoryPlugin(), name="benchmark_memory_data"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(registry.temporary_plugin(MemoryPlugin(), name="benchmark_memory_data"))
+        for i, plugin in enumerate(plugins):
+            stack.enter_context(registry.temporary_plugin(plugin, name=f"benchmark_plugin_{i}"))
         return run(ROOT / "experiments" / "rectified_flow_2d.toml", ["data={plugin='memory'}", *overrides],
                    out=out, overwrite=True)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -185,6 +185,35 @@ class Solver(abc.ABC):
 
 
 # --------------------------------------------------------------------------- training
+class Binned(NamedTuple):
+    """A logged value (of `Objective.loss`): the mean of `values` by equal-width bins of `positions`.
+
+    Logged as ``key/i`` = the mean of the log interval's values whose position lies in
+    ``[i / bins, (i + 1) / bins)`` (position 1 in the last bin): the sum of those values over their
+    count, every example weighing the same however they fell into micro-batches and steps. A bin no
+    value fell in during the interval is left out of that record. The trainer only keeps the tensors
+    during the interval and bins them when it logs: no op per step.
+
+    Attributes:
+        values: ``(B,)`` detached, e.g. each example's loss.
+        positions: ``(B,)`` detached, in [0, 1], e.g. each example's time ``t``.
+        bins: the number of bins K.
+    """
+
+    values: Tensor
+    positions: Tensor
+    bins: int
+
+    def totals(self) -> tuple[Tensor, Tensor]:
+        """``(sums (K,), counts (K,))``: the summed values and their number in each bin, without a device sync."""
+        k = self.bins
+        idx = (self.positions * k).long().clamp_(0, k - 1)
+        if idx.device.type == "cpu":  # fewest ops; on an accelerator bincount reads idx.max() back (a sync)
+            return torch.bincount(idx, weights=self.values, minlength=k), torch.bincount(idx, minlength=k)
+        sums = torch.zeros(k, device=idx.device, dtype=self.values.dtype).index_add_(0, idx, self.values)
+        return sums, torch.zeros(k, device=idx.device, dtype=torch.long).index_add_(0, idx, torch.ones_like(idx))
+
+
 class Objective(abc.ABC):
     """A training loss. Holds any state the loss needs (time samplers, loss history).
 
@@ -200,10 +229,11 @@ class Objective(abc.ABC):
              step: int) -> tuple[Tensor, dict[str, float | Tensor]]:
         """The scalar loss for one (micro-)batch and a dict of values to log.
 
-        Logged values are Python floats, detached 0-d tensors, or detached 1-D
-        tensors ``v`` (logged as ``key/0`` ... ``key/(n-1)``). Tensors are
-        averaged on the device over the log interval and read back once per
-        interval, so logging them costs no device synchronisation per step.
+        Logged values are Python floats, detached 0-d tensors, detached 1-D
+        tensors ``v`` (logged as ``key/0`` ... ``key/(n-1)``), or `Binned` means.
+        Tensors are averaged on the device over the log interval and read back
+        once per interval, so logging them costs no device synchronisation per
+        step.
 
         Args:
             models: ``{"model": the trained network}`` (possibly wrapped for

@@ -15,8 +15,9 @@ The invariants, each named in the ``AssertionError`` that reports it:
     The loss is a 0-d floating tensor, finite.
 ``logged values are floats``
     Every logged value is finite, keyed by a string, and either a Python ``float``
-    (or ``int``), a detached 0-d tensor, or a detached 1-D tensor (logged as
-    ``key/0`` ... ``key/(n-1)``). Prefer tensors for values computed on
+    (or ``int``), a detached 0-d tensor, a detached 1-D tensor (logged as
+    ``key/0`` ... ``key/(n-1)``), or a `core.interfaces.Binned` of detached
+    1-D values and positions in [0, 1]. Prefer tensors for values computed on
     the device: the trainer averages them there and reads them once per log
     interval, where ``value.item()`` in the objective synchronises every step.
 ``gradients reach the model``
@@ -54,6 +55,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from core.interfaces import Binned
 
 from .invariants import checking as _checking
 from .invariants import require as _require
@@ -202,6 +205,17 @@ def _check_loss_and_logs(loss: Tensor, logs: Mapping[str, Any], who: str) -> Non
     _require(bool(torch.isfinite(loss)), who, "finite loss", f"the loss is {loss.item()}")
     for key, value in logs.items():
         _require(isinstance(key, str), who, "logged values are floats", f"log key {key!r} is not a string")
+        if isinstance(value, Binned):
+            v, pos = value.values, value.positions
+            _require(isinstance(v, Tensor) and isinstance(pos, Tensor) and v.ndim == pos.ndim == 1
+                     and v.shape == pos.shape and not (v.requires_grad or pos.requires_grad), who,
+                     "logged values are floats", f"logs[{key!r}] is a Binned whose values and positions are not "
+                     f"detached 1-D tensors of one length")
+            _require(isinstance(value.bins, int) and value.bins > 0, who, "logged values are floats",
+                     f"logs[{key!r}].bins = {value.bins!r}, expected a positive integer")
+            _require(bool(torch.isfinite(v).all()) and bool(((pos >= 0) & (pos <= 1)).all()), who,
+                     "logged values are floats", f"logs[{key!r}] has non-finite values or positions outside [0, 1]")
+            continue
         if isinstance(value, Tensor):
             _require(value.ndim <= 1 and not value.requires_grad, who, "logged values are floats",
                      f"logs[{key!r}] is a tensor of shape {tuple(value.shape)} (requires_grad={value.requires_grad}); "

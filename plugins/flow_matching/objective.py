@@ -51,10 +51,10 @@ With ``label_dropout = p`` each label is replaced by the null label
 classifier-free guidance).
 
 Logged: ``loss_bin/k`` for ``k < loss_bins``, the mean per-sample loss of the
-examples with ``t`` in ``[k / K, (k + 1) / K)`` (as minRF does), returned as one
-``(K,)`` vector under ``loss_bin`` (the trainer logs element k as ``loss_bin/k``). A bin with
-no example in a batch repeats its last logged value (the batch loss before
-the first), so the trainer's averages stay comparable.
+log interval's examples with ``t`` in ``[k / K, (k + 1) / K)``: their summed loss over
+their count, as minRF accumulates its bins over an epoch. Returned as one
+`core.interfaces.Binned` under ``loss_bin`` (the trainer bins it when it logs, element k as
+``loss_bin/k``); a bin no example fell in during an interval is left out of that record.
 
 `sampling_model` returns the model itself for velocity prediction, and a
 converting wrapper (`transforms.PredictionToVelocity`) otherwise; the wrapper
@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from core import rng
 from core.guidance import check_options, configured, drop_labels
-from core.interfaces import Batch, DataSpec, Field, Objective, Path, Scheduler
+from core.interfaces import Batch, Binned, DataSpec, Field, Objective, Path, Scheduler
 from registry import ConfigError
 
 from .couplings import coupled_source, coupling_eps
@@ -195,9 +195,9 @@ def _unshifted_times(config: FlowMatchingConfig, n: int, device: torch.device | 
     if kind == "uniform":
         return rand()
     if kind == "logit_normal":
-        return torch.sigmoid(config.mean + config.std * randn())
+        return torch.sigmoid(affine(randn(), config.mean, config.std))
     if kind == "log_normal":
-        snr = torch.exp(-(config.p_mean + config.p_std * randn()))
+        snr = torch.exp(-affine(randn(), config.p_mean, config.p_std))
         t = scheduler.snr_inverse(snr) if scheduler is not None else snr / (1.0 + snr)
         return t.clamp(0.0, 1.0)
     if kind == "mode":
@@ -208,6 +208,13 @@ def _unshifted_times(config: FlowMatchingConfig, n: int, device: torch.device | 
     if kind == "grid":
         return torch.floor(rand() * config.grid_steps) / config.grid_steps
     raise ValueError(f"unknown time sampler {kind!r}")
+
+
+def affine(n: Tensor, mean: float, std: float) -> Tensor:
+    """``mean + std * n``, skipping the ops that would not change a bit (``std = 1``, ``mean = 0``)."""
+    if std != 1.0:
+        n = std * n
+    return n + mean if mean != 0.0 else n
 
 
 def loss_weights(kind: str, prediction: str, path: AffinePath, t: Tensor, *, gamma: float = 5.0,
@@ -253,7 +260,6 @@ class FlowMatching(Objective):
                               f"path use coupling = \"independent\"", ("coupling",))
         self.config, self.spec, self.path = config, spec, path
         self.coupling_eps = coupling_eps(config, spec, path)
-        self._last_bins: Tensor | None = None  # (loss_bins,) the last mean seen in each bin, on the device
 
     @property
     def scheduler(self) -> Scheduler | None:
@@ -288,26 +294,13 @@ class FlowMatching(Objective):
             per_sample = per_sample * loss_weights(c.loss_weighting, c.prediction, self.path, t.to(dtype),
                                                    gamma=c.min_snr_gamma, max_weight=c.max_weight).detach()
         loss = per_sample.mean()
-        return loss, self._bin_logs(per_sample.detach(), t.detach(), loss.detach())
+        return loss, self._bin_logs(per_sample.detach(), t.detach())
 
-    def _bin_logs(self, per_sample: Tensor, t: Tensor, loss: Tensor) -> dict[str, Tensor]:
-        """``{"loss_bin": (K,)}``: element i is the mean loss of the batch's examples with ``t`` in
-        ``[i/K, (i+1)/K)`` (no device sync); a bin without examples repeats its last value (the batch loss
-        before it has one)."""
+    def _bin_logs(self, per_sample: Tensor, t: Tensor) -> dict[str, Binned]:
+        """``{"loss_bin": Binned(per_sample (B,), t (B,), K)}``: the trainer logs ``loss_bin/i``, the mean loss of
+        the log interval's examples with ``t`` in ``[i/K, (i+1)/K)``; nothing is computed per step."""
         k = self.config.loss_bins
-        if k == 0:
-            return {}
-        idx = (t * k).long().clamp_(0, k - 1)
-        weights = per_sample if per_sample.dtype == torch.float32 else per_sample.float()
-        if idx.device.type == "cpu":  # fewest ops; on an accelerator bincount reads idx.max() back (a sync)
-            sums, counts = torch.bincount(idx, weights=weights, minlength=k), torch.bincount(idx, minlength=k)
-        else:
-            sums = torch.zeros(k, device=idx.device).index_add_(0, idx, weights)
-            counts = torch.zeros(k, device=idx.device).index_add_(0, idx, torch.ones_like(weights))
-        last = self._last_bins if self._last_bins is not None else loss.float().expand(k)
-        values = torch.where(counts > 0, sums / counts.clamp_(min=1), last.to(sums.device))
-        self._last_bins = values
-        return {"loss_bin": values}
+        return {"loss_bin": Binned(per_sample, t, k)} if k else {}
 
     @property
     def prediction(self) -> str:

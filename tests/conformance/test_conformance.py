@@ -27,6 +27,7 @@ from torch import nn
 
 import registry
 from core.interfaces import (
+    Binned,
     ConvexScheduler,
     DataSource,
     DataSpec,
@@ -761,6 +762,15 @@ class TensorLoggingObjective(Objective):
         return err.mean(), {"err": err.mean(), "per_example": err.detach().mean(1)}
 
 
+class MisbinnedObjective(Objective):
+    """Logs a `Binned` whose positions leave [0, 1] (times off the unit interval): not a loggable value."""
+
+    def loss(self, models, batch, step):
+        t = torch.rand(len(batch["x"]))
+        err = (models["model"](batch["x"], t, None) - batch["x"]).pow(2)
+        return err.mean(), {"by_t": Binned(err.detach().mean(1), 2 * t, 4)}
+
+
 class ForgetfulObjective(Objective):
     """Weights the loss by a call counter it does not checkpoint."""
 
@@ -858,6 +868,7 @@ BROKEN = {
     ("backbone", "ignores_time"): (lambda spec: BatchNormalisedNet(spec, leak=False, use_t=False),
                                    "violates 'time conditions the output'"),
     ("objective", "tensor_logs"): (lambda: TensorLoggingObjective(), "violates 'logged values are floats'"),
+    ("objective", "misbinned"): (lambda: MisbinnedObjective(), "violates 'logged values are floats'"),
     ("objective", "forgetful"): (lambda: ForgetfulObjective(), "violates 'same seed, same loss'"),
     ("objective", "global_noise"): (lambda: GlobalNoiseObjective(), "violates 'per-example draws'"),
     ("data", "global_rng"): (lambda: GlobalRNGData(), r"violates 'deterministic in \(seed, step, rank\)'"),

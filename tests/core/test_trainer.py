@@ -199,6 +199,36 @@ def test_tensor_logs_are_averaged_like_float_logs_without_a_read_per_step():
     assert read_logs(sums) == {"a": 8.0, "c": -4.0, "b": 12.0, "v/0": 4.0, "v/1": 6.0}
 
 
+def test_binned_logs_are_the_mean_of_each_bin_over_the_interval(monkeypatch):
+    """`Binned` values of several micro-batches and steps are binned together when read: each bin's mean over
+    every example in it (a ratio of sums, whatever the micro-batch sizes); empty bins are left out; folding
+    early (a long interval) gives the same means."""
+    import core.trainer as trainer
+    from core.interfaces import Binned
+
+    g = torch.Generator().manual_seed(0)
+    draws = [(torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64) * 0.75)
+             for n in (5, 1, 12, 7)]  # positions < 0.75: the last of 4 bins stays empty
+    draws.append((torch.tensor([2.0], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)))  # t = 0.5: bin 2
+    values, positions = torch.cat([v for v, _ in draws]), torch.cat([p for _, p in draws])
+    expected = {}
+    for i in range(4):  # the reference: each bin's values, averaged
+        inside = [float(v) for v, p in zip(values, positions) if i / 4 <= p < (i + 1) / 4]
+        if inside:
+            expected[f"loss_bin/{i}"] = sum(inside) / len(inside)
+    assert set(expected) == {"loss_bin/0", "loss_bin/1", "loss_bin/2"}
+    for fold_at in (1 << 20, 3):
+        monkeypatch.setattr(trainer, "FOLD_AT", fold_at)
+        sums = {}
+        for v, p in draws:
+            trainer.accumulate_logs(sums, {"loss_bin": Binned(v, p, 4), "a": 1.0}, 0.5)
+        record = trainer.read_logs(sums, steps=len(draws))
+        assert record.pop("a") == pytest.approx(0.5)
+        assert record.keys() == expected.keys()
+        assert all(record[k] == pytest.approx(expected[k], rel=1e-12) for k in expected)
+    assert Binned(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.99]), 2).totals()[1].tolist() == [0, 2]  # t = 1: last bin
+
+
 def test_a_logged_tensor_is_not_aliased_by_the_sums():
     from core.trainer import accumulate_logs, read_logs
 
@@ -207,3 +237,30 @@ def test_a_logged_tensor_is_not_aliased_by_the_sums():
     value.mul_(10)  # the objective may reuse its tensor
     accumulate_logs(sums, {"v": value}, 1.0)
     assert read_logs(sums) == {"v/0": 11.0, "v/1": 22.0}
+
+
+def test_the_training_loop_freezes_the_heap_and_unfreezes_it_however_it_ends():
+    """`frozen_heap`: inside, the objects alive at entry are frozen (out of the collector's full passes);
+    after it, normal or by an exception, nothing is frozen, and a cycle made inside is still collected."""
+    import gc
+    import weakref
+
+    from core.trainer import frozen_heap
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 1000
+        a = Node()
+        a.self = a  # a reference cycle made during the loop
+        alive = weakref.ref(a)
+        del a
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(RuntimeError):
+        with frozen_heap():
+            raise RuntimeError("a failing step")
+    assert gc.get_freeze_count() == 0

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import registry
-from core.interfaces import DataSpec
+from core.interfaces import Binned, DataSpec
 from core.testing.strategies import seeds
+from core.trainer import accumulate_logs, read_logs
 from plugins.flow_matching.analytic import GaussianFlow
 from plugins.flow_matching.objective import FlowMatchingConfig, loss_weights, sample_times
 from plugins.flow_matching.path import AffinePath
@@ -65,7 +66,7 @@ def test_velocity_mse_keeps_its_name_options_and_loss():
     xt = t[:, None] * batch["x"] + (1 - t[:, None]) * x0
     expected = (model(xt, t) - (batch["x"] - x0)).pow(2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert set(logs) == {"loss_bin"} and logs["loss_bin"].shape == (4,)
+    assert set(logs) == {"loss_bin"} and logs["loss_bin"].bins == 4
 
 
 @settings(max_examples=30, deadline=None)
@@ -150,16 +151,25 @@ def test_loss_by_time_bin(bins):
     batch = {"x": torch.zeros(4000, 3), "x0": torch.zeros(4000, 3)}
     torch.manual_seed(0)
     _, logs = obj.loss({"model": TimeError()}, batch, 0)
-    assert list(logs) == ["loss_bin"] and logs["loss_bin"].shape == (bins,)  # logged as loss_bin/0 ... /bins-1
-    values = logs["loss_bin"].tolist()
+    assert list(logs) == ["loss_bin"] and isinstance(logs["loss_bin"], Binned)  # logged as loss_bin/0 ... /bins-1
+    assert logs["loss_bin"].bins == bins and logs["loss_bin"].values.shape == logs["loss_bin"].positions.shape == (4000,)
+    sums, counts = logs["loss_bin"].totals()
+    assert sums.shape == counts.shape == (bins,) and int(counts.sum()) == 4000
+    values = (sums / counts).tolist()
     assert values == sorted(values)
     for k, v in enumerate(values):  # E[(10 t)^2 | t in bin k] = 100 (a^2 + ab + b^2) / 3
         a, b = k / bins, (k + 1) / bins
         assert v == pytest.approx(100 * (a * a + a * b + b * b) / 3, rel=0.1)
-    # an empty bin repeats its last value
+    # the per-example values are the loss of each example at its time: (10 t)^2 summed over 3 dims / 3
+    assert torch.allclose(logs["loss_bin"].values, 100 * logs["loss_bin"].positions ** 2, rtol=1e-5)
+    # over a log interval the trainer bins every example of every step together; an empty bin is left out
+    sums_of = {}
     torch.manual_seed(0)
     _, small = obj.loss({"model": TimeError()}, {"x": torch.zeros(1, 3), "x0": torch.zeros(1, 3)}, 1)
-    assert int((small["loss_bin"] == logs["loss_bin"]).sum()) == bins - 1
+    accumulate_logs(sums_of, small, 0.5)
+    ((key, value),) = read_logs(sums_of, steps=1).items()
+    t = float(small["loss_bin"].positions[0])
+    assert key == f"loss_bin/{min(int(t * bins), bins - 1)}" and value == pytest.approx(100 * t * t, rel=1e-5)
     assert objective(loss_bins=0).loss({"model": TimeError()}, batch, 0)[1] == {}
 
 
