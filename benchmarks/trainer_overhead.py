@@ -97,8 +97,8 @@ class PlainLoop:
         self.cuda = self.dev.type == "cuda"
         self.model = registry.build("backbone", spec_cfg["backbone"], spec=spec).to(self.dev)
         self.ema = [p.detach().clone() for p in self.model.parameters()]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-3, betas=(0.9, 0.999),
-                                     **({"fused": True} if self.cuda else {}))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0,
+                                     **({"fused": True} if self.cuda else {}))  # the trainer's default decay (0)
         torch.manual_seed(derive_seed(seed, "train", 0))
 
     def run(self, n: int) -> float:

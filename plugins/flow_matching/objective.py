@@ -289,7 +289,11 @@ class FlowMatching(Objective):
             dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)  # >= float32
             if pred.dtype != dtype or target.dtype != dtype:
                 pred, target = pred.to(dtype), target.to(dtype)
-            per_sample = (pred - target).pow(2).reshape(x_1.shape[0], -1).mean(1)
+            squared = (pred - target).pow(2)
+            if c.loss_weighting == "none":  # the mean of the per-example means, as one op and one autograd node
+                per_example = squared.detach().reshape(x_1.shape[0], -1).mean(1)
+                return squared.mean(), (self._bin_logs(per_example, t.detach()) if c.loss_bins else {})
+            per_sample = squared.reshape(x_1.shape[0], -1).mean(1)
         if c.loss_weighting != "none":
             per_sample = per_sample * loss_weights(c.loss_weighting, c.prediction, self.path, t.to(dtype),
                                                    gamma=c.min_snr_gamma, max_weight=c.max_weight).detach()
