@@ -81,6 +81,19 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def plain_loss(model: torch.nn.Module, x1: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """The plain loop's loss: straight-path velocity MSE, noise and logit-normal times drawn per example from
+    `seeds` through `core.rng`, as the trainer's objective draws them."""
+    from core import rng
+
+    draw = rng.ExampleRandom(seeds)
+    x0 = draw.randn_like(x1, "noise")
+    t = torch.sigmoid(draw.randn((), "time", device=x1.device))
+    tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
+    xt = tb * x1 + (1 - tb) * x0
+    return (model(xt, t) - (x1 - x0)).pow(2).mean()
+
+
 class PlainLoop:
     """The same training written as a plain PyTorch loop, `steps` steps in all, advanced by `run`."""
 
@@ -115,12 +128,7 @@ class PlainLoop:
             x1 = self.data[self.order[step * batch:(step + 1) * batch]]  # a shuffled minibatch (the trainer's gather)
             if self.cuda:
                 x1 = x1.pin_memory().to(dev, non_blocking=True)
-            draw = rng.ExampleRandom(rng.shard_seeds(self.seed, step, batch, 0, dev))  # the trainer's per-example draws
-            x0 = draw.randn_like(x1, "noise")
-            t = torch.sigmoid(draw.randn((), "time", device=dev))
-            tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
-            xt = tb * x1 + (1 - tb) * x0
-            loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
+            loss = plain_loss(model, x1, rng.shard_seeds(self.seed, step, batch, 0, dev))
             loss.backward()
             lr = 2e-3 * ((step + 1) / 10 if step < 10 else 0.5 * (1 + math.cos(math.pi * (step - 10) / (steps - 10))))
             for g in opt.param_groups:

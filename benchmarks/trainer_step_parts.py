@@ -30,16 +30,8 @@ PARTS = ("none", "objective", "ema", "update", "nan_check", "actions", "split")
 
 
 def bare_loss(self, models, batch, step):
-    """The plain loop's loss (`trainer_overhead.PlainLoop.run`) on the trainer's batch."""
-    from core import rng
-
-    x1 = batch["x"]
-    draw = rng.ExampleRandom(batch["seeds"])
-    x0 = draw.randn_like(x1, "noise")
-    t = torch.sigmoid(draw.randn((), "time", device=x1.device))
-    tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
-    xt = tb * x1 + (1 - tb) * x0
-    return (models["model"](xt, t) - (x1 - x0)).pow(2).mean(), {}
+    """The plain loop's loss (`trainer_overhead.plain_loss`) on the trainer's batch."""
+    return trainer_overhead.plain_loss(models["model"], batch["x"], batch["seeds"]), {}
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ def load_run(root: str | Path, overrides: Sequence[str] = (), *, ema: bool = Tru
     exp = load_experiment(root, overrides)
     run_dir = RunDir(root)
     path = Path(checkpoint) if checkpoint is not None else newest_checkpoint(run_dir)
-    weights, tensors, state = checkpoint_weights(path, ema)
+    weights, tensors, state = ckpt.model_weights(path, ema)
     components = build_components(exp)
     model = components.model
     try:
@@ -131,11 +131,6 @@ def newest_checkpoint(run_dir: RunDir | str | Path) -> Path:
         raise ConfigError(f"no checkpoint in {run_dir.checkpoints}: the run has not saved one yet "
                           f"(it saves at the end and every trainer.checkpoint_every steps)")
     return path
-
-
-def checkpoint_weights(path: Path, ema: bool = True) -> tuple[str, Mapping[str, torch.Tensor], dict[str, Any]]:
-    """See `core.checkpoint.model_weights` (kept here as the public loader's name)."""
-    return ckpt.model_weights(path, ema)
 
 
 def build_solver(run: LoadedRun, mapping: Mapping[str, Any]) -> Any:

@@ -291,8 +291,9 @@ class FlowMatching(Objective):
                 pred, target = pred.to(dtype), target.to(dtype)
             squared = (pred - target).pow(2)
             if c.loss_weighting == "none":  # the mean of the per-example means, as one op and one autograd node
-                per_example = squared.detach().reshape(x_1.shape[0], -1).mean(1)
-                return squared.mean(), (self._bin_logs(per_example, t.detach()) if c.loss_bins else {})
+                if not c.loss_bins:
+                    return squared.mean(), {}
+                return squared.mean(), self._bin_logs(squared.detach().reshape(x_1.shape[0], -1).mean(1), t.detach())
             per_sample = squared.reshape(x_1.shape[0], -1).mean(1)
         if c.loss_weighting != "none":
             per_sample = per_sample * loss_weights(c.loss_weighting, c.prediction, self.path, t.to(dtype),

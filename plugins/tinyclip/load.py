@@ -26,7 +26,8 @@ from typing import Literal
 
 import registry
 from core.interfaces import DataSpec
-from core.runs import checkpoint_weights, newest_checkpoint
+from core.checkpoint import model_weights
+from core.runs import newest_checkpoint
 from registry import ConfigError
 
 from .model import CLIP
@@ -59,7 +60,7 @@ def _from_checkpoint(run: Path, checkpoint: Path, spec: DataSpec, weights: str, 
     if not isinstance(model, CLIP):
         raise ConfigError(f"the run {run} did not train a CLIP model (backbone plugin {backbone.get('plugin')!r})", (key,))
     try:
-        chosen = checkpoint_weights(checkpoint, ema=weights == "ema")[1]
+        chosen = model_weights(checkpoint, ema=weights == "ema")[1]
     except ConfigError as exc:
         raise exc.within(key) from None
     try:
